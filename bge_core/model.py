@@ -1,0 +1,235 @@
+"""The encoder: a transformer backbone + pooling + optional L2 normalisation.
+
+`Encoder` is an `nn.Module` (its `forward` gives embeddings with gradients, for training)
+with FlagEmbedding-style `encode`, `encode_queries` and `encode_corpus` for inference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
+
+from bge_core.batching import pad_batch, plan_batches
+from bge_core.config import EncoderConfig
+from bge_core.loading import BGE_CONFIG_FILE, FORMAT_VERSION, resolve_model
+from bge_core.pooling import embed_from_hidden
+from bge_core.precision import autocast_context, check_dtype
+from bge_core.st_format import write_st_files
+from bge_core.texts import check_texts, corpus_texts
+
+log = logging.getLogger(__name__)
+
+
+class Encoder(nn.Module):
+    """Text encoder: `forward(input_ids, attention_mask)` → (B, D) float32 embeddings."""
+
+    def __init__(
+        self,
+        backbone: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        config: EncoderConfig,
+        name: str = "",
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.config = config
+        self.name = name or getattr(backbone, "name_or_path", "")
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str, *, device: str | torch.device | None = None, **overrides: Any
+    ) -> Encoder:
+        """Load from a local folder, a preset name or a hub id.
+
+        Args:
+            name_or_path: folder (ours, sentence-transformers' or plain HF), preset
+                (``bge-base-en-v1.5``, ``all-MiniLM-L6-v2``) or hub id.
+            device: ``cpu``, ``cuda``, ``cuda:1``...; default CUDA when available.
+            **overrides: `EncoderConfig` fields (pooling, normalize, query_instruction,
+                max_length, query_max_length, dtype, batch_size, max_tokens_per_batch).
+        """
+        resolved = resolve_model(str(name_or_path))
+        config = EncoderConfig.from_dict({**resolved.settings, **overrides})
+        tokenizer = AutoTokenizer.from_pretrained(resolved.folder)
+        backbone = _load_backbone(resolved.folder)
+        limit = int(getattr(backbone.config, "max_position_embeddings", config.max_length))
+        if config.max_length > limit:
+            log.warning("max_length %d exceeds the model's %d positions; using %d",
+                        config.max_length, limit, limit)
+            config = config.replace(max_length=limit)
+        target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        check_dtype(config.dtype, target)
+        encoder = cls(backbone, tokenizer, config, name=resolved.name)
+        return encoder.to(target).eval()
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    @property
+    def dim(self) -> int:
+        return int(self.backbone.config.hidden_size)
+
+    # ------------------------------------------------------------------ training
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Embed a padded batch: (B, T) ids and mask → (B, D) float32, with gradients."""
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask)[0]  # (B,T,H)
+        return embed_from_hidden(hidden, attention_mask, self.config.pooling, self.config.normalize)
+
+    # ----------------------------------------------------------------- tokenising
+    def tokenize(
+        self, texts: Sequence[str], max_length: int | None = None
+    ) -> tuple[list[list[int]], np.ndarray]:
+        """Token ids with special tokens, truncated at `max_length` (default the model's).
+
+        Returns:
+            (ids per text, bool array marking the texts that were truncated).
+        """
+        limit = min(max_length or self.config.max_length, self.config.max_length)
+        prefix, suffix = self._special_tokens()
+        budget = limit - len(prefix) - len(suffix)
+        if budget < 0:
+            raise ValueError(f"max_length {limit} leaves no room for special tokens")
+        if not texts:
+            return [], np.zeros(0, dtype=bool)
+        # One extra token tells truncated texts from those exactly at the limit.
+        bodies = self.tokenizer(
+            list(texts), add_special_tokens=False, truncation=True, max_length=budget + 1,
+            return_attention_mask=False, return_token_type_ids=False, verbose=False,
+        )["input_ids"]
+        truncated = np.fromiter((len(b) > budget for b in bodies), dtype=bool, count=len(bodies))
+        ids = [prefix + b[:budget] + suffix for b in bodies]
+        return ids, truncated
+
+    def _special_tokens(self) -> tuple[list[int], list[int]]:
+        """The special ids the tokenizer puts before and after a text ([CLS] / [SEP])."""
+        if not hasattr(self, "_specials"):
+            template = self.tokenizer("", add_special_tokens=True)["input_ids"]
+            probe = self.tokenizer("a", add_special_tokens=True)["input_ids"]
+            body = self.tokenizer("a", add_special_tokens=False)["input_ids"]
+            start = next(i for i in range(len(probe)) if probe[i : i + len(body)] == body)
+            self._specials = (template[:start], template[start:])
+        return self._specials
+
+    # ------------------------------------------------------------------ inference
+    @contextlib.contextmanager
+    def _inference(self) -> Iterator[None]:
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode(), autocast_context(self.config.dtype, self.device):
+                yield
+        finally:
+            self.train(was_training)
+
+    def encode_tokenized(
+        self, rows: Sequence[Sequence[int]], batch_size: int | None = None
+    ) -> np.ndarray:
+        """Embed pre-tokenised rows in length-sorted token-budget micro-batches: (n, D)."""
+        out = np.zeros((len(rows), self.dim), dtype=np.float32)
+        pad_id = self.tokenizer.pad_token_id or 0
+        batches = plan_batches([len(r) for r in rows], self.config.max_tokens_per_batch,
+                               batch_size or self.config.batch_size)
+        with self._inference():
+            for idx in batches:
+                ids, mask = pad_batch([rows[i] for i in idx], pad_id)
+                device = self.device
+                emb = self(ids.to(device, non_blocking=True), mask.to(device, non_blocking=True))
+                out[idx] = emb.float().cpu().numpy()
+        return out
+
+    def encode(
+        self,
+        texts: str | Sequence[str],
+        batch_size: int | None = None,
+        max_length: int | None = None,
+        output_dtype: str = "float32",
+    ) -> np.ndarray:
+        """Embed texts as given: (n, D) float32 (a single string gives a (D,) vector).
+
+        Raises:
+            TypeError: an item is not a string (the message names its index).
+        """
+        single = isinstance(texts, str)
+        items = check_texts([texts] if single else texts)
+        ids, _ = self.tokenize(items, max_length)
+        out = self.encode_tokenized(ids, batch_size).astype(output_dtype, copy=False)
+        return out[0] if single else out
+
+    def encode_queries(
+        self, queries: str | Sequence[str], batch_size: int | None = None,
+        max_length: int | None = None,
+    ) -> np.ndarray:
+        """Embed queries with the query instruction (if the model has one) prepended."""
+        single = isinstance(queries, str)
+        items = check_texts([queries] if single else queries)
+        prefix = self.config.query_instruction or ""
+        out = self.encode([prefix + q for q in items], batch_size,
+                          max_length or self.config.effective_query_max_length)
+        return out[0] if single else out
+
+    def encode_corpus(
+        self, corpus: str | Sequence[str | Mapping[str, Any]], batch_size: int | None = None,
+        max_length: int | None = None,
+    ) -> np.ndarray:
+        """Embed passages (never with the instruction); dicts join ``title + " " + text``."""
+        single = isinstance(corpus, (str, Mapping))
+        out = self.encode(corpus_texts([corpus] if single else corpus), batch_size, max_length)
+        return out[0] if single else out
+
+    # ---------------------------------------------------------------- persistence
+    def save(self, directory: str | Path) -> Path:
+        """Write a self-describing checkpoint that `from_pretrained` and ST both load."""
+        folder = Path(directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.backbone.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+        record = {"format": FORMAT_VERSION, **self.config.saved_dict()}
+        (folder / BGE_CONFIG_FILE).write_text(json.dumps(record, indent=2, ensure_ascii=False))
+        write_st_files(folder, self.config, self.dim)
+        return folder
+
+    def fingerprint(self) -> str:
+        """sha256 of weights, vocabulary and saved settings: equal iff the vectors are."""
+        digest = hashlib.sha256()
+        for key, tensor in sorted(self.backbone.state_dict().items()):
+            flat = tensor.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(flat.view(torch.uint8).numpy().tobytes())
+        vocab = sorted(self.tokenizer.get_vocab().items())
+        digest.update(json.dumps(vocab, ensure_ascii=False).encode())
+        digest.update(json.dumps(self.config.saved_dict(), sort_keys=True).encode())
+        return digest.hexdigest()[:16]
+
+
+def _load_backbone(folder: Path) -> PreTrainedModel:
+    """The bare transformer (no task head), loaded quietly: we never use BERT's pooler."""
+    kwargs = {"add_pooling_layer": False} if _is_bert_like(folder) else {}
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoModel.from_pretrained(folder, **kwargs)
+    finally:
+        hf_logging.set_verbosity(previous)
+
+
+def _is_bert_like(folder: Path) -> bool:
+    """BERT-family configs take `add_pooling_layer`; we never use the pooler head."""
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        return False
+    model_type = json.loads(config_file.read_text()).get("model_type", "")
+    return model_type in {"bert", "roberta", "xlm-roberta", "ernie"}

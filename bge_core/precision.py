@@ -1,0 +1,38 @@
+"""Compute precision: which dtypes a device can run, and the autocast context for them."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+
+from bge_core.config import DType
+
+log = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when oneDNN can run bf16 matmuls natively (AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def check_dtype(dtype: DType, device: torch.device) -> None:
+    """Reject fp16 on CPU; warn when bf16 on this CPU is emulated (slower than fp32)."""
+    if dtype == "fp16" and device.type != "cuda":
+        raise ValueError("dtype 'fp16' needs a CUDA GPU; on CPU use 'bf16' or 'fp32'")
+    if dtype == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        log.warning("this CPU has no native bf16 (AVX512-BF16/AMX): bf16 is emulated and "
+                    "usually slower than fp32 here")
+
+
+def autocast_context(dtype: DType, device: torch.device) -> contextlib.AbstractContextManager:
+    """`torch.autocast` for bf16/fp16 on `device`; a no-op for fp32."""
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=TORCH_DTYPES[dtype])

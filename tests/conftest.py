@@ -1,0 +1,31 @@
+"""Shared fixtures: tiny random models (no downloads) and one Ray session per test run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.tiny_models import make_tiny_bert
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A plain Hugging Face folder holding a random 2-layer, 32-wide BERT and its tokenizer."""
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """Start Ray once for the whole test session (2 CPUs, no dashboard) and stop it after."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": env})
+    yield ray
+    ray.shutdown()
