@@ -27,6 +27,7 @@ from bge_core.pooling import embed_from_hidden
 from bge_core.precision import autocast_context, check_dtype
 from bge_core.st_format import write_st_files
 from bge_core.texts import check_texts, corpus_texts
+from bge_core.tokenization import TextTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,13 @@ class Encoder(nn.Module):
         return embed_from_hidden(hidden, attention_mask, self.config.pooling, self.config.normalize)
 
     # ----------------------------------------------------------------- tokenising
+    @property
+    def text_tokenizer(self) -> TextTokenizer:
+        """Tokeniser bound to this model's length limit (built once)."""
+        if getattr(self, "_text_tokenizer", None) is None:
+            self._text_tokenizer = TextTokenizer(self.tokenizer, self.config.max_length)
+        return self._text_tokenizer
+
     def tokenize(
         self, texts: Sequence[str], max_length: int | None = None
     ) -> tuple[list[list[int]], np.ndarray]:
@@ -98,31 +106,7 @@ class Encoder(nn.Module):
         Returns:
             (ids per text, bool array marking the texts that were truncated).
         """
-        limit = min(max_length or self.config.max_length, self.config.max_length)
-        prefix, suffix = self._special_tokens()
-        budget = limit - len(prefix) - len(suffix)
-        if budget < 0:
-            raise ValueError(f"max_length {limit} leaves no room for special tokens")
-        if not texts:
-            return [], np.zeros(0, dtype=bool)
-        # One extra token tells truncated texts from those exactly at the limit.
-        bodies = self.tokenizer(
-            list(texts), add_special_tokens=False, truncation=True, max_length=budget + 1,
-            return_attention_mask=False, return_token_type_ids=False, verbose=False,
-        )["input_ids"]
-        truncated = np.fromiter((len(b) > budget for b in bodies), dtype=bool, count=len(bodies))
-        ids = [prefix + b[:budget] + suffix for b in bodies]
-        return ids, truncated
-
-    def _special_tokens(self) -> tuple[list[int], list[int]]:
-        """The special ids the tokenizer puts before and after a text ([CLS] / [SEP])."""
-        if not hasattr(self, "_specials"):
-            template = self.tokenizer("", add_special_tokens=True)["input_ids"]
-            probe = self.tokenizer("a", add_special_tokens=True)["input_ids"]
-            body = self.tokenizer("a", add_special_tokens=False)["input_ids"]
-            start = next(i for i in range(len(probe)) if probe[i : i + len(body)] == body)
-            self._specials = (template[:start], template[start:])
-        return self._specials
+        return self.text_tokenizer(texts, max_length)
 
     # ------------------------------------------------------------------ inference
     @contextlib.contextmanager
@@ -140,7 +124,7 @@ class Encoder(nn.Module):
     ) -> np.ndarray:
         """Embed pre-tokenised rows in length-sorted token-budget micro-batches: (n, D)."""
         out = np.zeros((len(rows), self.dim), dtype=np.float32)
-        pad_id = self.tokenizer.pad_token_id or 0
+        pad_id = self.text_tokenizer.pad_id
         batches = plan_batches([len(r) for r in rows], self.config.max_tokens_per_batch,
                                batch_size or self.config.batch_size)
         with self._inference():
