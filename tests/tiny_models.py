@@ -27,7 +27,9 @@ def write_vocab(path: Path) -> Path:
 def make_tokenizer(directory: Path) -> BertTokenizerFast:
     directory.mkdir(parents=True, exist_ok=True)
     vocab = write_vocab(directory / "vocab.txt")
-    return BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True, model_max_length=128)
+    # transformers 5 takes the vocab (path or dict) as `vocab`; `vocab_file` is silently ignored
+    # there, which left a 5-token vocabulary of specials only.
+    return BertTokenizerFast(vocab=str(vocab), do_lower_case=True, model_max_length=128)
 
 
 def make_tiny_bert(directory: Path, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
