@@ -15,8 +15,15 @@ from collections.abc import Iterable
 import numpy as np
 
 
-def shard_topk(queries: np.ndarray, shard: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k of one shard: (scores, shard-local indices), each (Q, min(k, S)), best first."""
+def shard_topk(
+    queries: np.ndarray, shard: np.ndarray, k: int, device: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of one shard: (scores, shard-local indices), each (Q, min(k, S)), best first.
+
+    `device` (``"cuda"``, ``"cpu"``) scores with torch on that device; None uses numpy.
+    """
+    if device is not None:
+        return _shard_topk_torch(queries, shard, k, device)
     scores = queries @ shard.T  # (Q, S)
     kk = min(k, scores.shape[1])
     if kk == scores.shape[1]:
@@ -24,6 +31,17 @@ def shard_topk(queries: np.ndarray, shard: np.ndarray, k: int) -> tuple[np.ndarr
     np.negative(scores, out=scores)  # in place: argpartition finds the smallest
     part = np.argpartition(scores, kk - 1, axis=1)[:, :kk]  # (Q, kk), unordered
     return _sorted(-np.take_along_axis(scores, part, axis=1), part)
+
+
+def _shard_topk_torch(
+    queries: np.ndarray, shard: np.ndarray, k: int, device: str
+) -> tuple[np.ndarray, np.ndarray]:
+    import torch
+
+    q = torch.from_numpy(np.ascontiguousarray(queries)).to(device)  # (Q, D)
+    s = torch.from_numpy(np.ascontiguousarray(shard)).to(device)  # (S, D)
+    top = torch.topk(q @ s.T, min(k, s.shape[0]), dim=1)  # values/indices (Q, k'), sorted
+    return top.values.float().cpu().numpy(), top.indices.cpu().numpy()
 
 
 def merge_topk(
@@ -73,7 +91,8 @@ class RunningTopK:
 
 
 def search_shards(
-    queries: np.ndarray, shards: Iterable[np.ndarray], k: int, query_batch: int | None = None
+    queries: np.ndarray, shards: Iterable[np.ndarray], k: int, query_batch: int | None = None,
+    device: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k over a corpus given as a stream of (S_i, D) shards.
 
@@ -83,6 +102,7 @@ def search_shards(
         k: results per query.
         query_batch: queries scored at once (default all); with the shard size it bounds
             the score block, ``query_batch × shard_size`` floats.
+        device: score with torch on this device (``"cuda"``); None: numpy on the CPU.
 
     Returns:
         (scores (Q, k') float32, row numbers (Q, k') int64), best first, k' = min(k, N).
@@ -95,7 +115,8 @@ def search_shards(
         shard = np.ascontiguousarray(shard, dtype=np.float32)
         if shard.shape[1] != queries.shape[1]:
             raise ValueError(f"corpus dim {shard.shape[1]} != query dim {queries.shape[1]}")
-        blocks = [shard_topk(queries[i : i + step], shard, k) for i in range(0, len(queries), step)]
+        blocks = [shard_topk(queries[i : i + step], shard, k, device)
+                  for i in range(0, len(queries), step)]
         scores = np.concatenate([b[0] for b in blocks])  # (Q, min(k, S))
         local = np.concatenate([b[1] for b in blocks])
         top.add(scores, local.astype(np.int64) + offset)
@@ -105,10 +126,10 @@ def search_shards(
 
 def exact_topk(
     queries: np.ndarray, corpus: np.ndarray, k: int, shard_size: int = 65536,
-    query_batch: int | None = None,
+    query_batch: int | None = None, device: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k of an in-memory (N, D) corpus, scored `shard_size` rows at a time."""
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     shards = (corpus[i : i + shard_size] for i in range(0, len(corpus), shard_size))
-    return search_shards(queries, shards, k, query_batch)
+    return search_shards(queries, shards, k, query_batch, device)

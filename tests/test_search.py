@@ -66,3 +66,13 @@ def test_errors() -> None:
         RunningTopK(3, 0)
     with pytest.raises(ValueError, match="shard_size"):
         exact_topk(_vectors(0, 2), _vectors(1, 5), k=3, shard_size=0)
+
+
+def test_torch_path_equals_numpy_path() -> None:
+    """The torch scorer (the CUDA path, run here on the CPU) gives the numpy scorer's result."""
+    pytest.importorskip("torch")
+    queries, corpus = _vectors(6, 9), _vectors(7, 120)
+    ref_scores, ref_ids = exact_topk(queries, corpus, k=11, shard_size=50)
+    scores, ids = exact_topk(queries, corpus, k=11, shard_size=50, device="cpu")
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-5)
