@@ -1,0 +1,246 @@
+"""Cluster YAMLs: Ray's own schema and validation, KubeRay CRD fields, GPU shapes, security.
+
+The Ray cluster-launcher config is checked with the JSON schema shipped inside the installed
+`ray` package and with Ray's `prepare_config` + `validate_config` (what `ray up` runs before
+touching the cloud). The KubeRay manifests are checked for the fields their CRDs require.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+AWS_YAML = ROOT / "cluster" / "aws.yaml"
+KUBERAY_DIR = ROOT / "cluster" / "kuberay"
+CONFIG_DIR = ROOT / "pipelines" / "configs"
+TRAIN_GPUS = 48
+RAY_PORTS = {6379, 8265, 10001}  # GCS, dashboard/job server, Ray client
+
+ray = pytest.importorskip("ray")
+
+
+def _load(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text())
+
+
+def _kuberay_docs() -> list[tuple[str, dict[str, Any]]]:
+    docs = []
+    for path in sorted(KUBERAY_DIR.glob("*.yaml")):
+        docs += [(path.name, doc) for doc in yaml.safe_load_all(path.read_text()) if doc]
+    return docs
+
+
+def _by_kind(kind: str) -> list[tuple[str, dict[str, Any]]]:
+    return [(name, doc) for name, doc in _kuberay_docs() if doc["kind"] == kind]
+
+
+def _cluster_spec(doc: dict[str, Any]) -> dict[str, Any]:
+    return doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]
+
+
+# ----------------------------------------------------------------------------- aws.yaml
+
+
+def test_aws_yaml_matches_rays_json_schema():
+    jsonschema = pytest.importorskip("jsonschema")
+    schema_path = Path(ray.__file__).parent / "autoscaler" / "ray-schema.json"
+    schema = json.loads(schema_path.read_text())
+    jsonschema.validate(_load(AWS_YAML), schema)
+
+
+def test_aws_yaml_passes_rays_own_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = prepare_config(_load(AWS_YAML))  # fills defaults as `ray up` does, offline
+    validate_config(config)
+    assert config["head_node_type"] in config["available_node_types"]
+
+
+def test_aws_training_pool_holds_48_gpus_and_inference_pool_has_gpus():
+    types = _load(AWS_YAML)["available_node_types"]
+    train, infer = types["gpu-train"], types["gpu-inference"]
+    assert train["resources"]["GPU"] == 8 and train["node_config"]["InstanceType"] == "p4d.24xlarge"
+    assert train["max_workers"] * train["resources"]["GPU"] == TRAIN_GPUS
+    assert infer["resources"]["GPU"] >= 1 and infer["max_workers"] >= 1
+    assert types["head-cpu"]["resources"].get("GPU", 0) == 0
+
+
+def test_aws_yaml_keeps_token_auth_on_and_ray_ports_closed():
+    config = _load(AWS_YAML)
+    starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+    ray_starts = [cmd for cmd in starts if "ray start" in cmd]
+    assert len(ray_starts) == 2
+    assert all("RAY_AUTH_MODE=token ray start" in cmd for cmd in ray_starts)
+    assert config["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}
+    opened = set()
+    for rule in config["provider"]["security_group"]["IpPermissions"]:
+        opened |= set(range(rule["FromPort"], rule["ToPort"] + 1))
+    assert opened == {22}, f"only SSH may be reachable from outside, got ports {opened}"
+    assert not opened & RAY_PORTS
+
+
+def test_aws_yaml_pins_the_tested_versions():
+    import torch
+
+    setup = " ".join(_load(AWS_YAML)["setup_commands"])
+    torch_version = torch.__version__.split("+")[0]
+    assert f'"ray[default,data,train]=={ray.__version__}"' in setup
+    assert f'"torch=={torch_version}"' in setup
+    for spec in re.findall(r'"([A-Za-z0-9_.\[\],-]+)"', setup):
+        assert "==" in spec, f"unpinned package {spec!r} in setup_commands"
+
+
+def test_aws_yaml_has_one_comment_per_key():
+    """Every mapping key is documented by a comment on the line above (Ray's example style)."""
+    lines = AWS_YAML.read_text().splitlines()
+    key_line = re.compile(r"^(\s*)([A-Za-z_~][\w./~-]*):(\s|$)")
+    undocumented = []
+    for number, line in enumerate(lines):
+        match = key_line.match(line)
+        if not match or line.lstrip().startswith("- "):
+            continue
+        previous = lines[number - 1].strip() if number else ""
+        if not previous.startswith("#"):
+            undocumented.append(f"line {number + 1}: {line.strip()}")
+    # keys inside list items (block devices, security-group rules) are described by the
+    # comment on the list's own key
+    nested = [u for u in undocumented if not re.search(r"(Ebs|DeviceName|Volume|Port|Ip|Cidr)", u)]
+    assert nested == [], "keys without a comment:\n" + "\n".join(nested)
+
+
+# ----------------------------------------------------------------------------- KubeRay
+
+
+def test_kuberay_manifests_parse_with_known_kinds():
+    kinds = sorted(doc["kind"] for _, doc in _kuberay_docs())
+    assert kinds == ["CronJob", "RayCluster", "RayJob", "RayJob", "ServiceAccount"]
+    for name, doc in _kuberay_docs():
+        assert doc["metadata"]["name"], name
+        expected = {"RayCluster": "ray.io/v1", "RayJob": "ray.io/v1", "CronJob": "batch/v1"}
+        assert doc["apiVersion"] == expected.get(doc["kind"], "v1"), name
+
+
+@pytest.mark.parametrize("kind", ["RayCluster", "RayJob"])
+def test_kuberay_cluster_specs_carry_the_crd_fields(kind: str):
+    for name, doc in _by_kind(kind):
+        spec = _cluster_spec(doc)
+        assert spec["rayVersion"] == ray.__version__, name
+        assert spec["authOptions"]["mode"] == "token", f"{name}: token auth must stay on"
+        head = spec["headGroupSpec"]
+        assert isinstance(head["rayStartParams"], dict), name
+        groups = spec["workerGroupSpecs"]
+        assert groups, name
+        for group in groups:
+            assert {"groupName", "replicas", "minReplicas", "maxReplicas", "rayStartParams"} <= set(
+                group
+            ), name
+            assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"], name
+        for pod in [head] + groups:
+            containers = pod["template"]["spec"]["containers"]
+            assert containers and all(c["name"] and c["image"] for c in containers), name
+            for container in containers:
+                for side in ("requests", "limits"):
+                    assert {"cpu", "memory"} <= set(container["resources"][side]), name
+        for group in groups:
+            resources = group["template"]["spec"]["containers"][0]["resources"]
+            assert int(resources["limits"]["nvidia.com/gpu"]) >= 1, name
+            assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"]
+        assert (
+            "nvidia.com/gpu" not in head["template"]["spec"]["containers"][0]["resources"]["limits"]
+        ), f"{name}: the head is CPU-only"
+
+
+def _gpus(group: dict[str, Any], count_key: str) -> int:
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    return group[count_key] * int(limits["nvidia.com/gpu"])
+
+
+def test_kuberay_training_shapes_add_up_to_48_gpus():
+    ((_, cluster),) = _by_kind("RayCluster")
+    train = [g for g in cluster["spec"]["workerGroupSpecs"] if g["groupName"] == "gpu-train"]
+    assert _gpus(train[0], "maxReplicas") == TRAIN_GPUS
+    finetune = dict(_by_kind("RayJob"))["rayjob-finetune.yaml"]
+    groups = finetune["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert sum(_gpus(g, "replicas") for g in groups) == TRAIN_GPUS
+    assert sum(_gpus(g, "minReplicas") for g in groups) == TRAIN_GPUS
+    config = _load(CONFIG_DIR / "finetune_48gpu.yaml")
+    assert config["num_workers"] == TRAIN_GPUS and config["use_gpu"] is True
+
+
+def test_rayjob_entrypoints_run_the_jobs_with_example_configs():
+    jobs = dict(_by_kind("RayJob"))
+    expected = {
+        "rayjob-embed.yaml": ("pipelines/embed_corpus.py", "embed.yaml"),
+        "rayjob-finetune.yaml": ("pipelines/finetune.py", "finetune_48gpu.yaml"),
+    }
+    for name, (script, config) in expected.items():
+        entrypoint = jobs[name]["spec"]["entrypoint"].split()
+        assert entrypoint[:2] == ["python", script], name
+        assert entrypoint[entrypoint.index("--config") + 1] == f"pipelines/configs/{config}"
+        assert (ROOT / "pipelines" / "configs" / config).exists()
+        assert yaml.safe_load(jobs[name]["spec"]["runtimeEnvYAML"])["working_dir"] == "/app"
+
+
+def test_nightly_cronjob_submits_incremental_embed_with_the_clusters_token():
+    ((_, cron),) = _by_kind("CronJob")
+    ((_, cluster),) = _by_kind("RayCluster")
+    fields = cron["spec"]["schedule"].split()
+    assert len(fields) == 5 and cron["spec"]["concurrencyPolicy"] == "Forbid"
+    (container,) = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    command = container["command"]
+    assert command[:3] == ["ray", "job", "submit"]
+    head_svc = f"--address=http://{cluster['metadata']['name']}-head-svc:8265"
+    assert head_svc in command
+    entry = command[command.index("--") + 1 :]
+    assert entry[:2] == ["python", "pipelines/embed_corpus.py"]
+    assert entry[entry.index("--mode") + 1] == "incremental"
+    incremental = _load(CONFIG_DIR / entry[entry.index("--config") + 1].split("/")[-1])
+    full = _load(CONFIG_DIR / "embed.yaml")
+    output = entry[entry.index("--output") + 1]
+    assert output == incremental["output"] == full["output"], "re-embed must extend the output"
+    assert incremental["mode"] == "incremental" and incremental["input"] == full["input"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["RAY_AUTH_MODE"]["value"] == "token"
+    secret = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert secret == {"name": cluster["spec"]["authOptions"]["secretName"], "key": "auth_token"}
+
+
+# ----------------------------------------------------------------------------- secrets
+
+
+SECRET_KEY = re.compile(
+    r"(aws_access_key_id|aws_secret_access_key|aws_session_token|auth_token|password)",
+    re.IGNORECASE,
+)
+
+
+def _mappings(node: Any):
+    """Every mapping inside a parsed YAML document."""
+    if isinstance(node, dict):
+        yield node
+        node = list(node.values())
+    if isinstance(node, list):
+        for value in node:
+            yield from _mappings(value)
+
+
+def test_no_credentials_are_written_in_any_yaml():
+    paths = [AWS_YAML, *sorted(KUBERAY_DIR.glob("*.yaml")), *sorted(CONFIG_DIR.glob("*.yaml"))]
+    for path in paths:
+        text = path.read_text()
+        assert not re.search(r"AKIA[0-9A-Z]{16}", text), f"{path.name}: an AWS access key id"
+        for doc in yaml.safe_load_all(text):
+            for mapping in _mappings(doc):
+                for key, value in mapping.items():
+                    if SECRET_KEY.search(str(key)) and isinstance(value, str):
+                        # the one allowed form: the path of the Ray token file
+                        assert value.startswith("~/.ray/"), f"{path.name}: {key} holds a secret"
+                # a container env var named like a secret must come from a Secret
+                if SECRET_KEY.search(str(mapping.get("name", ""))) and "value" in mapping:
+                    raise AssertionError(f"{path.name}: env {mapping['name']} has a literal value")
