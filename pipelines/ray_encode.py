@@ -130,6 +130,14 @@ def arrow_to_vectors(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
 
 
+def _actor_pool(size: int | tuple[int, int]) -> Any:
+    import ray.data
+
+    if isinstance(size, int):
+        return ray.data.ActorPoolStrategy(size=size)
+    return ray.data.ActorPoolStrategy(min_size=size[0], max_size=size[1])
+
+
 def encode_dataset(ds: Any, opts: EncodeOptions, *, text_column: str = "text",
                    prefix: str = "") -> Any:
     """Add `embedding` and `truncated` columns to a Ray Dataset with a text column.
@@ -148,6 +156,6 @@ def encode_dataset(ds: Any, opts: EncodeOptions, *, text_column: str = "text",
     )
     return tokenized.map_batches(
         EncodeActor, batch_format="pyarrow", batch_size=opts.batch_rows,
-        fn_constructor_kwargs={"options": asdict(opts)}, concurrency=opts.pool_size(),
+        fn_constructor_kwargs={"options": asdict(opts)}, compute=_actor_pool(opts.pool_size()),
         num_gpus=opts.gpus_per_actor or None, num_cpus=opts.cpus_per_actor,
     )

@@ -1,0 +1,271 @@
+"""Driver of the bulk embedding job: plan, resume, run the Ray Data stream, write manifest.
+
+The driver holds only per-file counters and the plan's exceptions (duplicate ids; in
+incremental runs the changed/new rows and dropped ids), never rows or vectors.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipelines.corpus_io import Chunk, InputError, file_key, list_input_files, plan_file
+from pipelines.embed_corpus import EmbedConfig
+from pipelines.embed_output import MANIFEST, OutputState, list_parts, read_table, write_table
+from pipelines.embed_plan import compute_plan
+from pipelines.embed_stages import copy_kept, read_for_encoding, write_encoded
+from pipelines.progress import Progress
+from pipelines.ray_encode import encode_dataset
+
+log = logging.getLogger("embed_corpus")
+PLAN_FILE = "plan.parquet"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class EmbedJob:
+    """One run of `embed_corpus` over `cfg` (see `EmbedConfig`)."""
+
+    def __init__(self, cfg: EmbedConfig) -> None:
+        self.cfg = cfg
+        self.state = OutputState(cfg.output)
+        self.stats: dict[str, int] = defaultdict(int)
+
+    def run(self) -> dict[str, Any]:
+        import ray
+
+        started = _now()
+        if not ray.is_initialized():
+            ray.init(log_to_driver=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        model = self._describe_model()
+        previous = self._previous_parts(model["model_fingerprint"])
+        self._claim_output(model, incremental=previous is not None)
+        files = list_input_files(self.cfg.input)
+        required = [self.cfg.id_column, self.cfg.text_column]
+        chunks = [c for i, f in enumerate(files)
+                  for c in plan_file(f, i, self.cfg.chunk_rows, required)]
+        plan = self._plan(chunks, previous)
+        if previous is not None:
+            self._copy_kept(previous, plan)
+        done = self.state.done_markers()
+        self._remove_unreferenced()
+        pending = [c for c in chunks if file_key(c.path) not in done]
+        log.info("%d input files, %d already done; %d rows to read",
+                 len(files), len(done), sum(c.rows for c in pending))
+        self._encode(pending, plan)
+        manifest = self._manifest(model, files, plan, started)
+        self._remove_unreferenced()
+        return manifest
+
+    # --------------------------------------------------------------- model / output
+    def _describe_model(self) -> dict[str, Any]:
+        from bge_core.model import Encoder
+
+        overrides = {"max_length": self.cfg.max_length} if self.cfg.max_length else {}
+        encoder = Encoder.from_pretrained(self.cfg.model, device="cpu", **overrides)
+        info = {"model": self.cfg.model, "model_fingerprint": encoder.fingerprint(),
+                "pooling": encoder.config.pooling, "normalize": encoder.config.normalize,
+                "max_length": encoder.config.max_length, "dim": encoder.dim}
+        log.info("model %s (fingerprint %s): %s pooling, normalize=%s, max %d tokens, dim %d",
+                 *info.values())
+        return info
+
+    def _previous_parts(self, fingerprint: str) -> list[str] | None:
+        """Parts of the previous output to diff against, or None for a full run."""
+        if self.cfg.mode != "incremental":
+            return None
+        manifest = OutputState(self.cfg.previous or "").read_json(MANIFEST)
+        if manifest is None:
+            raise InputError(f"--previous {self.cfg.previous} has no {MANIFEST}: it is not a "
+                             "finished output of this job")
+        if manifest.get("model_fingerprint") != fingerprint:
+            log.warning("model changed since the previous output (fingerprint %s, now %s): "
+                        "re-embedding everything (full run)",
+                        manifest.get("model_fingerprint"), fingerprint)
+            return None
+        return list_parts(self.cfg.previous or "")
+
+    def _claim_output(self, model: dict[str, Any], incremental: bool) -> None:
+        """Record what this output holds; refuse to mix runs of different settings."""
+        record = {**model, "id_column": self.cfg.id_column, "text_column": self.cfg.text_column,
+                  "title_column": self.cfg.title_column, "dtype": self.cfg.dtype,
+                  "embedding_dtype": self.cfg.embedding_dtype, "input": self.cfg.input,
+                  "incremental": incremental, "previous": self.cfg.previous}
+        existing = self.state.read_json("_state", "run.json")
+        if existing is not None and existing != record:
+            diff = sorted(k for k in record if existing.get(k) != record[k])
+            raise InputError(f"{self.cfg.output} already holds a run with other settings "
+                             f"({', '.join(diff)}); choose a new --output or delete it")
+        if existing is None:
+            self.state.write_json(record, "_state", "run.json")
+        else:
+            log.info("resuming the unfinished run in %s", self.cfg.output)
+
+    def _remove_unreferenced(self) -> None:
+        keep = set()
+        for marker in [*self.state.done_markers().values(),
+                       *self.state.done_markers("kept").values()]:
+            keep.update(p for p in marker.get("parts", []) + [marker.get("rejects_file")] if p)
+        removed = self.state.remove_unfinished(keep)
+        if removed:
+            log.info("removed %d part files of unfinished input files", removed)
+
+    # ------------------------------------------------------------------------ plan
+    def _plan(self, chunks: list[Chunk], previous: list[str] | None) -> dict[str, Any]:
+        """Exceptions by row key / id: duplicate losers, rows to encode, ids to drop."""
+        path = self.state.path("_state", PLAN_FILE)
+        if self.state.fs.exists(path):
+            table = read_table(path)
+        else:
+            start = time.monotonic()
+            table = compute_plan(chunks, self.cfg.stage_dict(), previous)
+            if table is not None:
+                write_table(table, path)
+            log.info("planned %d rows in %.1fs", sum(c.rows for c in chunks),
+                     time.monotonic() - start)
+        return _plan_sets(table, incremental=previous is not None)
+
+    # ---------------------------------------------------------------- incremental
+    def _copy_kept(self, previous: list[str], plan: dict[str, Any]) -> None:
+        import ray
+
+        done = self.state.done_markers("kept")
+        todo = [p for p in previous if file_key(p) not in done]
+        if not todo:
+            return
+        ds = ray.data.from_items([{"path": p} for p in todo]).map_batches(
+            copy_kept, batch_size=1, batch_format="numpy", num_cpus=0.5,
+            fn_kwargs={"output": self.cfg.output, "id_column": self.cfg.id_column,
+                       "drop_ids": plan["drop_ids"]})
+        for row in ds.iter_rows():
+            self.state.write_json({"source": row["source"], "parts": [row["part"]],
+                                   "rows": row["rows"]}, "_state", "kept",
+                                  f"{file_key(row['source'])}.json")
+
+    # ---------------------------------------------------------------------- encode
+    def _encode(self, pending: list[Chunk], plan: dict[str, Any]) -> None:
+        import ray
+
+        if not pending:
+            return
+        chunks_of: dict[str, set[int]] = defaultdict(set)
+        for chunk in pending:
+            chunks_of[chunk.path].add(chunk.index)
+        ds = ray.data.from_items([c.to_dict() for c in pending]).map_batches(
+            read_for_encoding, batch_size=1, batch_format="numpy", num_cpus=0.5,
+            fn_kwargs={"cfg": self.cfg.stage_dict(), "losers": plan["losers"],
+                       "to_encode": plan["to_encode"]})
+        ds = encode_dataset(ds, self.cfg.encode_options()).map_batches(
+            write_encoded, batch_format="pyarrow", batch_size=None, num_cpus=0.25,
+            fn_kwargs={"output": self.cfg.output, "id_column": self.cfg.id_column})
+        tracker = _FileTracker(self.state, chunks_of)
+        progress = Progress(sum(c.rows for c in pending), "rows", self.cfg.log_every_s, log)
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for summary in batch.to_pylist():
+                progress.advance(tracker.add(summary))
+                self.stats["encoded"] += summary["written"]
+        progress.finish()
+        missing = tracker.unfinished()
+        if missing:
+            raise RuntimeError(f"the stream ended with unfinished input files: {missing}")
+
+    # -------------------------------------------------------------------- manifest
+    def _manifest(self, model: dict[str, Any], files: list[str], plan: dict[str, Any],
+                  started: str) -> dict[str, Any]:
+        done = self.state.done_markers()
+        kept = self.state.done_markers("kept")
+        totals = defaultdict(int)
+        for marker in done.values():
+            for key in ("rows", "written", "rejected", "truncated", "kept_rows"):
+                totals[key] += marker.get(key, 0)
+        manifest = {
+            **model, "dtype": self.cfg.dtype, "embedding_dtype": self.cfg.embedding_dtype,
+            "input": self.cfg.input, "output": self.cfg.output, "mode": self.cfg.mode,
+            "previous": self.cfg.previous, "id_column": self.cfg.id_column,
+            "rows_in": totals["rows"], "rows_rejected": totals["rejected"],
+            "rows_truncated": totals["truncated"], "rows_encoded": totals["written"],
+            "rows_kept": sum(m["rows"] for m in kept.values()),
+            "rows_dropped": plan["dropped"],
+            "rows_encoded_this_attempt": self.stats["encoded"],
+            "input_files_done": sorted(m["file"] for m in done.values()),
+            "started_at": started, "finished_at": _now(),
+        }
+        manifest["rows_written"] = manifest["rows_encoded"] + manifest["rows_kept"]
+        if manifest["rows_in"] != manifest["rows_written"] + manifest["rows_rejected"]:
+            raise RuntimeError(f"row accounting failed: {manifest}")
+        self.state.write_json(manifest, MANIFEST)
+        log.info("done: %d rows in, %d written (%d encoded, %d kept), %d rejected, "
+                 "%d truncated, %d dropped; %d encoded in this attempt",
+                 manifest["rows_in"], manifest["rows_written"], manifest["rows_encoded"],
+                 manifest["rows_kept"], manifest["rows_rejected"], manifest["rows_truncated"],
+                 manifest["rows_dropped"], manifest["rows_encoded_this_attempt"])
+        return manifest
+
+
+class _FileTracker:
+    """Counts summaries per chunk; writes a file's done marker when all its chunks finish."""
+
+    def __init__(self, state: OutputState, chunks_of: dict[str, set[int]]) -> None:
+        self.state = state
+        self.waiting = {path: set(indexes) for path, indexes in chunks_of.items()}
+        self.written: dict[tuple[str, int], int] = defaultdict(int)
+        self.files: dict[str, dict[str, Any]] = defaultdict(
+            lambda: {"rows": 0, "written": 0, "rejected": 0, "truncated": 0, "kept_rows": 0,
+                     "parts": []})
+        self.seen: set[tuple[str, int]] = set()
+
+    def add(self, summary: dict[str, Any]) -> int:
+        """Record one part summary; returns the input rows it accounts for."""
+        key = (summary["file"], summary["chunk"])
+        record = self.files[summary["file"]]
+        rows = summary["written"]
+        if key not in self.seen:  # per-chunk counts arrive with every part: take them once
+            self.seen.add(key)
+            record["rejected"] += summary["rejected"]
+            record["kept_rows"] += summary["kept"]
+            if summary["rejects_file"]:
+                record["parts"].append(f"_rejects/{summary['rejects_file']}")
+            rows += summary["rejected"] + summary["kept"]
+        record["written"] += summary["written"]
+        record["truncated"] += summary["truncated"]
+        record["rows"] += rows
+        if summary["part"]:
+            record["parts"].append(summary["part"])
+        self.written[key] += summary["written"]
+        if self.written[key] == summary["emit"]:
+            self._chunk_done(summary["file"], summary["chunk"])
+        return rows
+
+    def _chunk_done(self, path: str, index: int) -> None:
+        self.waiting[path].discard(index)
+        if not self.waiting[path]:
+            del self.waiting[path]
+            marker = {"file": path, **self.files.pop(path)}
+            self.state.write_json(marker, "_state", "done", f"{file_key(path)}.json")
+
+    def unfinished(self) -> list[str]:
+        return sorted(self.waiting)
+
+
+def _plan_sets(table: pa.Table | None, incremental: bool) -> dict[str, Any]:
+    def keys(*kinds: str) -> frozenset[int]:
+        if table is None:
+            return frozenset()
+        return frozenset(table.filter(pc.is_in(table.column("kind"), pa.array(kinds)))
+                         .column("key").to_pylist())
+
+    drop = [] if table is None else table.filter(
+        pc.is_in(table.column("kind"), pa.array(["drop", "change"]))).column("id").to_pylist()
+    dropped = 0 if table is None else int(pc.sum(pc.equal(table.column("kind"), "drop"))
+                                          .as_py() or 0)
+    return {"losers": keys("dup"), "to_encode": keys("encode", "change") if incremental
+            else None, "drop_ids": drop, "dropped": dropped}

@@ -1,0 +1,117 @@
+"""Output side of bulk embedding: part files, rejects, done markers, manifest.
+
+Layout under ``--output`` (readers of the embeddings see only ``part-*.parquet``; names
+starting with ``_`` are skipped by Parquet dataset readers)::
+
+    part-<filekey>-c<chunk>-<uuid>.parquet   id, embedding, text_hash
+    part-kept-<prevkey>.parquet              rows carried over by an incremental run
+    _rejects/<filekey>-c<chunk>.parquet      id, source_file, row, reason
+    _state/run.json                          model fingerprint + settings of this output
+    _state/plan.parquet                      duplicate / incremental decisions (exceptions)
+    _state/done/<filekey>.json               one marker per finished input file
+    _manifest.json                           written last: what the output holds
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "_manifest.json"
+
+
+class OutputState:
+    """Durable progress of one output location (local path or fsspec URI)."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri.rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.uri)
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def read_json(self, *parts: str) -> dict[str, Any] | None:
+        path = self.path(*parts)
+        if not self.fs.exists(path):
+            return None
+        with self.fs.open(path, "r") as handle:
+            return json.load(handle)
+
+    def write_json(self, data: dict[str, Any], *parts: str) -> None:
+        """Write via a temporary name then move, so a marker is never half-written."""
+        path = self.path(*parts)
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with self.fs.open(tmp, "w") as handle:
+            json.dump(data, handle, indent=2, default=str)
+        self.fs.mv(tmp, path)
+
+    def done_markers(self, kind: str = "done") -> dict[str, dict[str, Any]]:
+        """Finished units (input files or previous parts): key → marker contents."""
+        folder = self.path("_state", kind)
+        if not self.fs.exists(folder):
+            return {}
+        markers = {}
+        for path in self.fs.ls(folder, detail=False):
+            if path.endswith(".json"):
+                with self.fs.open(path, "r") as handle:
+                    markers[path.rsplit("/", 1)[1][:-5]] = json.load(handle)
+        return markers
+
+    def remove_unfinished(self, keep_prefixes: set[str]) -> int:
+        """Delete data and reject parts whose source is not finished; returns how many."""
+        removed = 0
+        for folder in (self.root, self.path("_rejects")):
+            if not self.fs.exists(folder):
+                continue
+            for path in self.fs.ls(folder, detail=False):
+                name = path.rsplit("/", 1)[1]
+                if name.endswith(".parquet") and not any(name.startswith(p)
+                                                          for p in keep_prefixes):
+                    self.fs.rm(path)
+                    removed += 1
+        return removed
+
+
+def write_table(table: pa.Table, uri: str) -> None:
+    """Write one Parquet file to a local path or fsspec URI (temp name, then move)."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    tmp = f"{path.rsplit('/', 1)[0]}/.tmp-{uuid.uuid4().hex}"
+    with fs.open(tmp, "wb") as handle:
+        pq.write_table(table, handle)
+    fs.mv(tmp, path)
+
+
+def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
+    fs, path = fsspec.core.url_to_fs(uri)
+    with fs.open(path, "rb") as handle:
+        return pq.read_table(handle, columns=columns)
+
+
+def list_parts(uri: str) -> list[str]:
+    """Data part files of a finished output, as URIs."""
+    fs, root = fsspec.core.url_to_fs(uri.rstrip("/"))
+    if not fs.exists(root):
+        return []
+    names = sorted(p for p in fs.ls(root, detail=False)
+                   if p.rsplit("/", 1)[1].startswith("part-") and p.endswith(".parquet"))
+    return [fs.unstrip_protocol(p) if "://" in uri else p for p in names]
+
+
+def reject_table(ids: list[Any], source: str, rows: list[int], reasons: list[str]) -> pa.Table:
+    """Rejected rows: ids as strings (input types vary), source file, row number, reason."""
+    return pa.table({
+        "id": pa.array([None if i is None else str(i) for i in ids], type=pa.string()),
+        "source_file": pa.array([source] * len(ids), type=pa.string()),
+        "row": pa.array(rows, type=pa.int64()),
+        "reason": pa.array(reasons, type=pa.string()),
+    })
