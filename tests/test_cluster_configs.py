@@ -8,7 +8,11 @@ touching the cloud). The KubeRay manifests are checked for the fields their CRDs
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -187,28 +191,91 @@ def test_rayjob_entrypoints_run_the_jobs_with_example_configs():
         assert yaml.safe_load(jobs[name]["spec"]["runtimeEnvYAML"])["working_dir"] == "/app"
 
 
-def test_nightly_cronjob_submits_incremental_embed_with_the_clusters_token():
+def _cron_container() -> dict[str, Any]:
+    ((_, cron),) = _by_kind("CronJob")
+    (container,) = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def test_nightly_cronjob_uses_the_clusters_token_and_head_service():
     ((_, cron),) = _by_kind("CronJob")
     ((_, cluster),) = _by_kind("RayCluster")
-    fields = cron["spec"]["schedule"].split()
-    assert len(fields) == 5 and cron["spec"]["concurrencyPolicy"] == "Forbid"
-    (container,) = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
-    command = container["command"]
-    assert command[:3] == ["ray", "job", "submit"]
-    head_svc = f"--address=http://{cluster['metadata']['name']}-head-svc:8265"
-    assert head_svc in command
-    entry = command[command.index("--") + 1 :]
-    assert entry[:2] == ["python", "pipelines/embed_corpus.py"]
-    assert entry[entry.index("--mode") + 1] == "incremental"
-    incremental = _load(CONFIG_DIR / entry[entry.index("--config") + 1].split("/")[-1])
-    full = _load(CONFIG_DIR / "embed.yaml")
-    output = entry[entry.index("--output") + 1]
-    assert output == incremental["output"] == full["output"], "re-embed must extend the output"
-    assert incremental["mode"] == "incremental" and incremental["input"] == full["input"]
-    env = {e["name"]: e for e in container["env"]}
+    assert len(cron["spec"]["schedule"].split()) == 5
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    env = {e["name"]: e for e in _cron_container()["env"]}
     assert env["RAY_AUTH_MODE"]["value"] == "token"
     secret = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
     assert secret == {"name": cluster["spec"]["authOptions"]["secretName"], "key": "auth_token"}
+    head_svc = f"http://{cluster['metadata']['name']}-head-svc:8265"
+    assert env["RAY_ADDRESS"]["value"] == head_svc
+
+
+def _run_cron_script(tmp_path: Path, embed_root: Path) -> list[str]:
+    """Run the CronJob's script with a stub `ray` that records its arguments."""
+    container = _cron_container()
+    stub_dir = tmp_path / "bin"
+    stub_dir.mkdir(exist_ok=True)
+    record = tmp_path / "ray_args.txt"
+    stub = stub_dir / "ray"
+    stub.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {record}\n')
+    stub.chmod(0o755)
+    env = {e["name"]: e.get("value", "") for e in container["env"]}
+    env.update(
+        EMBED_ROOT=str(embed_root),
+        RAY_ADDRESS="http://head:8265",
+        PATH=f"{stub_dir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}/usr/bin:/bin",
+    )
+    script = container["args"][0]
+    done = subprocess.run(
+        container["command"] + [script],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return record.read_text().splitlines()
+
+
+def _entrypoint_config(args: list[str]):
+    from pipelines.cli import parse_config
+
+    embed_corpus = pytest.importorskip("pipelines.embed_corpus")
+    assert args[:4] == ["job", "submit", "--address=http://head:8265", "--working-dir=/app"]
+    entry = args[args.index("--") + 1 :]
+    assert entry[:2] == ["python", "pipelines/embed_corpus.py"]
+    return parse_config(embed_corpus.EmbedConfig, entry[2:])
+
+
+def test_nightly_script_runs_full_mode_when_no_output_is_finished(tmp_path: Path):
+    root = tmp_path / "emb"
+    (root / "2026-01-01").mkdir(parents=True)  # a crashed run: no manifest
+    cfg = _entrypoint_config(_run_cron_script(tmp_path, root))
+    today = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    assert cfg.mode == "full" and cfg.previous is None
+    assert cfg.output == f"{root}/{today}"
+
+
+def test_nightly_script_diffs_against_the_newest_finished_output(tmp_path: Path):
+    root = tmp_path / "emb"
+    today = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    for day, finished in [
+        ("2026-01-01", True),
+        ("2026-01-02", True),
+        ("2026-01-03", False),
+        (today, True),
+    ]:
+        (root / day).mkdir(parents=True)
+        if finished:
+            (root / day / "_manifest.json").write_text("{}")
+    cfg = _entrypoint_config(_run_cron_script(tmp_path, root))
+    full = _load(CONFIG_DIR / "embed.yaml")
+    assert cfg.mode == "incremental"
+    # newest finished run other than today's own output; unfinished runs are skipped
+    assert cfg.previous.endswith(f"{root}/2026-01-02")
+    assert cfg.output == f"{root}/{today}"
+    assert (cfg.input, cfg.model) == (full["input"], full["model"])
 
 
 # ----------------------------------------------------------------------------- secrets
