@@ -1,0 +1,66 @@
+"""Pure pieces of the training machinery: optimizer groups, schedule, precision, progress."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bge_core.optim import build_adamw, linear_warmup_decay, warmup_steps
+from pipelines.train_common import (
+    ProgressMeter,
+    TrainState,
+    maybe_inject_failure,
+    resolve_precision,
+    storage_path,
+)
+
+
+def test_adamw_excludes_bias_and_norm_from_weight_decay():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3))
+    opt = build_adamw(model, lr=1e-3, weight_decay=0.1)
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] == 0.1 and len(decayed["params"]) == 1  # Linear.weight
+    assert plain["weight_decay"] == 0.0 and len(plain["params"]) == 3
+
+
+def test_linear_warmup_then_decay():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = linear_warmup_decay(opt, warmup=warmup_steps(10, 0.2), total_steps=10)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] < lrs[1] < lrs[2] == 1.0  # two warm-up steps, then the peak
+    assert all(a > b for a, b in zip(lrs[2:], lrs[3:], strict=False))  # decays every step
+    assert opt.param_groups[0]["lr"] == 0.0  # reaches 0 at the end
+    with pytest.raises(ValueError, match="warmup_ratio"):
+        warmup_steps(10, 1.5)
+
+
+def test_precision_flags():
+    assert resolve_precision(False, False) == "fp32"
+    assert resolve_precision(True, False) == "fp16"
+    assert resolve_precision(False, True) == "bf16"
+    with pytest.raises(ValueError, match="exclusive"):
+        resolve_precision(True, True)
+
+
+def test_progress_meter_reports_rate_and_eta():
+    meter = ProgressMeter(total_steps=10, start_step=2, started=0.0)
+    state = TrainState(step=2)
+    state.advance(8)
+    metrics = meter.update(state.step, 1.5, 8)
+    assert metrics["step"] == 3 and metrics["loss"] == 1.5
+    assert metrics["examples_per_s"] > 0 and metrics["eta_s"] >= 0
+    assert state.examples == 8 and state.step_in_epoch == 1
+
+
+def test_storage_path_keeps_uris_and_resolves_local(tmp_path):
+    assert storage_path("s3://bucket/run/") == "s3://bucket/run"
+    assert storage_path(str(tmp_path / "x")) == str((tmp_path / "x").resolve())
+
+
+def test_fault_injection_is_off_without_the_variable(monkeypatch):
+    monkeypatch.delenv("BGE_FAULT_INJECT", raising=False)
+    maybe_inject_failure(1)  # returns: nothing to inject
