@@ -1,0 +1,199 @@
+"""Training data for contrastive finetuning: FlagEmbedding's schema and group sampling.
+
+An example is ``{"query": str, "pos": [str, ...], "neg": [str, ...]}`` (JSONL, one per
+line, as FlagEmbedding reads it; or the same columns in Parquet), at a local path or any
+fsspec URI. Each example becomes a group: one positive and ``train_group_size - 1``
+negatives drawn with an RNG keyed by ``(seed, epoch, example key)``, so every worker,
+restart and re-run draws the same group for the same example, whatever the order or
+sharding. Short negative lists are refilled by repetition; negatives never come from the
+positives. Invalid examples raise `TrainingDataError` naming the file and line (or row).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow.parquet as pq
+
+from bge_core.batching import pad_batch
+from bge_core.grad_cache import TokenBatch
+
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+FILE_STRIDE = 1 << 32  # example key = file index * FILE_STRIDE + line number
+
+
+class TrainingDataError(ValueError):
+    """An invalid training file or example; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class Group:
+    """One query and its G passages (positive first)."""
+
+    query: str
+    passages: list[str]
+
+
+def list_data_files(path: str) -> list[str]:
+    """The data files at `path`: the file itself, or the JSONL/Parquet files in a folder."""
+    fs, root = fsspec.core.url_to_fs(path)
+    if not fs.exists(root):
+        raise TrainingDataError(f"training data not found: {path}")
+    if fs.isfile(root):
+        files = [root]
+    else:
+        files = sorted(f for f in fs.find(root) if f.endswith(DATA_SUFFIXES))
+        if not files:
+            raise TrainingDataError(f"no {'/'.join(DATA_SUFFIXES)} files under {path}")
+    return [fs.unstrip_protocol(f) if "://" in path else f for f in files]
+
+
+def check_example(obj: Any, group_size: int = 1) -> str | None:
+    """Why `obj` is not a valid example for groups of `group_size` (None when it is)."""
+    if not isinstance(obj, dict):
+        return f"expected a JSON object, got {type(obj).__name__}"
+    query = obj.get("query")
+    if not isinstance(query, str) or not query.strip():
+        return "missing or empty 'query' (a string is required)"
+    for key in ("pos", "neg"):
+        value = obj.get(key, [] if key == "neg" else None)
+        if value is None and key == "neg":
+            continue
+        if not isinstance(value, (list, tuple, np.ndarray)):
+            return f"'{key}' must be a list of strings, got {type(value).__name__}"
+        if any(not isinstance(v, str) for v in value):
+            return f"'{key}' must hold only strings"
+    if not any(p.strip() for p in obj["pos"]):
+        return "'pos' is empty (at least one positive passage is required)"
+    if group_size > 1 and not _negatives(obj):
+        return (f"'neg' has no passage other than the positives, but "
+                f"train_group_size={group_size} needs negatives")
+    return None
+
+
+def _negatives(obj: dict[str, Any]) -> list[str]:
+    """The negatives that are not also positives (never train a positive as a negative)."""
+    positives = set(obj["pos"])
+    return [n for n in obj.get("neg") or [] if n.strip() and n not in positives]
+
+
+def _record(key: int, obj: dict[str, Any] | None, error: str | None, where: str) -> dict:
+    """One row of the parsed dataset (a fixed schema, bad rows included)."""
+    good = error is None
+    return {
+        "key": key,
+        "query": obj["query"] if good else "",
+        "pos": [p for p in obj["pos"] if p.strip()] if good else [],
+        "neg": _negatives(obj) if good else [],
+        "error": None if good else f"{where}: {error}",
+    }
+
+
+def _jsonl_objects(data: bytes) -> Iterator[tuple[int, Any, str | None]]:
+    for number, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line), None
+        except json.JSONDecodeError as err:
+            yield number, None, f"not valid JSON ({err.msg})"
+
+
+def _parquet_objects(data: bytes) -> Iterator[tuple[int, Any, str | None]]:
+    table = pq.read_table(io.BytesIO(data))
+    for number, row in enumerate(table.to_pylist(), 1):
+        yield number, row, None
+
+
+def parse_file(path: str, data: bytes, file_index: int, group_size: int = 1) -> list[dict]:
+    """Parse one file's bytes into rows; bad lines become rows whose `error` names them.
+
+    Args:
+        path: the file's name (for messages; its suffix picks JSONL or Parquet).
+        data: the file's bytes.
+        file_index: position of the file in the sorted file list (part of each key).
+        group_size: ``train_group_size`` (examples without negatives fail when > 1).
+    """
+    parquet = path.endswith(".parquet")
+    objects = _parquet_objects(data) if parquet else _jsonl_objects(data)
+    unit = "row" if parquet else "line"
+    rows = []
+    for number, obj, error in objects:
+        error = error or check_example(obj, group_size)
+        key = file_index * FILE_STRIDE + number
+        rows.append(_record(key, obj, error, f"{path} {unit} {number}"))
+    return rows
+
+
+def split_bad(rows: Sequence[dict[str, Any]], skip_bad_examples: bool) -> list[dict[str, Any]]:
+    """The good rows; raise on the first bad one unless `skip_bad_examples`."""
+    bad = [r["error"] for r in rows if r["error"] is not None]
+    if bad and not skip_bad_examples:
+        raise TrainingDataError(f"invalid training example: {bad[0]} ({len(bad)} invalid in "
+                                "all; pass --skip_bad_examples to drop them)")
+    return [r for r in rows if r["error"] is None]
+
+
+def read_examples(path: str, group_size: int = 1,
+                  skip_bad_examples: bool = False) -> tuple[list[dict], int]:
+    """Read every example at `path` in one process (tests, benchmarks, small data).
+
+    Returns:
+        (good rows, number of bad examples skipped).
+    """
+    rows = []
+    for index, file in enumerate(list_data_files(path)):
+        with fsspec.open(file, "rb") as handle:
+            rows += parse_file(file, handle.read(), index, group_size)
+    good = split_bad(rows, skip_bad_examples)
+    return good, len(rows) - len(good)
+
+
+def group_rng(seed: int, epoch: int, key: int) -> np.random.Generator:
+    """The RNG for one example in one epoch: independent of order, worker and restart."""
+    return np.random.default_rng([seed, epoch, key])
+
+
+def sample_group(example: dict[str, Any], group_size: int, seed: int, epoch: int,
+                 query_instruction: str | None = None) -> Group:
+    """One positive and ``group_size - 1`` negatives for `example`.
+
+    Negatives are drawn without replacement while there are enough, and refilled by
+    repetition when there are fewer. Positives are never used as negatives.
+    """
+    if group_size < 1:
+        raise ValueError(f"train_group_size must be >= 1, got {group_size}")
+    rng = group_rng(seed, epoch, int(example["key"]))
+    pos = list(example["pos"])
+    negs = list(example["neg"])
+    positive = pos[int(rng.integers(len(pos)))]
+    need = group_size - 1
+    if need and not negs:  # `check_example` rejects these when the data is read
+        raise TrainingDataError(f"example {example['key']} has no negatives but "
+                                f"train_group_size={group_size} needs {need}")
+    if len(negs) >= need:
+        chosen = [negs[i] for i in rng.choice(len(negs), size=need, replace=False)]
+    else:
+        repeats = -(-need // len(negs))  # ceil
+        pool = (negs * repeats)[:need]
+        chosen = [pool[i] for i in rng.permutation(need)]
+    query = (query_instruction or "") + example["query"]
+    return Group(query=query, passages=[positive, *chosen])
+
+
+def collate(tokenize: Any, groups: Sequence[Group], query_max_len: int,
+            passage_max_len: int, pad_id: int) -> tuple[TokenBatch, TokenBatch]:
+    """Tokenise and pad a batch of groups: (B, Tq) queries and (B*G, Tp) passages.
+
+    Args:
+        tokenize: `Encoder.tokenize` (texts, max_length) → (ids, truncated).
+    """
+    q_ids, _ = tokenize([g.query for g in groups], query_max_len)
+    p_ids, _ = tokenize([p for g in groups for p in g.passages], passage_max_len)
+    return TokenBatch(*pad_batch(q_ids, pad_id)), TokenBatch(*pad_batch(p_ids, pad_id))
