@@ -1,0 +1,32 @@
+# Two entry points on a fresh machine: `make run` (the main job on its bundled sample) and
+# `make test` (the whole suite). Both build .venv first: torch 2.13.0 before the project,
+# so pip never pulls a multi-GB CUDA build on CPU machines.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup run test lint bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/.installed
+
+run: setup
+	$(BIN)/python pipelines/embed_corpus.py $(ARGS)
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .ruff_cache
