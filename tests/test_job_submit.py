@@ -210,6 +210,7 @@ def test_embed_corpus_job_runs_with_token_auth(
 ):
     if not (ROOT / "pipelines" / "embed_corpus.py").exists():
         pytest.skip("pipelines/embed_corpus.py is not written yet")
+    import pyarrow as pa
     import pyarrow.parquet as pq
     import yaml
 
@@ -238,8 +239,10 @@ def test_embed_corpus_job_runs_with_token_auth(
     )
     result = token_cluster.submit("python", "pipelines/embed_corpus.py", "--config", str(config))
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    assert "SUCCEEDED" in result.stdout + result.stderr
-    files = sorted(p for p in output.rglob("*.parquet") if "reject" not in p.name)
-    table = pq.read_table(files)
+    assert "succeeded" in (result.stdout + result.stderr).lower()
+    parts = sorted(output.glob("part-*.parquet"))
+    table = pa.concat_tables([pq.read_table(part) for part in parts])
     assert sorted(table.column("id").to_pylist()) == sorted(f"doc-{i}" for i in range(24))
     assert len(table.column("embedding")[0].as_py()) == 32  # the tiny BERT's width
+    manifest = json.loads((output / "_manifest.json").read_text())
+    assert manifest["rows_written"] == 24 and manifest["rows_rejected"] == 0
