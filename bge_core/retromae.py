@@ -16,11 +16,12 @@ Only the encoder survives pretraining: `save_encoder` writes it as a CLS-pooled
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 from transformers import (
     AutoModelForMaskedLM,
@@ -38,9 +39,10 @@ from bge_core.retromae_masking import IGNORE
 
 log = logging.getLogger(__name__)
 
+HEADS_FILE = "retromae_heads.pt"  # MLM head + decoder layer, beside the encoder checkpoint
 
-@dataclass(frozen=True)
-class RetroMAEOutput:
+
+class RetroMAEOutput(NamedTuple):
     """Total loss (for backward) and its two parts (detached, for logging)."""
 
     loss: torch.Tensor
@@ -198,3 +200,28 @@ def save_encoder(
     config = EncoderConfig(pooling="cls", normalize=True, query_instruction=None,
                            max_length=min(max_length or positions, positions))
     return Encoder(model.backbone, tokenizer, config).save(directory)
+
+
+def save_checkpoint(
+    model: RetroMAE, tokenizer: PreTrainedTokenizerBase, directory: str | Path
+) -> Path:
+    """The encoder as a loadable `Encoder` checkpoint, plus the heads needed to resume.
+
+    The folder loads in `Encoder.from_pretrained` as is; `load_checkpoint` restores all of
+    RetroMAE (backbone from the encoder weights, MLM head and decoder from `HEADS_FILE`).
+    """
+    folder = save_encoder(model, tokenizer, directory)
+    backbone = f"lm.{model.lm.base_model_prefix}."
+    heads = {k: v for k, v in model.state_dict().items() if not k.startswith(backbone)}
+    torch.save(heads, folder / HEADS_FILE)
+    return folder
+
+
+def load_checkpoint(model: RetroMAE, directory: str | Path) -> None:
+    """Restore every RetroMAE weight from a `save_checkpoint` folder (strict)."""
+    folder = Path(directory)
+    backbone = f"lm.{model.lm.base_model_prefix}."
+    shards = sorted(folder.glob("model*.safetensors"))  # one file, or shards of a big model
+    weights = {backbone + k: v for shard in shards for k, v in load_file(shard).items()}
+    weights.update(torch.load(folder / HEADS_FILE, map_location="cpu"))
+    model.load_state_dict(weights, strict=True)

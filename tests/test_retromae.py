@@ -10,7 +10,13 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer, BertForMaskedLM
 
 from bge_core.model import Encoder
-from bge_core.retromae import load_retromae, masked_cross_entropy, save_encoder
+from bge_core.retromae import (
+    load_checkpoint,
+    load_retromae,
+    masked_cross_entropy,
+    save_checkpoint,
+    save_encoder,
+)
 from bge_core.retromae_masking import IGNORE, RetroMAECollator
 from tests.test_retromae_masking import sentences
 
@@ -115,3 +121,18 @@ def test_masked_lm_checkpoint_keeps_its_head(tiny_bert_dir, tmp_path):
     assert not (fresh.lm.cls.predictions.transform.dense.weight == 0.125).all()
     assert torch.equal(fresh.backbone.embeddings.word_embeddings.weight,
                        model.backbone.embeddings.word_embeddings.weight)
+
+
+def test_checkpoint_round_trip_restores_every_weight(model_and_tokenizer, tmp_path, tiny_bert_dir):
+    model, tokenizer = model_and_tokenizer
+    with torch.no_grad():
+        model.decoder.ffn_in.weight.add_(1.0)
+        model.lm.cls.predictions.transform.dense.bias.fill_(0.5)
+    folder = save_checkpoint(model, tokenizer, tmp_path / "ckpt")
+    assert Encoder.from_pretrained(str(folder), device="cpu").config.pooling == "cls"
+    torch.manual_seed(99)
+    other, _ = load_retromae(str(tiny_bert_dir))
+    load_checkpoint(other, folder)
+    expected = model.state_dict()
+    for key, value in other.state_dict().items():
+        assert torch.equal(value, expected[key]), key
