@@ -179,9 +179,25 @@ def _tiny_corpus(directory: Path, rows: int = 24) -> Path:
     return directory
 
 
+def _http_status(url: str, token: str | None, body: dict | None = None) -> int:
+    """Status of a request to the job server (POST when `body` is given)."""
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
 def test_submission_without_the_token_is_refused(token_cluster: TokenCluster, tmp_path: Path):
     marker = tmp_path / "ran.txt"
-    entry = ["python", "-c", f"open({str(marker)!r}, 'w').write('ran')"]
+    # the job records where it imported the project from (light imports only: no torch)
+    code = f"import pipelines.cli as m; open({str(marker)!r}, 'w').write(m.__file__)"
+    entry = ["python", "-c", code]
     stranger_home = tmp_path / "stranger"
     stranger_home.mkdir()
     no_token = _base_env(stranger_home)  # no RAY_AUTH_MODE, no token file
@@ -189,20 +205,24 @@ def test_submission_without_the_token_is_refused(token_cluster: TokenCluster, tm
     assert refused.returncode != 0
     assert "401" in refused.stdout + refused.stderr or "Unauthorized" in refused.stderr
 
-    wrong_token = {**no_token, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 32}
-    refused = token_cluster.submit(*entry, env=wrong_token, timeout=120)
-    assert refused.returncode != 0
-    assert "403" in refused.stdout + refused.stderr or "Forbidden" in refused.stderr
-
-    listed = token_cluster.ray("job", "list", "--address", token_cluster.address, timeout=120)
-    assert listed.returncode == 0, listed.stderr
-    assert "ran.txt" not in listed.stdout  # no job was created by either attempt
+    jobs_url = f"{token_cluster.address}/api/jobs/"
+    token = (token_cluster.base / "home" / ".ray" / "auth_token").read_text().strip()
+    job = {"entrypoint": " ".join(entry)}
+    assert _http_status(jobs_url, "0" * len(token), job) == 403  # a wrong token
+    assert _http_status(jobs_url, None) == 401
+    assert _http_status(jobs_url, token) == 200
+    listing = urllib.request.Request(jobs_url, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(listing, timeout=30) as response:
+        assert json.loads(response.read()) == []  # no job was created by either attempt
     assert not marker.exists()
 
     # the same entrypoint with the token runs: the refusals were about the token alone
     accepted = token_cluster.submit(*entry, timeout=300)
     assert accepted.returncode == 0, accepted.stdout[-3000:] + accepted.stderr[-3000:]
-    assert marker.read_text() == "ran"
+    imported_from = Path(marker.read_text())
+    # code reached the job through runtime_env (`--working-dir .`), not from this checkout
+    assert str(imported_from).startswith(str(token_cluster.base / "ray"))
+    assert "working_dir_files" in imported_from.parts
 
 
 def test_embed_corpus_job_runs_with_token_auth(
@@ -246,3 +266,57 @@ def test_embed_corpus_job_runs_with_token_auth(
     assert len(table.column("embedding")[0].as_py()) == 32  # the tiny BERT's width
     manifest = json.loads((output / "_manifest.json").read_text())
     assert manifest["rows_written"] == 24 and manifest["rows_rejected"] == 0
+
+
+def test_tiny_finetune_job_runs_with_token_auth(
+    token_cluster: TokenCluster, tiny_bert_dir: Path, tmp_path: Path
+):
+    if not (ROOT / "pipelines" / "finetune.py").exists():
+        pytest.skip("pipelines/finetune.py is not written yet")
+    import yaml
+
+    from bge_core.model import Encoder
+    from tests.tiny_models import WORDS
+
+    rows = [
+        {
+            "query": " ".join(WORDS[i : i + 3]),
+            "pos": [" ".join(WORDS[i + 3 : i + 9])],
+            "neg": [" ".join(WORDS[i + 20 : i + 26])],
+        }
+        for i in range(12)
+    ]
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    output = tmp_path / "finetuned"
+    config = tmp_path / "finetune_test.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model_name_or_path": str(tiny_bert_dir),
+                "train_data": str(data),
+                "output_dir": str(output),
+                "train_group_size": 2,
+                "query_max_len": 16,
+                "passage_max_len": 16,
+                "per_device_train_batch_size": 4,
+                "max_steps": 2,
+                "save_steps": 2,
+                "logging_steps": 1,
+                "learning_rate": 1.0e-3,
+                "warmup_ratio": 0.0,
+                "num_workers": 1,
+                "cpus_per_worker": 0.5,
+                "use_gpu": False,
+                "max_failures": 0,
+                "shuffle_buffer_size": 0,
+            }
+        )
+    )
+    result = token_cluster.submit("python", "pipelines/finetune.py", "--config", str(config))
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "succeeded" in (result.stdout + result.stderr).lower()
+    texts = ["the cat is on the road", "blood and heart disease"]
+    before = Encoder.from_pretrained(str(tiny_bert_dir), device="cpu").encode(texts)
+    after = Encoder.from_pretrained(str(output), device="cpu").encode(texts)
+    assert after.shape == before.shape and not (abs(after - before) < 1e-5).all()
