@@ -38,6 +38,7 @@ class EmbedJob:
         self.cfg = cfg
         self.state = OutputState(cfg.output)
         self.stats: dict[str, int] = defaultdict(int)
+        self.nodes: dict[str, int] = defaultdict(int)  # rows encoded per Ray node
 
     def run(self) -> dict[str, Any]:
         import ray
@@ -114,8 +115,8 @@ class EmbedJob:
         keep = set()
         for marker in [*self.state.done_markers().values(),
                        *self.state.done_markers("kept").values()]:
-            keep.update(p for p in marker.get("parts", []) + [marker.get("rejects_file")] if p)
-        removed = self.state.remove_unfinished(keep)
+            keep.update(marker.get("parts", []))
+        removed = self.state.remove_unreferenced(keep)
         if removed:
             log.info("removed %d part files of unfinished input files", removed)
 
@@ -173,6 +174,8 @@ class EmbedJob:
             for summary in batch.to_pylist():
                 progress.advance(tracker.add(summary))
                 self.stats["encoded"] += summary["written"]
+                if summary["written"]:
+                    self.nodes[summary["node"]] += summary["written"]
         progress.finish()
         missing = tracker.unfinished()
         if missing:
@@ -196,6 +199,7 @@ class EmbedJob:
             "rows_kept": sum(m["rows"] for m in kept.values()),
             "rows_dropped": plan["dropped"],
             "rows_encoded_this_attempt": self.stats["encoded"],
+            "rows_encoded_by_node_this_attempt": dict(self.nodes),
             "input_files_done": sorted(m["file"] for m in done.values()),
             "started_at": started, "finished_at": _now(),
         }

@@ -66,17 +66,19 @@ class OutputState:
                     markers[path.rsplit("/", 1)[1][:-5]] = json.load(handle)
         return markers
 
-    def remove_unfinished(self, keep_prefixes: set[str]) -> int:
-        """Delete data and reject parts whose source is not finished; returns how many."""
+    def remove_unreferenced(self, keep: set[str]) -> int:
+        """Delete data and reject parts not listed in `keep` (paths relative to the output
+        root): parts of unfinished input files, or left by a killed attempt."""
         removed = 0
-        for folder in (self.root, self.path("_rejects")):
-            if not self.fs.exists(folder):
+        for folder in ("", "_rejects"):
+            path = self.path(folder) if folder else self.root
+            if not self.fs.exists(path):
                 continue
-            for path in self.fs.ls(folder, detail=False):
-                name = path.rsplit("/", 1)[1]
-                if name.endswith(".parquet") and not any(name.startswith(p)
-                                                          for p in keep_prefixes):
-                    self.fs.rm(path)
+            for item in self.fs.ls(path, detail=False):
+                name = item.rsplit("/", 1)[1]
+                relative = f"{folder}/{name}" if folder else name
+                if name.endswith(".parquet") and relative not in keep:
+                    self.fs.rm(item)
                     removed += 1
         return removed
 

@@ -20,6 +20,7 @@ from pipelines.corpus_io import (
     validate_rows,
 )
 from pipelines.embed_output import read_table, reject_table, write_table
+from pipelines.ray_encode import NODE_COLUMN
 
 DUPLICATE = "duplicate id (an earlier row with this id is kept)"
 
@@ -97,6 +98,7 @@ def write_encoded(batch: pa.Table, output: str, id_column: str) -> pa.Table:
                 "truncated": int(pc.sum(rows.column("truncated")).as_py() or 0),
                 "emit": first["_emit"], "rejected": first["_rejected"],
                 "rejects_file": first["_rejects_file"], "kept": first["_kept"],
+                "node": first.get(NODE_COLUMN) or "",
             })
     return pa.Table.from_pylist(summaries, schema=SUMMARY_SCHEMA)
 
@@ -105,6 +107,7 @@ SUMMARY_SCHEMA = pa.schema([
     ("file", pa.string()), ("chunk", pa.int64()), ("part", pa.string()),
     ("written", pa.int64()), ("truncated", pa.int64()), ("emit", pa.int64()),
     ("rejected", pa.int64()), ("rejects_file", pa.string()), ("kept", pa.int64()),
+    ("node", pa.string()),
 ])
 
 

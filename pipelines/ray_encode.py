@@ -5,7 +5,8 @@ once per actor, forward only, GPU when asked) → the caller writes. `encode_dat
 them onto any dataset with a text column::
 
     ds = encode_dataset(ray.data.read_parquet(uri), EncodeOptions(model="bge-base-en-v1.5"))
-    # adds columns: embedding (fixed-size list of float32/float16), truncated (bool)
+    # adds columns: embedding (fixed-size list of float32/float16), truncated (bool),
+    # _node (id of the Ray node whose actor encoded the row)
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from bge_core.tokenization import TextTokenizer
 log = logging.getLogger(__name__)
 
 TOKENS_COLUMN = "_tokens"
+NODE_COLUMN = "_node"  # the Ray node that encoded each row (for accounting)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,6 +107,9 @@ class EncodeActor:
             torch.set_num_threads(max(1, int(self.options.cpus_per_actor)))
         self.encoder = Encoder.from_pretrained(
             self.options.model, device="cuda" if cuda else "cpu", **overrides)
+        import ray
+
+        self.node = ray.get_runtime_context().get_node_id()
         log.info("encode actor pid %d: %s on %s", os.getpid(), self.options.model,
                  self.encoder.device)
 
@@ -113,7 +118,9 @@ class EncodeActor:
         vectors = self.encoder.encode_tokenized(rows)  # (n, D) float32
         vectors = vectors.astype(self.options.embedding_dtype, copy=False)
         batch = batch.drop_columns([TOKENS_COLUMN])
-        return batch.append_column("embedding", vectors_to_arrow(vectors))
+        batch = batch.append_column("embedding", vectors_to_arrow(vectors))
+        return batch.append_column(NODE_COLUMN, pa.array([self.node] * batch.num_rows,
+                                                         type=pa.string()))
 
 
 def vectors_to_arrow(vectors: np.ndarray) -> pa.FixedSizeListArray:

@@ -11,6 +11,8 @@ from tests.tiny_models import make_tiny_bert
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A loaded 2-core machine can take longer than Ray's default to register a raylet.
+os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,141 @@
+"""End-to-end rows/s of the Ray Data embedding job vs in-process encoding, and memory.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/embed_speed.py [--rows 20000] [--growth 5]
+
+Builds passages from NFCorpus text (64-word windows, cycled to --rows), writes them as
+Parquet, then measures on the same texts and settings: the job (fp32 and bf16; wall time of
+`run`, and of its encode stream from first read to last write), `Encoder.encode` in
+process, and sentence-transformers fp32 `encode`. Peak RSS of the driver and of each
+encode actor is sampled; the job is repeated on a corpus `--growth` times smaller to show
+memory does not grow with the corpus.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.data import nfcorpus_passages  # noqa: E402
+
+
+def build_passages(rows: int, words: int = 64) -> list[str]:
+    passages: list[str] = []
+    docs = nfcorpus_passages()
+    while len(passages) < rows:
+        for doc in docs:
+            tokens = doc.split()
+            for i in range(0, len(tokens), words):
+                passages.append(" ".join(tokens[i:i + words]))
+                if len(passages) == rows:
+                    return passages
+    return passages
+
+
+def write_parquet(passages: list[str], folder: Path, files: int = 8) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    per = -(-len(passages) // files)
+    for f in range(files):
+        chunk = passages[f * per:(f + 1) * per]
+        ids = list(range(f * per, f * per + len(chunk)))
+        pq.write_table(pa.table({"id": ids, "text": chunk}), folder / f"part-{f}.parquet")
+
+
+class ActorMemory(threading.Thread):
+    """Samples the RSS of every live encode actor; keeps the peak per PID."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peaks: dict[int, int] = {}
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        import psutil
+        from ray._private import state
+
+        while not self.stop.wait(0.5):
+            try:
+                actors = state.actors(actor_state_name="ALIVE").values()
+            except Exception:  # noqa: BLE001 - sampling is best effort
+                continue
+            for info in actors:
+                if "EncodeActor" in info.get("ActorClassName", "") and info.get("Pid"):
+                    try:
+                        rss = psutil.Process(info["Pid"]).memory_info().rss
+                    except psutil.Error:
+                        continue
+                    self.peaks[info["Pid"]] = max(self.peaks.get(info["Pid"], 0), rss)
+
+
+def run_job(source: Path, out: Path, dtype: str) -> dict:
+    from pipelines.embed_corpus import EmbedConfig, run
+
+    sampler = ActorMemory()
+    sampler.start()
+    start = time.perf_counter()
+    manifest = run(EmbedConfig(input=str(source), output=str(out), dtype=dtype,
+                               cpus_per_actor=2, batch_rows=512, log_every_s=30))
+    wall = time.perf_counter() - start
+    sampler.stop.set()
+    sampler.join()
+    return {"rows": manifest["rows_written"], "wall_s": wall,
+            "rows_s": manifest["rows_written"] / wall,
+            "actor_peak_rss_mib": [v / 2**20 for v in sampler.peaks.values()],
+            "driver_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=20000)
+    parser.add_argument("--growth", type=int, default=5)
+    parser.add_argument("--skip-st", action="store_true")
+    args = parser.parse_args()
+    import ray
+
+    # 3 logical CPUs: a 2-thread actor (as many threads as in-process torch uses) plus the
+    # fractional read/tokenise/write tasks; the machine has 2 physical cores.
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    from bge_core import Encoder
+
+    work = Path(tempfile.mkdtemp(prefix="embed_speed_"))
+    passages = build_passages(args.rows)
+    write_parquet(passages[: args.rows // args.growth], work / "small")
+    write_parquet(passages, work / "full")
+    results: dict = {"rows": args.rows, "cpu_count": os.cpu_count()}
+    results["job_small_fp32"] = run_job(work / "small", work / "out_small", "fp32")
+    results["job_fp32"] = run_job(work / "full", work / "out_fp32", "fp32")
+    results["job_bf16"] = run_job(work / "full", work / "out_bf16", "bf16")
+    encoder = Encoder.from_pretrained("all-MiniLM-L6-v2", device="cpu")
+    start = time.perf_counter()
+    encoder.encode(passages)
+    results["in_process_fp32_rows_s"] = args.rows / (time.perf_counter() - start)
+    if not args.skip_st:
+        from sentence_transformers import SentenceTransformer
+
+        from bge_core.presets import offline_minilm_dir
+
+        st = SentenceTransformer(str(offline_minilm_dir()), device="cpu")
+        start = time.perf_counter()
+        st.encode(passages, batch_size=32)
+        results["st_fp32_rows_s"] = args.rows / (time.perf_counter() - start)
+    results["job_vs_in_process"] = results["job_fp32"]["rows_s"] / results[
+        "in_process_fp32_rows_s"]
+    if "st_fp32_rows_s" in results:
+        results["job_bf16_vs_st_fp32"] = results["job_bf16"]["rows_s"] / results[
+            "st_fp32_rows_s"]
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

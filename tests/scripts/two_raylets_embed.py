@@ -1,0 +1,38 @@
+"""Run embed_corpus on a two-raylet Ray cluster on this machine; print the manifest as JSON.
+
+Usage: python tests/scripts/two_raylets_embed.py INPUT OUTPUT MODEL
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import ray  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from pipelines.embed_corpus import EmbedConfig, run  # noqa: E402
+
+
+def main() -> None:
+    source, output, model = sys.argv[1:4]
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        # 1.5 CPUs per actor: one actor fits per node, so the pool spans both raylets
+        manifest = run(EmbedConfig(input=source, output=output, model=model, num_actors="2",
+                                   cpus_per_actor=1.5, batch_rows=8, chunk_rows=8))
+        print("MANIFEST " + json.dumps(manifest))
+        print("NODES " + json.dumps([n["NodeID"] for n in ray.nodes() if n["Alive"]]))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main()

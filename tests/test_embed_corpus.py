@@ -1,0 +1,152 @@
+"""Bulk embedding job: correctness, bad input, incremental re-runs (in-process Ray)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from bge_core import Encoder
+from pipelines.cli import ConfigError, parse_config
+from pipelines.corpus_io import InputError
+from pipelines.embed_corpus import EmbedConfig, main, run
+from tests.embed_helpers import (
+    assert_matches_encoder,
+    manifest,
+    read_output,
+    write_corpus,
+    write_jsonl,
+)
+from tests.tiny_models import make_tiny_bert
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def _cfg(tiny_bert_dir: Path, source: Path, out: Path, **extra) -> EmbedConfig:
+    return EmbedConfig(input=str(source), output=str(out), model=str(tiny_bert_dir),
+                       title_column="title", cpus_per_actor=0.5, batch_rows=16,
+                       log_every_s=1.0, **extra)
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_bert_dir: Path) -> Encoder:
+    return Encoder.from_pretrained(str(tiny_bert_dir), device="cpu")
+
+
+def test_output_matches_encoder(ray_session, tiny_bert_dir, encoder, tmp_path) -> None:
+    expected = write_corpus(tmp_path / "corpus", files=3, rows=20)
+    result = run(_cfg(tiny_bert_dir, tmp_path / "corpus", tmp_path / "out"))
+    assert_matches_encoder(read_output(tmp_path / "out"), expected, encoder)
+    assert result == manifest(tmp_path / "out")
+    assert (result["rows_in"], result["rows_written"], result["rows_rejected"]) == (60, 60, 0)
+    assert result["model_fingerprint"] == encoder.fingerprint()
+    assert len(result["input_files_done"]) == 3
+    schema = pq.read_schema(next((tmp_path / "out").glob("part-*.parquet")))
+    assert schema.field("embedding").type == pa.list_(pa.float32(), encoder.dim)
+    # a second run of the same command finds everything done and encodes nothing
+    again = run(_cfg(tiny_bert_dir, tmp_path / "corpus", tmp_path / "out"))
+    assert again["rows_encoded_this_attempt"] == 0 and again["rows_written"] == 60
+
+
+def test_float16_output_and_truncation_count(ray_session, tiny_bert_dir, tmp_path) -> None:
+    write_jsonl(tmp_path / "c.jsonl", [{"id": "a", "text": "the cat " * 100},
+                                       {"id": "b", "text": "a dog"}])
+    result = run(EmbedConfig(input=str(tmp_path / "c.jsonl"), output=str(tmp_path / "o"),
+                             model=str(tiny_bert_dir), max_length=16, cpus_per_actor=0.5,
+                             embedding_dtype="float16"))
+    assert result["rows_truncated"] == 1 and result["max_length"] == 16
+    schema = pq.read_schema(next((tmp_path / "o").glob("part-*.parquet")))
+    assert schema.field("embedding").type.value_type == pa.float16()
+
+
+def test_bad_rows_are_rejected_with_reasons(ray_session, tiny_bert_dir, encoder,
+                                            tmp_path) -> None:
+    write_jsonl(tmp_path / "in" / "a.jsonl", [
+        {"_id": "d1", "text": "the cat"}, {"_id": "d2", "text": None},
+        {"_id": "d3", "text": 42}, {"_id": None, "text": "a dog"},
+        {"_id": "d1", "text": "the dog again"}, {"_id": "d4"}])
+    write_jsonl(tmp_path / "in" / "b.jsonl", [{"_id": "d1", "text": "cross-file duplicate"},
+                                              {"_id": "d5", "text": "fish"}])
+    result = run(EmbedConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"),
+                             model=str(tiny_bert_dir), id_column="_id", cpus_per_actor=0.5))
+    assert result["rows_in"] == 8
+    assert result["rows_in"] == result["rows_written"] + result["rows_rejected"]
+    assert_matches_encoder(read_output(tmp_path / "out", "_id"),
+                           {"d1": "the cat", "d5": "fish"}, encoder)
+    rejects = pa.concat_tables(pq.read_table(p) for p in
+                               sorted((tmp_path / "out" / "_rejects").glob("*.parquet")))
+    reasons = {(r["source_file"].rsplit("/", 1)[1], r["row"]): r["reason"]
+               for r in rejects.to_pylist()}
+    assert len(reasons) == 6
+    assert "null text" in reasons[("a.jsonl", 1)] and "null text" in reasons[("a.jsonl", 5)]
+    assert "int, not a string" in reasons[("a.jsonl", 2)]
+    assert "null id" in reasons[("a.jsonl", 3)]
+    assert "duplicate id" in reasons[("a.jsonl", 4)]
+    assert "duplicate id" in reasons[("b.jsonl", 0)]
+
+
+def test_missing_column_lists_columns(ray_session, tiny_bert_dir, tmp_path) -> None:
+    write_corpus(tmp_path / "c", files=1, rows=4)
+    with pytest.raises(InputError, match=r"\['body'\] not found; columns present: "
+                                         r"\['id', 'text', 'title'\]"):
+        run(EmbedConfig(input=str(tmp_path / "c"), output=str(tmp_path / "o"),
+                        model=str(tiny_bert_dir), text_column="body"))
+
+
+def test_corrupt_file_is_named_and_never_done(ray_session, tiny_bert_dir, tmp_path,
+                                              caplog) -> None:
+    write_corpus(tmp_path / "c", files=1, rows=4)
+    (tmp_path / "c" / "zz-broken.parquet").write_bytes(b"not a parquet file at all")
+    argv = ["--input", str(tmp_path / "c"), "--output", str(tmp_path / "o"),
+            "--model", str(tiny_bert_dir)]
+    assert main(argv) == 2
+    assert "zz-broken.parquet" in caplog.text
+    assert not list((tmp_path / "o" / "_state" / "done").glob("*.json"))
+
+
+def test_incremental_encodes_only_changed_and_new(ray_session, tiny_bert_dir, encoder,
+                                                  tmp_path) -> None:
+    corpus = write_corpus(tmp_path / "v1", files=4, rows=50)
+    run(_cfg(tiny_bert_dir, tmp_path / "v1", tmp_path / "emb1"))
+    # next night's corpus: 1% changed, 1% deleted, 1% added
+    table = pa.concat_tables(pq.read_table(p) for p in sorted((tmp_path / "v1").glob("*")))
+    rows = table.to_pylist()
+    for row in rows[10:12]:
+        row["text"] += " changed"
+    rows = [r for r in rows if r["id"] not in (20, 150)] + [
+        {"id": 900 + i, "title": None, "text": f"new passage {i}"} for i in range(2)]
+    (tmp_path / "v2").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "v2" / "all.parquet")
+    expected = {r["id"]: f"{r['title']} {r['text']}".strip() if r["title"] else r["text"]
+                for r in rows}
+    result = run(_cfg(tiny_bert_dir, tmp_path / "v2", tmp_path / "emb2", mode="incremental",
+                      previous=str(tmp_path / "emb1")))
+    assert result["rows_encoded_this_attempt"] == 4  # 2 changed + 2 new, nothing else
+    assert (result["rows_kept"], result["rows_dropped"]) == (196, 2)
+    assert result["rows_written"] == len(corpus) - 2 + 2
+    assert_matches_encoder(read_output(tmp_path / "emb2"), expected, encoder)
+
+
+def test_model_change_forces_full_run(ray_session, tiny_bert_dir, tmp_path, caplog) -> None:
+    write_corpus(tmp_path / "c", files=1, rows=10)
+    run(_cfg(tiny_bert_dir, tmp_path / "c", tmp_path / "e1"))
+    other = make_tiny_bert(tmp_path / "other_model", seed=7)
+    result = run(_cfg(other, tmp_path / "c", tmp_path / "e2", mode="incremental",
+                      previous=str(tmp_path / "e1")))
+    assert "model changed since the previous output" in caplog.text
+    assert result["rows_encoded_this_attempt"] == 10 and result["rows_kept"] == 0
+
+
+def test_config_rules(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="needs --previous"):
+        parse_config(EmbedConfig, ["--mode", "incremental"])
+    with pytest.raises(ConfigError, match="num_actors"):
+        parse_config(EmbedConfig, ["--num-actors", "4,2"])
+    (tmp_path / "c.yaml").write_text("output: a\nbatch_rows: 64\n")
+    cfg = parse_config(EmbedConfig, ["--config", str(tmp_path / "c.yaml"), "--batch-rows", "8"])
+    assert (cfg.output, cfg.batch_rows) == ("a", 8)
+    (tmp_path / "bad.yaml").write_text("outptu: a\n")
+    with pytest.raises(ConfigError, match=r"unknown keys \['outptu'\]"):
+        parse_config(EmbedConfig, ["--config", str(tmp_path / "bad.yaml")])

@@ -1,0 +1,178 @@
+"""Bulk embedding under failure and at a distance: driver killed, actor killed, S3, two nodes.
+
+Each test starts what it needs (a job subprocess with its own local Ray, a moto S3 server on
+127.0.0.1, a two-raylet cluster) and tears it down; all are bounded by timeouts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from bge_core import Encoder
+from pipelines.embed_corpus import EmbedConfig, run
+from tests.embed_helpers import assert_matches_encoder, read_output, write_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
+
+
+def _job_env(**extra: str) -> dict[str, str]:
+    # RAY_ADDRESS=local: the job starts its own Ray, apart from the test session's.
+    return {**os.environ, "RAY_ADDRESS": "local", "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": str(ROOT), **extra}
+
+
+def _job_cmd(source: Path | str, out: Path | str, model: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(ROOT / "pipelines" / "embed_corpus.py"), "--input", str(source),
+            "--output", str(out), "--model", str(model), "--cpus-per-actor", "0.5", *extra]
+
+
+def _done(out: Path) -> int:
+    return len(list((out / "_state" / "done").glob("*.json")))
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_bert_dir: Path) -> Encoder:
+    return Encoder.from_pretrained(str(tiny_bert_dir), device="cpu")
+
+
+def test_resume_after_driver_sigkill(ray_session, tiny_bert_dir, encoder, tmp_path) -> None:
+    files, rows = 10, 24
+    expected = write_corpus(tmp_path / "c", files=files, rows=rows)
+    out = tmp_path / "out"
+    job = subprocess.Popen(_job_cmd(tmp_path / "c", out, tiny_bert_dir, "--batch-rows", "4"),
+                           env=_job_env(), start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while _done(out) < 2 and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert job.poll() is None, "the job finished before it could be killed"
+        os.killpg(job.pid, signal.SIGKILL)  # the driver and the Ray it started
+    finally:
+        job.wait(timeout=60)
+    done_before = _done(out)
+    assert 2 <= done_before < files
+    result = run(EmbedConfig(input=str(tmp_path / "c"), output=str(out),
+                             model=str(tiny_bert_dir), cpus_per_actor=0.5, title_column=None))
+    # the rerun redoes only unfinished files (plus at most one file's worth in flight)
+    assert result["rows_encoded_this_attempt"] <= (files - done_before) * rows + rows
+    assert result["rows_in"] == result["rows_written"] == files * rows
+    texts = _texts_without_titles(tmp_path / "c")  # no --title-column: text only
+    assert set(texts) == set(expected)
+    assert_matches_encoder(read_output(out), texts, encoder)
+
+
+def _texts_without_titles(folder: Path) -> dict[int, str]:
+    import pyarrow.parquet as pq
+
+    out: dict[int, str] = {}
+    for path in sorted(folder.glob("*.parquet")):
+        table = pq.read_table(path)
+        out.update(zip(table.column("id").to_pylist(), table.column("text").to_pylist()))
+    return out
+
+
+def test_actor_killed_mid_job_is_restarted(ray_session, tiny_bert_dir, encoder,
+                                           tmp_path) -> None:
+    from ray._private import state
+
+    write_corpus(tmp_path / "c", files=8, rows=24)
+    out = tmp_path / "out"
+    cfg = EmbedConfig(input=str(tmp_path / "c"), output=str(out), model=str(tiny_bert_dir),
+                      cpus_per_actor=0.5, batch_rows=4)
+    result: dict = {}
+    worker = threading.Thread(target=lambda: result.update(run(cfg)), daemon=True)
+    worker.start()
+    killed = None
+    deadline = time.monotonic() + 300
+    while killed is None and worker.is_alive() and time.monotonic() < deadline:
+        if _done(out) >= 1:
+            for info in state.actors(actor_state_name="ALIVE").values():
+                if "EncodeActor" in info.get("ActorClassName", "") and info.get("Pid"):
+                    os.kill(info["Pid"], signal.SIGKILL)
+                    killed = info["Pid"]
+                    break
+        time.sleep(0.2)
+    assert killed is not None and _done(out) < 8, "no encode actor was killed mid-job"
+    worker.join(timeout=360)
+    assert not worker.is_alive() and result, "the job did not finish after the actor died"
+    assert result["rows_in"] == result["rows_written"] == 8 * 24
+    assert_matches_encoder(read_output(out), _texts_without_titles(tmp_path / "c"), encoder)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture()
+def s3_endpoint():
+    pytest.importorskip("moto")
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
+                               "-p", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.3)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_s3_input_and_output_match_local(ray_session, tiny_bert_dir, tmp_path,
+                                         s3_endpoint) -> None:
+    import s3fs
+
+    aws = {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    write_corpus(tmp_path / "c", files=2, rows=12)
+    fs = s3fs.S3FileSystem(key="testing", secret="testing",
+                           client_kwargs={"endpoint_url": s3_endpoint})
+    fs.mkdir("corpus-bucket")
+    fs.put(str(tmp_path / "c") + "/", "corpus-bucket/in/", recursive=True)
+    subprocess.run(_job_cmd("s3://corpus-bucket/in/", "s3://corpus-bucket/emb/", tiny_bert_dir,
+                            "--title-column", "title"),
+                   env=_job_env(**aws), check=True, timeout=300, capture_output=True)
+    run(EmbedConfig(input=str(tmp_path / "c"), output=str(tmp_path / "local"),
+                    model=str(tiny_bert_dir), title_column="title", cpus_per_actor=0.5))
+    fs.get("corpus-bucket/emb/", str(tmp_path / "from_s3") + "/", recursive=True)
+    remote, local = read_output(tmp_path / "from_s3"), read_output(tmp_path / "local")
+    assert set(remote) == set(local) and len(local) == 24
+    assert all(abs(float((remote[i] * local[i]).sum()) - 1.0) < 1e-5 for i in local)
+    manifest = json.loads(fs.cat("corpus-bucket/emb/_manifest.json"))
+    assert manifest["rows_written"] == 24 and manifest["input"] == "s3://corpus-bucket/in/"
+
+
+def test_actors_on_two_raylets_both_encode(tiny_bert_dir, tmp_path) -> None:
+    expected_rows = 4 * 16
+    write_corpus(tmp_path / "c", files=4, rows=16)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "scripts" / "two_raylets_embed.py"),
+         str(tmp_path / "c"), str(tmp_path / "out"), str(tiny_bert_dir)],
+        env={**_job_env(), "RAY_ADDRESS": ""}, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("MANIFEST "))
+    manifest = json.loads(line[len("MANIFEST "):])
+    by_node = manifest["rows_encoded_by_node_this_attempt"]
+    assert len(by_node) == 2 and all(rows > 0 for rows in by_node.values())
+    assert sum(by_node.values()) == manifest["rows_written"] == expected_rows
