@@ -68,6 +68,7 @@ STATE_FILE = "training_state.pt"
 # Fault-injection hook for tests and chaos drills: "STEP:MARKER_FILE" makes rank 1 (rank 0
 # when alone) exit abruptly after STEP, once: the marker file records that it happened.
 FAULT_ENV = "BGE_FAULT_INJECT"
+FAULT_DELAY_S = 6.0
 
 
 # ------------------------------------------------------------------------ driver side
@@ -215,6 +216,10 @@ class Precision:
             return loss_fn
         return lambda *args: self.scaler.scale(loss_fn(*args))
 
+    def unscaled(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss as the model sees it (undo fp16 loss scaling, for logging)."""
+        return loss / self.scaler.get_scale() if self.scaler else loss
+
     def step(self, optimizer: torch.optim.Optimizer, scheduler: Any,
              max_grad_norm: float | None = None) -> None:
         """Unscale, clip, step the optimizer and scheduler, zero the gradients."""
@@ -240,6 +245,7 @@ class TrainState:
     epoch: int = 0
     step_in_epoch: int = 0
     examples: int = 0
+    resumed_from: list[int] = field(default_factory=list)  # steps restarted from
 
     def advance(self, examples: int) -> None:
         self.step += 1
@@ -298,6 +304,7 @@ def restore_checkpoint(
         amp.scaler.load_state_dict(saved["scaler"])
     torch.set_rng_state(saved["rng_cpu"])
     state = TrainState(**saved["state"])
+    state.resumed_from.append(state.step)
     log.info("rank %d resumed from checkpoint at step %d (epoch %d)",
              get_rank(), state.step, state.epoch)
     return state
@@ -327,6 +334,18 @@ def save_and_report(
     log.info("checkpoint saved at step %d", state.step)
 
 
+def count_nodes() -> int:
+    """Distinct Ray nodes the worker group runs on (a collective: call on every rank)."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    if get_world_size() == 1:
+        return 1
+    nodes: list[str | None] = [None] * get_world_size()
+    torch.distributed.all_gather_object(nodes, node)
+    return len(set(nodes))
+
+
 def report(metrics: dict[str, Any]) -> None:
     """Report metrics from every rank (a barrier: all ranks call it at the same steps)."""
     import ray.train
@@ -343,6 +362,10 @@ def maybe_inject_failure(step: int) -> None:
     victim = 1 if get_world_size() > 1 else 0
     if step == int(at) and get_rank() == victim and not Path(marker).exists():
         Path(marker).write_text(f"rank {victim} killed after step {step}\n")
+        # Ray Train's controller collects reports by polling (every 2 s): wait so the
+        # checkpoints reported before the failure are registered, as in a real crash
+        # that comes later than a poll after the last checkpoint.
+        time.sleep(FAULT_DELAY_S)
         log.warning("fault injection: rank %d exits after step %d", victim, step)
         os._exit(1)
 

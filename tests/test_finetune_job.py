@@ -1,0 +1,111 @@
+"""The finetuning job end to end on Ray Train (2 CPU workers, gloo), and its CLI errors."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from bge_core.model import Encoder
+from pipelines.cli import ConfigError, parse_config
+from pipelines.finetune import FinetuneConfig, main, run
+from tests.tiny_models import WORDS
+
+
+def write_train_data(path, n=16, seed=0):
+    """`n` FlagEmbedding-style examples built from the tiny vocabulary."""
+    rng = random.Random(seed)
+
+    def text(k):
+        return " ".join(rng.choices(WORDS, k=k))
+
+    rows = [{"query": text(4), "pos": [text(8)], "neg": [text(8) for _ in range(3)]}
+            for _ in range(n)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def make_config(tiny_bert_dir, tmp_path, **overrides):
+    values = dict(
+        model_name_or_path=str(tiny_bert_dir), train_data=str(tmp_path / "train.jsonl"),
+        output_dir=str(tmp_path / "out"), train_group_size=2, query_max_len=16,
+        passage_max_len=24, per_device_train_batch_size=2, max_steps=3, save_steps=2,
+        logging_steps=1, learning_rate=1e-3, warmup_ratio=0.0, num_workers=2,
+        cpus_per_worker=0.5, negatives_cross_device=True, max_failures=1,
+        shuffle_buffer_size=0, temperature=0.05)
+    values.update(overrides)
+    return FinetuneConfig(**values)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_workers_train_and_save_a_loadable_model(ray_session, tiny_bert_dir, tmp_path):
+    write_train_data(tmp_path / "train.jsonl")
+    cfg = make_config(tiny_bert_dir, tmp_path, query_instruction_for_retrieval="Q: ")
+    result = run(cfg)
+    out = result.output_dir
+    assert result.examples == 16 and result.bad_examples == 0
+    metrics = result.metrics
+    assert metrics["step"] == 3 and metrics["total_steps"] == 3 and metrics["num_nodes"] == 1
+    assert np.isfinite(metrics["loss"]) and metrics["examples_per_s"] > 0
+    assert metrics["eta_s"] == 0 and metrics["resumed_from"] == []
+    texts = ["the cat is on the road", "blood and heart disease"]
+    before = Encoder.from_pretrained(str(tiny_bert_dir), device="cpu").encode(texts)
+    ours = Encoder.from_pretrained(str(out), device="cpu")
+    after = ours.encode(texts)
+    assert ours.config.query_instruction == "Q: "  # the training instruction is saved
+    assert not np.allclose(before, after, atol=1e-4)  # the weights were trained
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(out), device="cpu")
+    np.testing.assert_allclose(st.encode(texts), after, rtol=1e-5, atol=1e-6)
+    checkpoints = sorted(p.name for p in (tmp_path / "out" / "finetune").glob("checkpoint_*"))
+    assert checkpoints[-1] == "checkpoint_step_00000003"
+
+
+def test_config_flags_follow_flagembedding(tmp_path):
+    cfg = parse_config(FinetuneConfig, [
+        "--model_name_or_path", "m", "--train_data", "d.jsonl", "--output_dir", "o",
+        "--train_group_size", "4", "--negatives_cross_device", "--temperature", "0.01",
+        "--query_instruction_for_retrieval", "Represent: ", "--gradient-cache-chunk-size", "8"])
+    assert (cfg.train_group_size, cfg.negatives_cross_device, cfg.temperature) == (4, True, 0.01)
+    assert cfg.gradient_cache_chunk_size == 8 and cfg.query_instruction_for_retrieval
+    assert FinetuneConfig(model_name_or_path="m", train_data="d", output_dir="o").temperature \
+        == 0.02
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--train_group_size", "0"], "train_group_size"),
+    (["--fp16", "--bf16"], "exclusive"),
+    (["--temperature", "0"], "temperature"),
+    (["--max_steps", "0"], "max_steps"),
+])
+def test_bad_flags_are_named(flags, message):
+    base = ["--model_name_or_path", "m", "--train_data", "d", "--output_dir", "o"]
+    with pytest.raises(ConfigError, match=message):
+        parse_config(FinetuneConfig, base + flags)
+
+
+def test_cli_exits_nonzero_with_one_message_on_missing_data(tmp_path, caplog):
+    code = main(["--model_name_or_path", "m", "--train_data", str(tmp_path / "none.jsonl"),
+                 "--output_dir", str(tmp_path / "o")])
+    assert code == 2 and "training data not found" in caplog.text
+
+
+@pytest.mark.timeout(120)
+def test_bad_examples_stop_the_job_or_are_counted(ray_session, tiny_bert_dir, tmp_path):
+    from bge_core.data import TrainingDataError
+    from pipelines.finetune import read_dataset
+
+    path = write_train_data(tmp_path / "train.jsonl", n=4)
+    with path.open("a") as handle:
+        handle.write('{"query": "q", "pos": []}\n{"query": "q2", "pos": ["p"], "neg": 3}\n')
+    cfg = make_config(tiny_bert_dir, tmp_path)
+    with pytest.raises(TrainingDataError, match=r"train.jsonl line 5: 'pos' is empty"):
+        run(cfg)
+    dataset, good, bad = read_dataset(make_config(tiny_bert_dir, tmp_path,
+                                                  skip_bad_examples=True))
+    assert (good, bad) == (4, 2) and dataset.count() == 4
+    assert set(dataset.columns()) == {"key", "query", "pos", "neg"}
