@@ -125,31 +125,14 @@ def token_cluster() -> Iterator[TokenCluster]:
     assert (home / ".ray" / "auth_token").read_text().strip() == generate.stdout.strip()
     env["RAY_AUTH_MODE"] = "token"
     dashboard_port = _free_port()
-    command = [
-        RAY,
-        "start",
-        "--head",
-        "--block",
-        "--node-ip-address",
-        "127.0.0.1",
-        "--port",
-        str(_free_port()),
-        "--num-cpus",
-        "2",
-        "--include-dashboard",
-        "true",
-        "--dashboard-host",
-        "127.0.0.1",
-        "--dashboard-port",
-        str(dashboard_port),
-        "--ray-client-server-port",
-        str(_free_port()),
-        "--dashboard-agent-listen-port",
-        str(_free_port()),
-        "--temp-dir",
-        str(base / "ray"),
-        "--disable-usage-stats",
-    ]
+    flags = (
+        f"start --head --block --node-ip-address 127.0.0.1 --port {_free_port()} "
+        f"--num-cpus 2 --include-dashboard true --dashboard-host 127.0.0.1 "
+        f"--dashboard-port {dashboard_port} --ray-client-server-port {_free_port()} "
+        f"--dashboard-agent-listen-port {_free_port()} --temp-dir {base / 'ray'} "
+        "--disable-usage-stats"
+    )
+    command = [RAY, *flags.split()]
     log = (base / "ray_start.log").open("w")
     head = subprocess.Popen(
         command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
