@@ -1,0 +1,149 @@
+"""The RetroMAE job: corpus reading, step plan, CLI errors, and 2-worker Ray Train runs."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from safetensors.torch import load_file
+
+from bge_core.model import Encoder
+from pipelines.cli import ConfigError, parse_config
+from pipelines.corpus_io import InputError
+from pipelines.pretrain_retromae import RetroMAEConfig, StepPlan, main, read_texts, run, step_seed
+from tests.tiny_models import WORDS
+
+EMPTY_ROWS = [{"text": ""}, {"text": "   "}, {"text": None}]
+
+
+def write_corpus(path, n=24, seed=0):
+    rng = random.Random(seed)
+    rows = [{"text": " ".join(rng.choices(WORDS, k=rng.randint(2, 16)))} for _ in range(n)]
+    rows = rows[:5] + EMPTY_ROWS + rows[5:]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_read_texts_skips_and_counts_empty_rows_jsonl_and_parquet(tmp_path):
+    texts, skipped = read_texts(str(write_corpus(tmp_path / "a.jsonl", n=10)), "text")
+    assert (len(texts), skipped) == (10, 3) and all(t.strip() for t in texts)
+    pq.write_table(pa.table({"body": ["one text", "", None, "two"]}), tmp_path / "b.parquet")
+    assert read_texts(str(tmp_path / "b.parquet"), "body") == (["one text", "two"], 2)
+    (tmp_path / "dir").mkdir()
+    write_corpus(tmp_path / "dir" / "1.jsonl", n=4)
+    write_corpus(tmp_path / "dir" / "2.jsonl", n=6, seed=1)
+    assert [len(x) if isinstance(x, list) else x for x in read_texts(
+        str(tmp_path / "dir"), "text")] == [10, 6]  # a folder: every file, empties counted
+
+
+def test_read_texts_names_file_and_row_of_bad_input(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": 12}\n')
+    with pytest.raises(InputError, match=r"bad\.jsonl: row 2: 'text' is int"):
+        read_texts(str(bad), "text")
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "c.parquet")
+    with pytest.raises(InputError, match=r"c\.parquet.*\['text'\] not found"):
+        read_texts(str(tmp_path / "c.parquet"), "text")
+
+
+def test_step_plan_gives_ranks_disjoint_equal_batches():
+    plan = StepPlan(texts=23, world=2, batch=3, epochs=2, max_steps=None)
+    assert (plan.steps_per_epoch, plan.total_steps) == (3, 6)
+    for epoch in range(2):
+        seen = [plan.local_rows(7, epoch, s, r) for s in range(3) for r in range(2)]
+        flat = np.concatenate(seen)
+        assert all(len(rows) == 3 for rows in seen) and len(set(flat)) == 18
+    assert not np.array_equal(plan.local_rows(7, 0, 0, 0), plan.local_rows(7, 1, 0, 0))
+    assert np.array_equal(plan.local_rows(7, 1, 2, 1), plan.local_rows(7, 1, 2, 1))
+    assert StepPlan(23, 2, 3, 2, max_steps=4).total_steps == 4
+    assert step_seed(1, 0, 5) == step_seed(1, 0, 5) != step_seed(1, 1, 5)
+
+
+def test_flags_and_yaml_follow_flagembedding():
+    cfg = parse_config(RetroMAEConfig, [
+        "--model_name_or_path", "m", "--train_data", "d", "--output_dir", "o",
+        "--encoder_mlm_probability", "0.25", "--decoder-mlm-probability", "0.6", "--bf16"])
+    assert (cfg.encoder_mlm_probability, cfg.decoder_mlm_probability, cfg.bf16) == (0.25, 0.6,
+                                                                                   True)
+    assert (cfg.learning_rate, cfg.max_seq_length) == (2e-5, 512)
+    with pytest.raises(ConfigError, match="exclusive"):
+        parse_config(RetroMAEConfig, ["--model_name_or_path", "m", "--train_data", "d",
+                                      "--output_dir", "o", "--fp16", "--bf16"])
+
+
+def test_cli_exits_nonzero_with_one_message(tiny_bert_dir, tmp_path, capsys):
+    base = ["--model_name_or_path", str(tiny_bert_dir), "--output_dir", str(tmp_path / "o")]
+    assert main(base + ["--train_data", str(tmp_path / "none.jsonl")]) == 2
+    assert "input not found" in capsys.readouterr().err
+    few = write_corpus(tmp_path / "few.jsonl", n=3)
+    assert main(base + ["--train_data", str(few), "--per_device_train_batch_size", "4"]) == 2
+    assert "fewer than one global batch" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------- Ray Train (slow)
+def job_config(tiny_bert_dir, data, out, **overrides):
+    values = dict(model_name_or_path=str(tiny_bert_dir), train_data=str(data),
+                  output_dir=str(out), max_seq_length=32, per_device_train_batch_size=4,
+                  max_steps=3, save_steps=2, logging_steps=1, learning_rate=1e-3,
+                  warmup_ratio=0.0, num_workers=2, cpus_per_worker=0.5, max_failures=1)
+    values.update(overrides)
+    return RetroMAEConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def plain_run(ray_session, tiny_bert_dir, tmp_path_factory):
+    """One uninterrupted 2-worker run (3 steps): the reference for the resume test."""
+    root = tmp_path_factory.mktemp("retromae_job")
+    data = write_corpus(root / "corpus.jsonl")
+    return run(job_config(tiny_bert_dir, data, root / "out")), data, root
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_two_workers_pretrain_a_loadable_encoder_that_finetune_starts_from(
+        plain_run, tiny_bert_dir, tmp_path):
+    summary, _, root = plain_run
+    assert (summary["steps"], summary["texts"], summary["skipped_empty"]) == (3, 24, 3)
+    metrics = summary["metrics"]
+    assert np.isfinite([metrics["encoder_loss"], metrics["decoder_loss"]]).all()
+    assert metrics["tokens_per_s"] > 0 and metrics["resumed_from"] == 0
+    encoder = Encoder.from_pretrained(summary["encoder"], device="cpu")
+    assert (encoder.config.pooling, encoder.config.normalize) == ("cls", True)
+    texts = ["the cat is on the road", "blood and heart disease"]
+    before = Encoder.from_pretrained(str(tiny_bert_dir), device="cpu").encode(texts)
+    assert not np.allclose(before, encoder.encode(texts), atol=1e-4)  # trained
+    checkpoints = sorted(p.name for p in (root / "out" / "retromae").glob("checkpoint_*"))
+    assert checkpoints[-1] == "checkpoint_step_00000003"
+
+    finetune = pytest.importorskip("pipelines.finetune")
+    rows = [{"query": t, "pos": [t + " road"], "neg": ["heart disease"]} for t in WORDS[:8]]
+    (tmp_path / "ft.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    finetune.run(finetune.FinetuneConfig(
+        model_name_or_path=summary["encoder"], train_data=str(tmp_path / "ft.jsonl"),
+        output_dir=str(tmp_path / "ft"), train_group_size=2, query_max_len=16,
+        passage_max_len=16, per_device_train_batch_size=4, max_steps=1, save_steps=1,
+        logging_steps=1, num_workers=1, cpus_per_worker=0.5, max_failures=0,
+        shuffle_buffer_size=0))
+    tuned = Encoder.from_pretrained(str(tmp_path / "ft"), device="cpu")  # final model
+    assert tuned.config.pooling == "cls"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_resume_after_a_killed_worker_matches_the_uninterrupted_run(
+        plain_run, tiny_bert_dir, tmp_path, monkeypatch):
+    summary, data, _ = plain_run
+    marker = tmp_path / "killed"
+    monkeypatch.setenv("BGE_FAULT_INJECT", f"3:{marker}")  # rank 1 dies after step 3
+    resumed = run(job_config(tiny_bert_dir, data, tmp_path / "out"))
+    assert marker.exists() and resumed["steps"] == 3
+    assert resumed["metrics"]["resumed_from"] == 2  # killed before step 3's checkpoint
+    reference = load_file(f"{summary['encoder']}/model.safetensors")
+    weights = load_file(f"{resumed['encoder']}/model.safetensors")
+    assert reference.keys() == weights.keys()
+    for key, value in reference.items():  # steps 3 redone from step 2: same data, masks
+        np.testing.assert_allclose(weights[key].numpy(), value.numpy(), atol=1e-6, err_msg=key)
