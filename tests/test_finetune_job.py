@@ -109,3 +109,30 @@ def test_bad_examples_stop_the_job_or_are_counted(ray_session, tiny_bert_dir, tm
                                                   skip_bad_examples=True))
     assert (good, bad) == (4, 2) and dataset.count() == 4
     assert set(dataset.columns()) == {"key", "query", "pos", "neg"}
+
+
+def test_final_model_export_to_an_fsspec_uri(tiny_bert_dir, tmp_path):
+    import fsspec
+
+    from pipelines.finetune import export_model
+
+    saved = Encoder.from_pretrained(str(tiny_bert_dir), device="cpu").save(tmp_path / "m")
+    assert export_model(saved, "memory://bge-ft/out") == "memory://bge-ft/out"
+    fs = fsspec.filesystem("memory")
+    names = {p.rsplit("/", 1)[-1] for p in fs.find("/bge-ft/out")}
+    assert {"bge_config.json", "modules.json", "config.json"} <= names
+    local = tmp_path / "copied"
+    fs.get("/bge-ft/out", str(local), recursive=True)
+    assert Encoder.from_pretrained(str(local), device="cpu").fingerprint() == \
+        Encoder.from_pretrained(str(saved), device="cpu").fingerprint()
+
+
+def test_plan_steps_gives_every_worker_whole_equal_batches(tiny_bert_dir, tmp_path):
+    from bge_core.data import TrainingDataError
+    from pipelines.finetune import plan_steps
+
+    cfg = make_config(tiny_bert_dir, tmp_path, max_steps=None, num_train_epochs=2)
+    assert plan_steps(cfg, 17) == (4, 8)  # 17 // 2 workers = 8 rows = 4 batches of 2
+    assert plan_steps(make_config(tiny_bert_dir, tmp_path, max_steps=5), 17) == (4, 5)
+    with pytest.raises(TrainingDataError, match="too few"):
+        plan_steps(cfg, 3)
