@@ -1,0 +1,117 @@
+"""BEIR-layout datasets: ``corpus.jsonl``, ``queries.jsonl``, ``qrels/<split>.tsv``.
+
+Corpus rows are ``{"_id", "title", "text"}`` and become ``title + " " + text``
+(`bge_core.texts.join_title`); queries are ``{"_id", "text"}``; qrels are tab-separated
+``query-id  corpus-id  score`` with a header line. Only queries that appear in the split's
+qrels are evaluated, as in BEIR.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from bge_core.texts import join_title
+
+
+@dataclass(frozen=True)
+class BeirData:
+    """One split: corpus ids and texts (aligned), the split's queries and its qrels."""
+
+    corpus_ids: list[str]
+    corpus_texts: list[str]
+    queries: dict[str, str]
+    qrels: dict[str, dict[str, int]]
+
+
+def _jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"BEIR file not found: {path}")
+    with path.open(encoding="utf-8") as handle:
+        for row, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path} row {row}: not valid JSON ({err.msg})") from None
+            if not isinstance(item, dict) or not isinstance(item.get("text"), str):
+                raise ValueError(f"{path} row {row}: needs a string 'text'")
+            if "_id" not in item:
+                raise ValueError(f"{path} row {row}: needs an '_id'")
+            yield row, item
+
+
+def read_corpus(path: Path) -> tuple[list[str], list[str]]:
+    """(ids, ``title + " " + text``) in file order; a duplicate id is an error."""
+    ids, texts, seen = [], [], set()
+    for row, item in _jsonl(path):
+        doc_id = str(item["_id"])
+        if doc_id in seen:
+            raise ValueError(f"{path} row {row}: duplicate _id {doc_id!r}")
+        seen.add(doc_id)
+        ids.append(doc_id)
+        texts.append(join_title(item.get("title") or None, item["text"]))
+    return ids, texts
+
+
+def read_queries(path: Path) -> dict[str, str]:
+    """``{query id: text}``."""
+    return {str(item["_id"]): item["text"] for _, item in _jsonl(path)}
+
+
+def read_qrels(path: Path) -> dict[str, dict[str, int]]:
+    """``{query id: {corpus id: grade}}`` from a TREC-style TSV with a header line."""
+    if not path.is_file():
+        raise FileNotFoundError(f"qrels file not found: {path}")
+    qrels: dict[str, dict[str, int]] = {}
+    with path.open(encoding="utf-8", newline="") as handle:
+        reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+        next(reader, None)  # header: query-id, corpus-id, score
+        for row, fields in enumerate(reader, start=2):
+            if not fields:
+                continue
+            try:
+                qid, doc_id, grade = fields[0], fields[1], int(float(fields[2]))
+            except (IndexError, ValueError):
+                raise ValueError(f"{path} row {row}: expected 'query-id<TAB>corpus-id<TAB>"
+                                 f"score', got {fields!r}") from None
+            qrels.setdefault(qid, {})[doc_id] = grade
+    return qrels
+
+
+def check_qrels(qrels: dict[str, dict[str, int]], corpus_ids: set[str],
+                query_ids: set[str], source: str) -> None:
+    """Raise one message with counts when the qrels name unknown queries or documents."""
+    if not qrels:
+        raise ValueError(f"{source}: the split has no judgements (empty qrels)")
+    pairs = [(q, d) for q, docs in qrels.items() for d in docs]
+    bad_docs = sorted({d for _, d in pairs if d not in corpus_ids})
+    bad_queries = sorted(q for q in qrels if q not in query_ids)
+    problems = []
+    if bad_docs:
+        rows = sum(d not in corpus_ids for _, d in pairs)
+        problems.append(f"{rows} of {len(pairs)} judgements name {len(bad_docs)} corpus ids "
+                        f"missing from corpus.jsonl (e.g. {bad_docs[:3]})")
+    if bad_queries:
+        problems.append(f"{len(bad_queries)} of {len(qrels)} query ids are missing from "
+                        f"queries.jsonl (e.g. {bad_queries[:3]})")
+    if problems:
+        raise ValueError(f"{source}: " + "; ".join(problems))
+
+
+def load_beir(directory: str | Path, split: str = "test") -> BeirData:
+    """Read and cross-check one split of a BEIR-layout folder."""
+    root = Path(directory)
+    qrels_path = root / "qrels" / f"{split}.tsv"
+    qrels = read_qrels(qrels_path)
+    corpus_ids, corpus_texts = read_corpus(root / "corpus.jsonl")
+    if not corpus_ids:
+        raise ValueError(f"{root / 'corpus.jsonl'}: the corpus is empty")
+    all_queries = read_queries(root / "queries.jsonl")
+    check_qrels(qrels, set(corpus_ids), set(all_queries), str(qrels_path))
+    queries = {q: all_queries[q] for q in qrels}
+    return BeirData(corpus_ids, corpus_texts, queries, qrels)

@@ -1,0 +1,196 @@
+"""Retrieval evaluation on a BEIR-layout dataset, or Spearman on STS pairs, on Ray.
+
+    python pipelines/evaluate.py --model all-MiniLM-L6-v2 --beir_dir data/nfcorpus \
+        --split test --output metrics.json --run_file run.trec
+    python pipelines/evaluate.py --model bge-base-en-v1.5 --sts data/stsb/sts-test.csv
+
+Corpus (``title + " " + text``) and queries (with the model's query instruction, or
+``--query_instruction_for_retrieval``; ``""`` for none) are encoded by the shared Ray Data
+stage; exact inner-product top-k runs in corpus shards on Ray and is merged in the driver;
+nDCG / recall / MRR / MAP at ``--k_values`` follow trec_eval (`bge_core.metrics`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+
+from bge_core.beir import load_beir
+from bge_core.config import DType
+from bge_core.metrics import evaluate_run, format_table, rank_documents, spearman
+from pipelines.cli import ConfigError, parse_config
+from pipelines.ray_encode import EncodeOptions
+from pipelines.ray_search import encode_corpus, encode_texts, query_instruction, search_corpus
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateConfig:
+    """Evaluate a model: BEIR retrieval (`beir_dir`) or STS Spearman (`sts`)."""
+
+    model: str
+    beir_dir: str | None = None
+    split: str = "test"
+    sts: str | None = None
+    output: str | None = None
+    run_file: str | None = None
+    query_instruction_for_retrieval: str | None = None
+    k_values: str = "1,3,5,10,100,1000"
+    ignore_identical_ids: bool = True
+    dtype: DType = "fp32"
+    max_length: int | None = None
+    num_actors: str = "1"
+    gpus_per_actor: float = 0.0
+    cpus_per_actor: float = 1.0
+    batch_rows: int = 1024
+    max_tokens_per_batch: int = 16384
+    search_shard_rows: int = 65536
+    search_cpus: float = 1.0
+
+    def __post_init__(self) -> None:
+        if (self.beir_dir is None) == (self.sts is None):
+            raise ValueError("give exactly one of --beir_dir (retrieval) or --sts (STS pairs)")
+        try:
+            ks = [int(k) for k in self.k_values.split(",")]
+        except ValueError:
+            raise ValueError(f"--k_values must be comma-separated integers, got "
+                             f"{self.k_values!r}") from None
+        if min(ks) < 1:
+            raise ValueError(f"--k_values must be positive, got {self.k_values!r}")
+        if self.search_shard_rows < 1:
+            raise ValueError(f"--search_shard_rows must be >= 1, got {self.search_shard_rows}")
+
+    @property
+    def ks(self) -> list[int]:
+        return sorted({int(k) for k in self.k_values.split(",")})
+
+    def encode_options(self) -> EncodeOptions:
+        return EncodeOptions(
+            model=self.model, dtype=self.dtype, max_length=self.max_length,
+            num_actors=self.num_actors, gpus_per_actor=self.gpus_per_actor,
+            cpus_per_actor=self.cpus_per_actor, batch_rows=self.batch_rows,
+            max_tokens_per_batch=self.max_tokens_per_batch)
+
+
+def retrieve(cfg: EvaluateConfig, corpus_texts: list[str], query_texts: list[str],
+             k: int) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """Encode on Ray and search: (scores, corpus rows) each (Q, k'), and seconds per stage."""
+    opts = cfg.encode_options()
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    instruction = query_instruction(cfg.model, cfg.query_instruction_for_retrieval)
+    queries = encode_texts(query_texts, opts, prefix=instruction)  # (Q, D)
+    timings["encode_queries_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    corpus = encode_corpus(corpus_texts, opts)  # lazy: encoded while shards are searched
+    scores, rows = search_corpus(corpus, queries, k, shard_rows=cfg.search_shard_rows,
+                                 num_cpus=cfg.search_cpus, use_gpu=cfg.gpus_per_actor > 0)
+    timings["encode_corpus_and_search_s"] = time.perf_counter() - start
+    return scores, rows, timings
+
+
+def _run_dict(qids: list[str], corpus_ids: list[str], scores: np.ndarray, rows: np.ndarray,
+              k: int, ignore_identical: bool) -> dict[str, dict[str, float]]:
+    run: dict[str, dict[str, float]] = {}
+    for qid, row_scores, row_ids in zip(qids, scores.tolist(), rows.tolist()):
+        hits = ((corpus_ids[r], s) for r, s in zip(row_ids, row_scores))
+        kept = [(d, s) for d, s in hits if not (ignore_identical and d == qid)]
+        run[qid] = dict(kept[:k])
+    return run
+
+
+def write_trec_run(run: dict[str, dict[str, float]], path: str, tag: str = "bge-ray") -> None:
+    """TREC run file: ``qid Q0 docid rank score tag``, ranks from 1."""
+    with open(path, "w", encoding="utf-8") as handle:
+        for qid, docs in run.items():
+            for rank, doc in enumerate(rank_documents(docs), start=1):
+                handle.write(f"{qid} Q0 {doc} {rank} {docs[doc]:.6f} {tag}\n")
+
+
+def evaluate_beir(cfg: EvaluateConfig) -> dict[str, Any]:
+    """Retrieval metrics of `cfg.model` on one split of a BEIR folder."""
+    assert cfg.beir_dir is not None
+    data = load_beir(cfg.beir_dir, cfg.split)
+    qids = list(data.queries)
+    k = max(cfg.ks)
+    scores, rows, timings = retrieve(cfg, data.corpus_texts, [data.queries[q] for q in qids],
+                                     k + int(cfg.ignore_identical_ids))
+    run = _run_dict(qids, data.corpus_ids, scores, rows, k, cfg.ignore_identical_ids)
+    means, _ = evaluate_run(run, data.qrels, cfg.ks)
+    if cfg.run_file:
+        write_trec_run(run, cfg.run_file)
+    print(f"{cfg.model} on {cfg.beir_dir} [{cfg.split}]: {len(qids)} queries, "
+          f"{len(data.corpus_ids)} documents")
+    print(format_table(means, cfg.ks))
+    return {"model": cfg.model, "dataset": str(cfg.beir_dir), "split": cfg.split,
+            "num_queries": len(qids), "num_docs": len(data.corpus_ids),
+            "query_instruction": query_instruction(cfg.model, cfg.query_instruction_for_retrieval),
+            "metrics": means, "timings": timings}
+
+
+def read_sts(path: str) -> tuple[list[str], list[str], np.ndarray]:
+    """STS-B file: tab-separated, no header, no quoting; gold in column 4, texts in 5 and 6."""
+    left, right, gold = [], [], []
+    with open(path, encoding="utf-8", newline="") as handle:
+        for row, fields in enumerate(csv.reader(handle, delimiter="\t",
+                                                quoting=csv.QUOTE_NONE), start=1):
+            try:
+                gold.append(float(fields[4]))
+                left.append(fields[5])
+                right.append(fields[6])
+            except (IndexError, ValueError):
+                raise ValueError(f"{path} row {row}: expected a score in column 5 and two "
+                                 f"sentences in columns 6-7 (tab-separated)") from None
+    if len(gold) < 2:
+        raise ValueError(f"{path}: need at least 2 sentence pairs, found {len(gold)}")
+    return left, right, np.asarray(gold)
+
+
+def evaluate_sts(cfg: EvaluateConfig) -> dict[str, Any]:
+    """Spearman × 100 between gold scores and the cosine of the two sentences' embeddings."""
+    assert cfg.sts is not None
+    left, right, gold = read_sts(cfg.sts)
+    start = time.perf_counter()
+    vectors = encode_texts(left + right, cfg.encode_options()).astype(np.float64)  # (2n, D)
+    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    cosine = np.sum(vectors[: len(left)] * vectors[len(left):], axis=1)  # (n,)
+    value = 100.0 * spearman(cosine, gold)
+    print(f"{cfg.model} on {cfg.sts}: {len(gold)} pairs, Spearman x100 = {value:.2f}")
+    return {"model": cfg.model, "dataset": cfg.sts, "num_pairs": len(gold),
+            "metrics": {"spearman": value}, "timings": {"encode_s": time.perf_counter() - start}}
+
+
+def run(cfg: EvaluateConfig) -> dict[str, Any]:
+    """Evaluate, print the table, write `cfg.output` JSON (if set) and return the result."""
+    if not ray.is_initialized():
+        ray.init()
+    result = evaluate_beir(cfg) if cfg.beir_dir else evaluate_sts(cfg)
+    if cfg.output:
+        Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.output).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry: one clear message and exit status 2 on bad input."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        run(parse_config(EvaluateConfig, argv))
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"evaluate: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Ray stages shared by evaluation and mining: encode texts, exact top-k over corpus shards.
+
+The corpus is encoded with the shared Ray Data stage (`pipelines.ray_encode`) and never
+gathered: each corpus shard (``shard_rows`` embeddings) is scored against all queries in a
+Ray task that keeps only its top k, and the driver merges the per-shard results
+(`bge_core.search.RunningTopK`). Rows are identified by their position (``row``) in the
+input lists, so the driver maps results back to ids or texts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from bge_core.loading import resolve_model
+from bge_core.search import RunningTopK, search_shards
+from pipelines.ray_encode import EncodeOptions, arrow_to_vectors, encode_dataset
+
+
+def query_instruction(model: str, override: str | None) -> str:
+    """The flag's instruction if given (``""`` = none), else the model's own, else none."""
+    if override is not None:
+        return override
+    return resolve_model(model).settings.get("query_instruction") or ""
+
+
+def text_dataset(texts: Sequence[str], block_rows: int) -> ray.data.Dataset:
+    """A dataset of (row, text) in blocks of `block_rows`, so the encode pool gets parallelism."""
+    table = pa.table({"row": pa.array(np.arange(len(texts), dtype=np.int64)),
+                      "text": pa.array(list(texts), type=pa.string())})
+    blocks = [table.slice(i, block_rows) for i in range(0, len(texts), block_rows)]
+    return ray.data.from_arrow(blocks or [table])
+
+
+def encode_corpus(texts: Sequence[str], opts: EncodeOptions) -> ray.data.Dataset:
+    """Lazily encoded corpus: columns ``row`` and ``embedding`` (passages: no prefix)."""
+    ds = encode_dataset(text_dataset(texts, opts.batch_rows), opts)
+    return ds.select_columns(["row", "embedding"])
+
+
+def encode_texts(texts: Sequence[str], opts: EncodeOptions, prefix: str = "") -> np.ndarray:
+    """Encode a small list (queries, STS sentences) on Ray: (n, D) float32 in input order."""
+    if not texts:
+        raise ValueError("nothing to encode: the list of texts is empty")
+    ds = encode_dataset(text_dataset(texts, opts.batch_rows), opts, prefix=prefix)
+    out: np.ndarray | None = None
+    for batch in ds.select_columns(["row", "embedding"]).iter_batches(
+            batch_format="pyarrow", batch_size=None):
+        vectors = arrow_to_vectors(batch.column("embedding")).astype(np.float32)  # (b, D)
+        if out is None:
+            out = np.zeros((len(texts), vectors.shape[1]), dtype=np.float32)
+        out[batch.column("row").to_numpy()] = vectors
+    assert out is not None
+    return out
+
+
+def _list_column(flat: np.ndarray) -> pa.LargeListArray:
+    """One list cell holding the whole flat array (int64 offsets: no 2 GiB limit)."""
+    offsets = pa.array([0, len(flat)], type=pa.int64())
+    return pa.LargeListArray.from_arrays(offsets, pa.array(flat))
+
+
+def shard_topk_task(batch: pa.Table, queries: np.ndarray, k: int, query_batch: int | None,
+                    device: str | None) -> pa.Table:
+    """Ray task: one corpus shard → a one-row table with its (Q, k') scores and corpus rows."""
+    vectors = arrow_to_vectors(batch.column("embedding")).astype(np.float32)  # (S, D)
+    scores, local = search_shards(queries, [vectors], k, query_batch, device)  # (Q, k')
+    rows = batch.column("row").to_numpy()[local]  # (Q, k') corpus positions
+    return pa.table({"scores": _list_column(scores.ravel()),
+                     "rows": _list_column(rows.ravel()),
+                     "width": pa.array([scores.shape[1]], type=pa.int64())})
+
+
+def search_corpus(
+    corpus: ray.data.Dataset, queries: np.ndarray, k: int, *, shard_rows: int,
+    num_cpus: float = 1.0, use_gpu: bool = False, query_batch: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-k of `queries` over an encoded corpus dataset.
+
+    Args:
+        corpus: dataset with ``row`` (int64) and ``embedding`` columns.
+        queries: (Q, D) float32.
+        k: results per query.
+        shard_rows: corpus rows scored per task (bounds a task's memory:
+            ``shard_rows × (D + 3 × Q) × 4`` bytes, or ``× query_batch``).
+        num_cpus: CPUs per search task.
+        use_gpu: score on a GPU per task (torch) instead of numpy.
+        query_batch: queries scored at once inside a task (default all).
+
+    Returns:
+        (scores (Q, k') float32, corpus rows (Q, k') int64), best first.
+    """
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    remote: dict[str, Any] = {"num_cpus": num_cpus}
+    if use_gpu:
+        remote["num_gpus"] = 1
+    results = corpus.map_batches(
+        shard_topk_task, batch_format="pyarrow", batch_size=shard_rows,
+        fn_kwargs={"queries": queries, "k": k, "query_batch": query_batch,
+                   "device": "cuda" if use_gpu else None},
+        **remote,
+    )
+    top = RunningTopK(len(queries), k)
+    for table in results.iter_batches(batch_format="pyarrow", batch_size=None):
+        scores_col = table.column("scores").combine_chunks()
+        rows_col = table.column("rows").combine_chunks()
+        for i, width in enumerate(table.column("width").to_pylist()):
+            scores = scores_col[i].values.to_numpy().reshape(len(queries), width)
+            rows = rows_col[i].values.to_numpy().reshape(len(queries), width)
+            top.add(scores, rows)
+    return top.result()

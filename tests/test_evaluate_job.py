@@ -1,0 +1,147 @@
+"""BEIR loading checks, and the Ray evaluation job against an in-process reference."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bge_core.beir import load_beir
+from bge_core.metrics import evaluate_run, spearman
+from tests.tiny_models import WORDS
+
+K_VALUES = "1,3,10"
+
+
+def _sentence(rng: np.random.Generator, n: int = 8) -> str:
+    return " ".join(rng.choice(WORDS, size=n))
+
+
+def write_beir(root: Path, n_docs: int = 40, n_queries: int = 6, seed: int = 0) -> Path:
+    """A tiny BEIR folder: titled and untitled docs, graded qrels (0 = judged not relevant)."""
+    rng = np.random.default_rng(seed)
+    (root / "qrels").mkdir(parents=True)
+    with (root / "corpus.jsonl").open("w") as f:
+        for i in range(n_docs):
+            title = _sentence(rng, 2) if i % 2 else ""
+            f.write(json.dumps({"_id": f"d{i}", "title": title, "text": _sentence(rng)}) + "\n")
+    with (root / "queries.jsonl").open("w") as f:
+        for q in range(n_queries + 2):  # two queries have no judgements in the split
+            f.write(json.dumps({"_id": f"q{q}", "text": _sentence(rng, 4)}) + "\n")
+    lines = ["query-id\tcorpus-id\tscore"]
+    for q in range(n_queries):
+        for d in rng.choice(n_docs, size=4, replace=False):
+            lines.append(f"q{q}\td{d}\t{int(rng.integers(0, 3))}")
+    (root / "qrels" / "test.tsv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_load_beir_joins_titles_and_keeps_judged_queries(tmp_path: Path) -> None:
+    data = load_beir(write_beir(tmp_path / "beir"), "test")
+    assert len(data.corpus_ids) == 40 and set(data.queries) == set(data.qrels)
+    assert len(data.queries) == 6
+    first = json.loads((tmp_path / "beir" / "corpus.jsonl").read_text().splitlines()[1])
+    assert data.corpus_texts[1] == first["title"] + " " + first["text"]
+
+
+def test_missing_ids_and_empty_split_are_clear_errors(tmp_path: Path) -> None:
+    root = write_beir(tmp_path / "beir")
+    qrels = root / "qrels" / "test.tsv"
+    qrels.write_text(qrels.read_text() + "q0\tnope\t1\nq0\tnope2\t1\nghost\td1\t1\n")
+    with pytest.raises(ValueError) as err:
+        load_beir(root, "test")
+    message = str(err.value)
+    assert "test.tsv" in message
+    assert "2 of 27 judgements name 2 corpus ids" in message
+    assert "1 of 7 query ids are missing" in message
+    (root / "qrels" / "dev.tsv").write_text("query-id\tcorpus-id\tscore\n")
+    with pytest.raises(ValueError, match="empty qrels"):
+        load_beir(root, "dev")
+    with pytest.raises(FileNotFoundError, match="train.tsv"):
+        load_beir(root, "train")
+
+
+def test_cli_rejects_bad_flags(capsys: pytest.CaptureFixture) -> None:
+    from pipelines.evaluate import main
+
+    assert main(["--model", "m"]) == 2
+    assert "exactly one of --beir_dir" in capsys.readouterr().err
+    assert main(["--model", "m", "--sts", "x.csv", "--k_values", "1,a"]) == 2
+    assert "k_values" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def mean_bert_dir(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny BERT with mean pooling: its CLS vectors are near-identical (cosines ~0.99999)."""
+    folder = tmp_path_factory.mktemp("mean_bert") / "model"
+    shutil.copytree(tiny_bert_dir, folder)
+    (folder / "bge_config.json").write_text(json.dumps({"pooling": "mean", "normalize": True}))
+    return folder
+
+
+def _reference_encoder(model_dir: Path, instruction: str):
+    from bge_core.model import Encoder
+
+    return Encoder.from_pretrained(str(model_dir), device="cpu", query_instruction=instruction)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_beir_job_equals_in_process_reference(ray_session, mean_bert_dir: Path,
+                                              tmp_path: Path) -> None:
+    from pipelines.evaluate import EvaluateConfig, run
+
+    root = write_beir(tmp_path / "beir")
+    cfg = EvaluateConfig(
+        model=str(mean_bert_dir), beir_dir=str(root), k_values=K_VALUES,
+        query_instruction_for_retrieval="query: ", output=str(tmp_path / "m.json"),
+        run_file=str(tmp_path / "run.trec"), batch_rows=8, search_shard_rows=16,
+        cpus_per_actor=0.5, search_cpus=1.0)
+    result = run(cfg)
+
+    # Reference: in-process encoding, the full score matrix, metrics on its top 10.
+    data = load_beir(root, "test")
+    encoder = _reference_encoder(mean_bert_dir, "query: ")
+    qids = list(data.queries)
+    scores = encoder.encode_queries([data.queries[q] for q in qids]) @ \
+        encoder.encode_corpus(data.corpus_texts).T  # (Q, N) full matrix
+    top = np.argsort(-scores, axis=1)[:, :10]
+    reference = {q: {data.corpus_ids[j]: float(scores[i, j]) for j in top[i]}
+                 for i, q in enumerate(qids)}
+    expected, _ = evaluate_run(reference, data.qrels, [1, 3, 10])
+    for name, value in expected.items():
+        assert result["metrics"][name] == pytest.approx(value, abs=1e-6), name
+    assert result["num_queries"] == 6 and result["query_instruction"] == "query: "
+    assert json.loads((tmp_path / "m.json").read_text())["metrics"] == result["metrics"]
+    lines = (tmp_path / "run.trec").read_text().splitlines()
+    assert len(lines) == 6 * 10
+    qid, q0, doc, rank, score, _ = lines[0].split()
+    assert (qid, q0, rank) == (qids[0], "Q0", "1")
+    assert doc == data.corpus_ids[top[0, 0]]
+    assert float(score) == pytest.approx(scores[0, top[0, 0]], abs=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sts_mode_equals_in_process_spearman(ray_session, mean_bert_dir: Path,
+                                             tmp_path: Path) -> None:
+    from pipelines.evaluate import EvaluateConfig, run
+
+    rng = np.random.default_rng(1)
+    rows = [f"g\tsrc\t2012\t{i:04d}\t{rng.uniform(0, 5):.3f}\t{_sentence(rng)}\t"
+            f"{_sentence(rng)}" for i in range(30)]
+    sts = tmp_path / "sts.csv"
+    sts.write_text("\n".join(rows) + "\n")
+    result = run(EvaluateConfig(model=str(mean_bert_dir), sts=str(sts), batch_rows=16,
+                                cpus_per_actor=0.5))
+    encoder = _reference_encoder(mean_bert_dir, "")
+    fields = [r.split("\t") for r in rows]
+    a = encoder.encode([f[5] for f in fields]).astype(np.float64)
+    b = encoder.encode([f[6] for f in fields]).astype(np.float64)
+    cosine = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    expected = 100 * spearman(cosine, [float(f[4]) for f in fields])
+    assert result["metrics"]["spearman"] == pytest.approx(expected, abs=1e-4)
+    assert result["num_pairs"] == 30
