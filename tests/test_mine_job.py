@@ -1,0 +1,82 @@
+"""The Ray mining job equals in-process mining and writes valid finetuning input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bge_core.mining import SampleRange, mine_negatives
+from bge_core.search import exact_topk
+from tests.tiny_models import WORDS
+
+
+@pytest.fixture(scope="module")
+def mean_bert_dir(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny BERT with mean pooling (its CLS vectors are near-identical)."""
+    folder = tmp_path_factory.mktemp("mean_bert_mine") / "model"
+    shutil.copytree(tiny_bert_dir, folder)
+    (folder / "bge_config.json").write_text(json.dumps({"pooling": "mean", "normalize": True}))
+    return folder
+
+
+def _write_data(root: Path) -> tuple[Path, Path, list[dict], list[str]]:
+    rng = np.random.default_rng(0)
+    docs = [" ".join(rng.choice(WORDS, size=8)) for _ in range(40)]
+    examples = [{"query": " ".join(rng.choice(WORDS, size=4)),
+                 "pos": [docs[2 * i], docs[2 * i + 1]], "neg": [docs[30]], "qid": i}
+                for i in range(6)]
+    pool = docs + [docs[0], docs[3]]  # duplicates of positives must never come out
+    train, pool_file = root / "train.jsonl", root / "pool.jsonl"
+    train.write_text("".join(json.dumps(e) + "\n" for e in examples))
+    pool_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in pool))
+    return train, pool_file, examples, docs
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_mining_job_equals_in_process_reference(ray_session, mean_bert_dir: Path,
+                                                tmp_path: Path) -> None:
+    from bge_core.data import read_examples as read_training_data
+    from bge_core.model import Encoder
+    from pipelines.mine_hard_negatives import MineConfig, run
+
+    train, pool, examples, docs = _write_data(tmp_path)
+    out = tmp_path / "out" / "mined.jsonl"
+    summary = run(MineConfig(
+        model_name_or_path=str(mean_bert_dir), input_file=str(train), candidate_pool=str(pool),
+        output_file=str(out), range_for_sampling="1-20", negative_number=5, seed=7,
+        query_instruction_for_retrieval="q: ", batch_rows=16, search_shard_rows=16,
+        cpus_per_actor=0.5))
+    mined = [json.loads(line) for line in out.read_text().splitlines()]
+    assert summary["corpus"] == 40 and summary["examples"] == 6
+
+    # Reference: in-process encoding (instruction on queries), full search, same seed.
+    encoder = Encoder.from_pretrained(str(mean_bert_dir), device="cpu", query_instruction="q: ")
+    _, ids = exact_topk(encoder.encode_queries([e["query"] for e in examples]),
+                        encoder.encode_corpus(docs), k=20)
+    ranked = [[docs[i] for i in row] for row in ids.tolist()]
+    assert mined == mine_negatives(examples, ranked, SampleRange(1, 20), 5, seed=7)
+
+    for example, row in zip(examples, mined):
+        assert len(row["neg"]) == 5
+        assert not set(row["neg"]) & set(example["pos"])
+        assert row["qid"] == example["qid"]
+    good, bad = read_training_data(str(out), group_size=6)  # what finetune.py reads
+    assert bad == 0 and len(good) == 6
+    assert all(len(g["neg"]) == 5 for g in good)
+
+
+def test_cli_errors_name_the_flag_or_file(tmp_path: Path,
+                                          capsys: pytest.CaptureFixture) -> None:
+    from pipelines.mine_hard_negatives import main
+
+    base = ["--model_name_or_path", "m", "--input_file", str(tmp_path / "missing.jsonl"),
+            "--output_file", str(tmp_path / "o.jsonl")]
+    assert main([*base, "--range_for_sampling", "200-2"]) == 2
+    assert "range_for_sampling" in capsys.readouterr().err
+    assert main([*base, "--negative_number", "0"]) == 2
+    assert "negative_number" in capsys.readouterr().err
