@@ -89,15 +89,40 @@ def test_aws_yaml_keeps_token_auth_on_and_ray_ports_closed():
     assert not opened & RAY_PORTS
 
 
-def test_aws_yaml_pins_the_tested_versions():
-    import torch
+def _pins(text: str) -> dict[str, str]:
+    """Package name -> pinned version of every quoted requirement in `text`."""
+    from packaging.requirements import Requirement
 
-    setup = " ".join(_load(AWS_YAML)["setup_commands"])
-    torch_version = torch.__version__.split("+")[0]
-    assert f'"ray[default,data,train]=={ray.__version__}"' in setup
-    assert f'"torch=={torch_version}"' in setup
-    for spec in re.findall(r'"([A-Za-z0-9_.\[\],-]+)"', setup):
-        assert "==" in spec, f"unpinned package {spec!r} in setup_commands"
+    pins = {}
+    for spec in re.findall(r'"([A-Za-z0-9_.\[\],-]+(?:[=<>!~]=?[^"]*)?)"', text):
+        requirement = Requirement(spec)
+        (specifier,) = requirement.specifier  # exactly one clause: `==version`
+        assert specifier.operator == "==", f"{spec!r} is not pinned"
+        pins[requirement.name.lower()] = specifier.version
+    return pins
+
+
+def test_aws_yaml_pins_versions_the_project_accepts():
+    from packaging.requirements import Requirement
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    pins = _pins(" ".join(_load(AWS_YAML)["setup_commands"]))
+    assert pins["ray"] == ray.__version__
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for dependency in map(Requirement, project["dependencies"]):
+        name = dependency.name.lower()
+        assert name in pins, f"{name} (a dependency in pyproject.toml) is not installed"
+        assert dependency.specifier.contains(pins[name]), f"{name}=={pins[name]} vs {dependency}"
+
+
+def test_kubernetes_image_recipe_pins_the_same_versions():
+    docs = (ROOT / "docs" / "cluster.md").read_text()
+    dockerfile = docs.split("```dockerfile", 1)[1].split("```", 1)[0]
+    image_pins = _pins(dockerfile)
+    aws_pins = _pins(" ".join(_load(AWS_YAML)["setup_commands"]))
+    assert f"rayproject/ray:{aws_pins['ray']}-py311" in dockerfile
+    assert image_pins and all(aws_pins[name] == v for name, v in image_pins.items())
+    assert set(aws_pins) - set(image_pins) == {"ray", "boto3"}  # in the base image / head only
 
 
 def test_aws_yaml_has_one_comment_per_key():
