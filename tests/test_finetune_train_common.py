@@ -64,3 +64,26 @@ def test_storage_path_keeps_uris_and_resolves_local(tmp_path):
 def test_fault_injection_is_off_without_the_variable(monkeypatch):
     monkeypatch.delenv("BGE_FAULT_INJECT", raising=False)
     maybe_inject_failure(1)  # returns: nothing to inject
+
+
+def test_gradient_checkpointing_keeps_gradients(tiny_bert_dir):
+    from bge_core.model import Encoder
+    from pipelines.train_common import enable_gradient_checkpointing
+
+    def grads(checkpointing):
+        encoder = Encoder.from_pretrained(str(tiny_bert_dir), device="cpu", pooling="mean")
+        enable_gradient_checkpointing(encoder, checkpointing)
+        encoder.train()
+        torch.manual_seed(0)  # same dropout masks in both runs
+        ids = torch.tensor([[2, 10, 11, 12, 3], [2, 13, 14, 3, 0]])
+        encoder(ids, (ids > 0).long()).pow(2).sum().backward()
+        return encoder, {n: p.grad for n, p in encoder.named_parameters() if p.grad is not None}
+
+    plain_model, plain = grads(False)
+    ckpt_model, ckpt = grads(True)
+    assert ckpt_model.backbone.is_gradient_checkpointing
+    assert not plain_model.backbone.is_gradient_checkpointing
+    for name, grad in plain.items():
+        assert torch.allclose(ckpt[name], grad, rtol=1e-4, atol=1e-7), name
+    with pytest.raises(ValueError, match="no Hugging Face backbone"):
+        enable_gradient_checkpointing(torch.nn.Linear(2, 2), True)
