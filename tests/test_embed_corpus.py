@@ -21,7 +21,7 @@ from tests.embed_helpers import (
 )
 from tests.tiny_models import make_tiny_bert
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = pytest.mark.timeout(600)
 
 
 def _cfg(tiny_bert_dir: Path, source: Path, out: Path, **extra) -> EmbedConfig:
