@@ -94,7 +94,8 @@ def test_cli_exits_nonzero_with_one_message_on_missing_data(tmp_path, caplog):
     assert code == 2 and "training data not found" in caplog.text
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_bad_examples_stop_the_job_or_are_counted(ray_session, tiny_bert_dir, tmp_path):
     from bge_core.data import TrainingDataError
     from pipelines.finetune import read_dataset
