@@ -161,6 +161,7 @@ def run(cfg: FinetuneConfig) -> FinetuneResult:
     """Finetune on Ray Train and write the final model to `cfg.output_dir`."""
     import ray
 
+    list_data_files(cfg.train_data)  # a missing path fails before Ray starts
     if not ray.is_initialized():
         ray.init()
     dataset, examples, bad = read_dataset(cfg)
