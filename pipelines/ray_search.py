@@ -64,9 +64,14 @@ def _list_column(flat: np.ndarray) -> pa.LargeListArray:
     return pa.LargeListArray.from_arrays(offsets, pa.array(flat))
 
 
-def shard_topk_task(batch: pa.Table, queries: np.ndarray, k: int, query_batch: int | None,
+def shard_topk_task(batch: pa.Table, queries: Any, k: int, query_batch: int | None,
                     device: str | None) -> pa.Table:
-    """Ray task: one corpus shard → a one-row table with its (Q, k') scores and corpus rows."""
+    """Ray task: one corpus shard → a one-row table with its (Q, k') scores and corpus rows.
+
+    `queries` is the (Q, D) array or an object ref to it (shared, not pickled per task).
+    """
+    if isinstance(queries, ray.ObjectRef):
+        queries = ray.get(queries)  # zero-copy numpy view from the object store
     vectors = arrow_to_vectors(batch.column("embedding")).astype(np.float32)  # (S, D)
     scores, local = search_shards(queries, [vectors], k, query_batch, device)  # (Q, k')
     rows = batch.column("row").to_numpy()[local]  # (Q, k') corpus positions
@@ -100,7 +105,7 @@ def search_corpus(
         remote["num_gpus"] = 1
     results = corpus.map_batches(
         shard_topk_task, batch_format="pyarrow", batch_size=shard_rows,
-        fn_kwargs={"queries": queries, "k": k, "query_batch": query_batch,
+        fn_kwargs={"queries": ray.put(queries), "k": k, "query_batch": query_batch,
                    "device": "cuda" if use_gpu else None},
         **remote,
     )
