@@ -21,6 +21,7 @@ machinery.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
@@ -31,7 +32,7 @@ from typing import Any
 import fsspec
 import numpy as np
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from bge_core.distributed import all_reduce_mean, get_rank, get_world_size
 from bge_core.loading import resolve_model
@@ -178,6 +179,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     ddp_model = tc.prepare_model(model)
     collator = RetroMAECollator(tokenizer, cfg.max_seq_length, cfg.encoder_mlm_probability,
                                 cfg.decoder_mlm_probability)
+    tokenize = functools.partial(_tokenize, tokenizer, cfg.max_seq_length)
     meter = tc.ProgressMeter(total, start_step=state.step)
     tokens = 0  # real tokens through the encoder on this rank since (re)start
     ddp_model.train()
@@ -185,35 +187,44 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         if state.step_in_epoch >= plan.steps_per_epoch:
             state.next_epoch()
         rows = plan.local_rows(cfg.seed, state.epoch, state.step_in_epoch, rank)
-        bodies = tokenizer([texts[i] for i in rows], add_special_tokens=False, truncation=True,
-                           max_length=cfg.max_seq_length - 2)["input_ids"]
         key = step_seed(cfg.seed, rank, state.step)
         torch.manual_seed(key)  # dropout
-        batch = collator(bodies, torch.Generator().manual_seed(key))
+        batch = collator(tokenize([texts[i] for i in rows]), torch.Generator().manual_seed(key))
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with amp.autocast():
             out = ddp_model(**batch)
         amp.backward(out.loss)
         amp.step(optimizer, scheduler, cfg.max_grad_norm)
         state.advance(len(rows) * world)
-        tokens += sum(len(b) + 2 for b in bodies)
+        tokens += int(batch["attention_mask"].sum())
         tc.maybe_inject_failure(state.step)
-        last = state.step == total
-        saving = last or state.step % cfg.save_steps == 0
-        if not (saving or state.step % cfg.logging_steps == 0):
-            meter.update(state.step, float("nan"), len(rows) * world)  # count examples only
+        metrics = _metrics(cfg, meter, state, out, tokens, len(rows) * world, total)
+        if metrics is None:
             continue
-        metrics = _metrics(meter, state, out, tokens, len(rows) * world, total)
         tc.ProgressMeter.log_line(metrics)
-        if saving:
+        if state.step == total or state.step % cfg.save_steps == 0:
             tc.save_and_report(metrics, state, model, optimizer, scheduler, amp, io)
         else:
             tc.report(metrics)
 
 
-def _metrics(meter: tc.ProgressMeter, state: tc.TrainState, out: Any, tokens: int,
-             examples: int, total: int) -> dict[str, Any]:
-    """Losses averaged over ranks (a collective: every rank calls it at the same steps)."""
+def _tokenize(tokenizer: Any, max_seq_length: int, texts: list[str]) -> list[list[int]]:
+    """Body token ids (no special tokens), cut to leave room for [CLS] and [SEP]."""
+    return tokenizer(texts, add_special_tokens=False, truncation=True,
+                     max_length=max_seq_length - 2)["input_ids"]
+
+
+def _metrics(cfg: RetroMAEConfig, meter: tc.ProgressMeter, state: tc.TrainState, out: Any,
+             tokens: int, examples: int, total: int) -> dict[str, Any] | None:
+    """Metrics at logging/saving steps (None between): losses averaged over ranks.
+
+    A collective at those steps, which every rank reaches together.
+    """
+    due = state.step == total or state.step % cfg.save_steps == 0 \
+        or state.step % cfg.logging_steps == 0
+    if not due:
+        meter.update(state.step, float("nan"), examples)  # count examples only
+        return None
     metrics = meter.update(
         state.step, all_reduce_mean(out.loss.detach().float()), examples,
         encoder_loss=all_reduce_mean(out.encoder_loss.float()),
@@ -244,7 +255,12 @@ def run(cfg: RetroMAEConfig) -> dict[str, Any]:
     """
     import ray
 
-    AutoTokenizer.from_pretrained(resolve_model(cfg.model_name_or_path).folder)  # fail fast
+    folder = resolve_model(cfg.model_name_or_path).folder
+    AutoTokenizer.from_pretrained(folder)  # fail fast, before any worker starts
+    positions = AutoConfig.from_pretrained(folder).max_position_embeddings
+    if cfg.max_seq_length > positions:
+        raise ValueError(f"--max_seq_length {cfg.max_seq_length} exceeds the "
+                         f"{positions} positions of {cfg.model_name_or_path}")
     texts, skipped = read_texts(cfg.train_data, cfg.text_column)
     log.info("%s: %d texts, %d empty or null rows skipped", cfg.train_data, len(texts), skipped)
     if len(texts) < cfg.num_workers * cfg.per_device_train_batch_size:

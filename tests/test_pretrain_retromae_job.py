@@ -76,12 +76,15 @@ def test_flags_and_yaml_follow_flagembedding():
 
 
 def test_cli_exits_nonzero_with_one_message(tiny_bert_dir, tmp_path, capsys):
-    base = ["--model_name_or_path", str(tiny_bert_dir), "--output_dir", str(tmp_path / "o")]
+    base = ["--model_name_or_path", str(tiny_bert_dir), "--output_dir", str(tmp_path / "o"),
+            "--max_seq_length", "32"]
     assert main(base + ["--train_data", str(tmp_path / "none.jsonl")]) == 2
     assert "input not found" in capsys.readouterr().err
     few = write_corpus(tmp_path / "few.jsonl", n=3)
     assert main(base + ["--train_data", str(few), "--per_device_train_batch_size", "4"]) == 2
     assert "fewer than one global batch" in capsys.readouterr().err
+    assert main(base + ["--train_data", str(few), "--max_seq_length", "4096"]) == 2
+    assert "--max_seq_length 4096 exceeds the 128 positions" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------- Ray Train (slow)
@@ -103,7 +106,7 @@ def plain_run(ray_session, tiny_bert_dir, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(900)  # a Ray Train start is ~30 s idle, minutes on a busy box
 def test_two_workers_pretrain_a_loadable_encoder_that_finetune_starts_from(
         plain_run, tiny_bert_dir, tmp_path):
     summary, _, root = plain_run
@@ -133,7 +136,7 @@ def test_two_workers_pretrain_a_loadable_encoder_that_finetune_starts_from(
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(900)  # a Ray Train start is ~30 s idle, minutes on a busy box
 def test_resume_after_a_killed_worker_matches_the_uninterrupted_run(
         plain_run, tiny_bert_dir, tmp_path, monkeypatch):
     summary, data, _ = plain_run
