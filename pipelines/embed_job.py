@@ -123,8 +123,8 @@ class EmbedJob:
     # ------------------------------------------------------------------------ plan
     def _plan(self, chunks: list[Chunk], previous: list[str] | None) -> dict[str, Any]:
         """Exceptions by row key / id: duplicate losers, rows to encode, ids to drop."""
-        path = self.state.path("_state", PLAN_FILE)
-        if self.state.fs.exists(path):
+        path = self.state.uri("_state", PLAN_FILE)
+        if self.state.fs.exists(self.state.path("_state", PLAN_FILE)):
             table = read_table(path)
         else:
             start = time.monotonic()

@@ -32,11 +32,16 @@ class OutputState:
     """Durable progress of one output location (local path or fsspec URI)."""
 
     def __init__(self, uri: str) -> None:
-        self.uri = uri.rstrip("/")
-        self.fs, self.root = fsspec.core.url_to_fs(self.uri)
+        self.uri_root = uri.rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.uri_root)
 
     def path(self, *parts: str) -> str:
+        """Path inside `self.fs` (no protocol), for calls on the filesystem object."""
         return "/".join([self.root, *parts])
+
+    def uri(self, *parts: str) -> str:
+        """Full URI (protocol kept), for functions that open paths themselves."""
+        return "/".join([self.uri_root, *parts])
 
     def read_json(self, *parts: str) -> dict[str, Any] | None:
         path = self.path(*parts)

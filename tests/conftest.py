@@ -27,7 +27,8 @@ def ray_session():
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
         env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+        # address="local": never join a cluster another test (or process) left behind
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": env})
     yield ray
     ray.shutdown()

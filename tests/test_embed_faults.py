@@ -87,27 +87,28 @@ def test_actor_killed_mid_job_is_restarted(ray_session, tiny_bert_dir, encoder,
                                            tmp_path) -> None:
     from ray._private import state
 
-    write_corpus(tmp_path / "c", files=8, rows=24)
+    files, rows = 12, 40
+    write_corpus(tmp_path / "c", files=files, rows=rows)
     out = tmp_path / "out"
     cfg = EmbedConfig(input=str(tmp_path / "c"), output=str(out), model=str(tiny_bert_dir),
-                      cpus_per_actor=0.5, batch_rows=4)
+                      cpus_per_actor=0.5, batch_rows=2)
     result: dict = {}
     worker = threading.Thread(target=lambda: result.update(run(cfg)), daemon=True)
     worker.start()
     killed = None
     deadline = time.monotonic() + 300
     while killed is None and worker.is_alive() and time.monotonic() < deadline:
-        if _done(out) >= 1:
+        if (out / "_state" / "plan.parquet").exists():  # planned: the encode stream is up
             for info in state.actors(actor_state_name="ALIVE").values():
                 if "EncodeActor" in info.get("ActorClassName", "") and info.get("Pid"):
                     os.kill(info["Pid"], signal.SIGKILL)
                     killed = info["Pid"]
                     break
         time.sleep(0.2)
-    assert killed is not None and _done(out) < 8, "no encode actor was killed mid-job"
+    assert killed is not None and _done(out) < files, "no encode actor was killed mid-job"
     worker.join(timeout=360)
     assert not worker.is_alive() and result, "the job did not finish after the actor died"
-    assert result["rows_in"] == result["rows_written"] == 8 * 24
+    assert result["rows_in"] == result["rows_written"] == files * rows
     assert_matches_encoder(read_output(out), _texts_without_titles(tmp_path / "c"), encoder)
 
 
@@ -152,7 +153,10 @@ def test_s3_input_and_output_match_local(ray_session, tiny_bert_dir, tmp_path,
     fs.put(str(tmp_path / "c") + "/", "corpus-bucket/in/", recursive=True)
     subprocess.run(_job_cmd("s3://corpus-bucket/in/", "s3://corpus-bucket/emb/", tiny_bert_dir,
                             "--title-column", "title"),
-                   env=_job_env(**aws), check=True, timeout=300, capture_output=True)
+                   env=_job_env(**aws), check=True, timeout=300, capture_output=True,
+                   cwd=tmp_path)
+    assert not (tmp_path / "corpus-bucket").exists(), "state leaked to a local folder"
+    assert fs.exists("corpus-bucket/emb/_state/plan.parquet")
     run(EmbedConfig(input=str(tmp_path / "c"), output=str(tmp_path / "local"),
                     model=str(tiny_bert_dir), title_column="title", cpus_per_actor=0.5))
     fs.get("corpus-bucket/emb/", str(tmp_path / "from_s3") + "/", recursive=True)
@@ -164,8 +168,8 @@ def test_s3_input_and_output_match_local(ray_session, tiny_bert_dir, tmp_path,
 
 
 def test_actors_on_two_raylets_both_encode(tiny_bert_dir, tmp_path) -> None:
-    expected_rows = 4 * 16
-    write_corpus(tmp_path / "c", files=4, rows=16)
+    expected_rows = 8 * 64  # enough batches that both actors get work
+    write_corpus(tmp_path / "c", files=8, rows=64)
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "scripts" / "two_raylets_embed.py"),
          str(tmp_path / "c"), str(tmp_path / "out"), str(tiny_bert_dir)],
