@@ -143,7 +143,8 @@ class EmbedJob:
         todo = [p for p in previous if file_key(p) not in done]
         if not todo:
             return
-        ds = ray.data.from_items([{"path": p} for p in todo]).map_batches(
+        ds = ray.data.from_items([{"path": p} for p in todo],
+                                 override_num_blocks=len(todo)).map_batches(
             copy_kept, batch_size=1, batch_format="numpy", num_cpus=0.5,
             fn_kwargs={"output": self.cfg.output, "id_column": self.cfg.id_column,
                        "drop_ids": plan["drop_ids"]})
@@ -161,7 +162,9 @@ class EmbedJob:
         chunks_of: dict[str, set[int]] = defaultdict(set)
         for chunk in pending:
             chunks_of[chunk.path].add(chunk.index)
-        ds = ray.data.from_items([c.to_dict() for c in pending]).map_batches(
+        # one block per chunk, so chunks spread over the whole actor pool
+        ds = ray.data.from_items([c.to_dict() for c in pending],
+                                 override_num_blocks=len(pending)).map_batches(
             read_for_encoding, batch_size=1, batch_format="numpy", num_cpus=0.5,
             fn_kwargs={"cfg": self.cfg.stage_dict(), "losers": plan["losers"],
                        "to_encode": plan["to_encode"]})

@@ -137,6 +137,12 @@ def arrow_to_vectors(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
 
 
+def _separate_stage() -> dict[str, Any]:
+    """No extra remote args; its presence stops Ray Data from fusing the CPU stage into the
+    actor stage, which would make GPU actors read and tokenise between forward passes."""
+    return {}
+
+
 def _actor_pool(size: int | tuple[int, int]) -> Any:
     import ray.data
 
@@ -159,7 +165,7 @@ def encode_dataset(ds: Any, opts: EncodeOptions, *, text_column: str = "text",
         tokenize_batch, batch_format="pyarrow", batch_size=opts.batch_rows,
         fn_kwargs={"model": opts.model, "max_length": opts.max_length,
                    "text_column": text_column, "prefix": prefix},
-        num_cpus=0.5,
+        num_cpus=0.5, ray_remote_args_fn=_separate_stage,
     )
     return tokenized.map_batches(
         EncodeActor, batch_format="pyarrow", batch_size=opts.batch_rows,

@@ -19,14 +19,15 @@ from pipelines.embed_corpus import EmbedConfig, run  # noqa: E402
 
 def main() -> None:
     source, output, model = sys.argv[1:4]
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    cluster.add_node(num_cpus=2)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4})
+    cluster.add_node(num_cpus=4)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
     try:
-        # 1.5 CPUs per actor: one actor fits per node, so the pool spans both raylets
+        # 2.5 of a node's 4 logical CPUs per actor: one actor fits per node, so the pool
+        # spans both raylets, and 1.5 CPUs per node stay free for read/write tasks.
         manifest = run(EmbedConfig(input=source, output=output, model=model, num_actors="2",
-                                   cpus_per_actor=1.5, batch_rows=8, chunk_rows=8))
+                                   cpus_per_actor=2.5, batch_rows=8, chunk_rows=8))
         print("MANIFEST " + json.dumps(manifest))
         print("NODES " + json.dumps([n["NodeID"] for n in ray.nodes() if n["Alive"]]))
     finally:
