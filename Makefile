@@ -18,8 +18,10 @@ $(BIN)/.installed: pyproject.toml
 
 setup: $(BIN)/.installed
 
+# RAY_ADDRESS=local: start a private local Ray even if another cluster runs on this machine
+# (set RAY_ADDRESS to use a cluster instead).
 run: setup
-	$(BIN)/python pipelines/embed_corpus.py $(ARGS)
+	RAY_ADDRESS=$${RAY_ADDRESS:-local} $(BIN)/python pipelines/embed_corpus.py $(ARGS)
 
 test: setup
 	$(BIN)/ruff check .
