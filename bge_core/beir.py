@@ -9,11 +9,11 @@ qrels are evaluated, as in BEIR.
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from bge_core.jsonl import iter_jsonl
 from bge_core.texts import join_title
 
 
@@ -31,13 +31,7 @@ def _jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     if not path.is_file():
         raise FileNotFoundError(f"BEIR file not found: {path}")
     with path.open(encoding="utf-8") as handle:
-        for row, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path} row {row}: not valid JSON ({err.msg})") from None
+        for row, item in iter_jsonl(handle, str(path)):
             if not isinstance(item, dict) or not isinstance(item.get("text"), str):
                 raise ValueError(f"{path} row {row}: needs a string 'text'")
             if "_id" not in item:

@@ -10,13 +10,14 @@ by ``(seed, example index)``, so the result does not depend on processing order.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from bge_core.jsonl import iter_jsonl
 
 
 @dataclass(frozen=True)
@@ -43,13 +44,7 @@ def read_examples(path: str | Path) -> list[dict[str, Any]]:
     """Read training JSONL ``{query: str, pos: [str], neg?: [str]}``; errors name the row."""
     examples = []
     with open(path, encoding="utf-8") as handle:
-        for row, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path} row {row}: not valid JSON ({err.msg})") from None
+        for row, item in iter_jsonl(handle, str(path)):
             _check_example(item, f"{path} row {row}")
             examples.append(item)
     if not examples:
@@ -72,13 +67,8 @@ def read_candidate_pool(path: str | Path) -> list[str]:
     """Texts of a candidate-pool JSONL (one ``{"text": str}`` per line)."""
     texts = []
     with open(path, encoding="utf-8") as handle:
-        for row, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line).get("text")
-            except (json.JSONDecodeError, AttributeError):
-                text = None
+        for row, item in iter_jsonl(handle, str(path)):
+            text = item.get("text") if isinstance(item, dict) else None
             if not isinstance(text, str):
                 raise ValueError(f"{path} row {row}: needs a JSON object with a string 'text'")
             texts.append(text)

@@ -8,7 +8,6 @@ resume do not depend on the order Ray runs things in.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -16,6 +15,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bge_core.jsonl import iter_jsonl
 from bge_core.texts import join_title
 
 ROW_BITS = 40  # rows per file < 2**40
@@ -113,13 +113,7 @@ def _scan_jsonl(path: str) -> tuple[set[str], int]:
     columns: set[str] = set()
     rows = 0
     with fsspec.open(path, "r", encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"line {lineno} is not valid JSON ({err})") from None
+        for _, record in iter_jsonl(handle, path):
             if isinstance(record, dict):
                 columns.update(record)
             rows += 1
@@ -131,7 +125,7 @@ def read_chunk_rows(chunk: Chunk, columns: list[str]) -> dict[str, list[Any]]:
     try:
         if chunk.fmt == "jsonl":
             with fsspec.open(chunk.path, "r", encoding="utf-8") as handle:
-                records = [json.loads(line) for line in handle if line.strip()]
+                records = [r for _, r in iter_jsonl(handle, chunk.path)]
             records = [r if isinstance(r, dict) else {} for r in records]
             return {c: [r.get(c) for r in records] for c in columns}
         with fsspec.open(chunk.path, "rb") as handle:
