@@ -125,8 +125,8 @@ class Encoder(nn.Module):
         """Embed pre-tokenised rows in length-sorted token-budget micro-batches: (n, D)."""
         out = np.zeros((len(rows), self.dim), dtype=np.float32)
         pad_id = self.text_tokenizer.pad_id
-        batches = plan_batches([len(r) for r in rows], self.config.max_tokens_per_batch,
-                               batch_size or self.config.batch_size)
+        max_rows, max_tokens = self.config.batch_limits(self.device.type)
+        batches = plan_batches([len(r) for r in rows], max_tokens, batch_size or max_rows)
         with self._inference():
             for idx in batches:
                 ids, mask = pad_batch([rows[i] for i in idx], pad_id)
