@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
+import sys
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import fsspec
@@ -133,3 +136,24 @@ def parse_config(cls: type[C], argv: list[str] | None = None, description: str |
 def config_to_dict(config: Any) -> dict[str, Any]:
     """A plain dict of a config, for sending to Ray workers (rebuild with `config_from_dict`)."""
     return dataclasses.asdict(config)
+
+
+def run_main(
+    prog: str,
+    cls: type[C],
+    job: Callable[[C], object],
+    argv: list[str] | None = None,
+    errors: tuple[type[Exception], ...] = (),
+) -> int:
+    """A job's CLI entry: parse flags/YAML into `cls`, run `job`, return the exit status.
+
+    Bad flags, config or input (`ConfigError`, `ValueError`, `FileNotFoundError` and
+    `errors`) print one line ``prog: error: ...`` to stderr and return 2, without a trace.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        job(parse_config(cls, argv))
+    except (ConfigError, ValueError, FileNotFoundError, *errors) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # `python pipelines/embed_corpus.py` (ray job sub
 
 from bge_core.config import DType
 from bge_core.presets import OFFLINE_MINILM
-from pipelines.cli import ConfigError, parse_config
+from pipelines.cli import run_main
 from pipelines.corpus_io import InputError
 from pipelines.ray_encode import EncodeOptions
 
@@ -45,9 +45,10 @@ class EmbedConfig:
     embedding_dtype: Literal["float32", "float16"] = "float32"
     num_actors: str = "1"
     gpus_per_actor: float = 0.0
+    accelerator_type: str | None = None
     cpus_per_actor: float = 1.0
     batch_rows: int = 1024
-    max_tokens_per_batch: int = 16384
+    max_tokens_per_batch: int | None = None
     mode: Literal["full", "incremental"] = "full"
     previous: str | None = None
     chunk_rows: int = 100_000
@@ -65,8 +66,8 @@ class EmbedConfig:
         return EncodeOptions(
             model=self.model, dtype=self.dtype, max_length=self.max_length,
             num_actors=self.num_actors, gpus_per_actor=self.gpus_per_actor,
-            cpus_per_actor=self.cpus_per_actor, batch_rows=self.batch_rows,
-            max_tokens_per_batch=self.max_tokens_per_batch,
+            accelerator_type=self.accelerator_type, cpus_per_actor=self.cpus_per_actor,
+            batch_rows=self.batch_rows, max_tokens_per_batch=self.max_tokens_per_batch,
             embedding_dtype=self.embedding_dtype)
 
     def stage_dict(self) -> dict:
@@ -82,17 +83,15 @@ def run(cfg: EmbedConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        cfg = parse_config(EmbedConfig, argv)
-        if cfg.input == SAMPLE_CORPUS:
-            log.info("no --input given: embedding the bundled sample corpus %s into %s",
-                     SAMPLE_CORPUS, cfg.output)
-        run(cfg)
-    except (ConfigError, InputError, ValueError, FileNotFoundError) as err:
-        log.error("%s", err)
-        return 2
-    return 0
+    """CLI entry: exit 2 with one clear line on bad flags, config or input."""
+    return run_main("embed_corpus", EmbedConfig, _announce_and_run, argv, errors=(InputError,))
+
+
+def _announce_and_run(cfg: EmbedConfig) -> None:
+    if cfg.input == SAMPLE_CORPUS:
+        log.info("no --input given: embedding the bundled sample corpus %s into %s",
+                 SAMPLE_CORPUS, cfg.output)
+    run(cfg)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ class EmbedJob:
         self.state = OutputState(cfg.output)
         self.stats: dict[str, int] = defaultdict(int)
         self.nodes: dict[str, int] = defaultdict(int)  # rows encoded per Ray node
+        self.seconds: dict[str, float] = {}  # wall time of the plan and encode stages
 
     def run(self) -> dict[str, Any]:
         import ray
@@ -54,7 +55,9 @@ class EmbedJob:
         required = [self.cfg.id_column, self.cfg.text_column]
         chunks = [c for i, f in enumerate(files)
                   for c in plan_file(f, i, self.cfg.chunk_rows, required)]
+        start = time.monotonic()
         plan = self._plan(chunks, previous)
+        self.seconds["plan"] = round(time.monotonic() - start, 3)
         if previous is not None:
             self._copy_kept(previous, plan)
         done = self.state.done_markers()
@@ -62,7 +65,9 @@ class EmbedJob:
         pending = [c for c in chunks if file_key(c.path) not in done]
         log.info("%d input files, %d already done; %d rows to read",
                  len(files), len(done), sum(c.rows for c in pending))
+        start = time.monotonic()
         self._encode(pending, plan)
+        self.seconds["encode"] = round(time.monotonic() - start, 3)
         manifest = self._manifest(model, files, plan, started)
         self._remove_unreferenced()
         return manifest
@@ -203,6 +208,7 @@ class EmbedJob:
             "rows_dropped": plan["dropped"],
             "rows_encoded_this_attempt": self.stats["encoded"],
             "rows_encoded_by_node_this_attempt": dict(self.nodes),
+            "seconds_this_attempt": dict(self.seconds),
             "input_files_done": sorted(m["file"] for m in done.values()),
             "started_at": started, "finished_at": _now(),
         }

@@ -27,7 +27,7 @@ import ray
 from bge_core.beir import load_beir
 from bge_core.config import DType
 from bge_core.metrics import evaluate_run, format_table, rank_documents, spearman
-from pipelines.cli import ConfigError, parse_config
+from pipelines.cli import run_main
 from pipelines.ray_encode import EncodeOptions
 from pipelines.ray_search import encode_corpus, encode_texts, query_instruction, search_corpus
 
@@ -53,7 +53,7 @@ class EvaluateConfig:
     gpus_per_actor: float = 0.0
     cpus_per_actor: float = 1.0
     batch_rows: int = 1024
-    max_tokens_per_batch: int = 16384
+    max_tokens_per_batch: int | None = None
     search_shard_rows: int = 65536
     search_cpus: float = 1.0
 
@@ -183,13 +183,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry: one clear message and exit status 2 on bad input."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        run(parse_config(EvaluateConfig, argv))
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        print(f"evaluate: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main("evaluate", EvaluateConfig, run, argv)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from bge_core.losses import DEFAULT_TEMPERATURE, info_nce
 from bge_core.model import Encoder
 from bge_core.optim import build_adamw, linear_warmup_decay, warmup_steps
 from pipelines import train_common as tc
-from pipelines.cli import ConfigError, config_from_dict, config_to_dict, parse_config
+from pipelines.cli import config_from_dict, config_to_dict, run_main
 
 log = logging.getLogger("bge.finetune")
 
@@ -85,6 +85,7 @@ class FinetuneConfig:
     shuffle_buffer_size: int = 1024
     num_workers: int = 1
     use_gpu: bool = False
+    accelerator_type: str | None = None
     cpus_per_worker: float = 1.0
     max_failures: int = 3
     skip_bad_examples: bool = False
@@ -103,6 +104,8 @@ class FinetuneConfig:
             raise ValueError(f"--temperature must be > 0, got {self.temperature}")
         if self.cpus_per_worker <= 0:
             raise ValueError(f"--cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        if self.accelerator_type and not self.use_gpu:
+            raise ValueError("--accelerator_type needs --use_gpu")
         tc.resolve_precision(self.fp16, self.bf16)  # --fp16 with --bf16 is an error
 
 
@@ -171,8 +174,8 @@ def run(cfg: FinetuneConfig) -> FinetuneResult:
              cfg.num_workers * cfg.per_device_train_batch_size)
     settings = tc.RunSettings(
         name=cfg.run_name, output_dir=cfg.output_dir, num_workers=cfg.num_workers,
-        use_gpu=cfg.use_gpu, cpus_per_worker=cfg.cpus_per_worker,
-        max_failures=cfg.max_failures)
+        use_gpu=cfg.use_gpu, accelerator_type=cfg.accelerator_type,
+        cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures)
     loop_config = {"cfg": config_to_dict(cfg), "steps_per_epoch": steps_per_epoch,
                    "total_steps": total}
     result = tc.launch(train_loop, loop_config, settings, datasets={"train": dataset})
@@ -299,13 +302,7 @@ def _after_step(cfg: FinetuneConfig, state: tc.TrainState, total: int,
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: parse flags / YAML, run, exit non-zero with one clear message."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        run(parse_config(FinetuneConfig, argv))
-    except (ConfigError, TrainingDataError, ValueError, FileNotFoundError) as err:
-        log.error("%s", err)
-        return 2
-    return 0
+    return run_main("finetune", FinetuneConfig, run, argv, errors=(TrainingDataError,))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from bge_core.mining import (
     read_candidate_pool,
     read_examples,
 )
-from pipelines.cli import ConfigError, parse_config
+from pipelines.cli import run_main
 from pipelines.ray_encode import EncodeOptions
 from pipelines.ray_search import encode_corpus, encode_texts, query_instruction, search_corpus
 
@@ -59,7 +59,7 @@ class MineConfig:
     num_actors: str = "1"
     cpus_per_actor: float = 1.0
     batch_rows: int = 1024
-    max_tokens_per_batch: int = 16384
+    max_tokens_per_batch: int | None = None
     search_shard_rows: int = 65536
     search_cpus: float = 1.0
 
@@ -117,13 +117,7 @@ def run(cfg: MineConfig) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry: one clear message and exit status 2 on bad input."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        run(parse_config(MineConfig, argv))
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        print(f"mine_hard_negatives: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main("mine_hard_negatives", MineConfig, run, argv)
 
 
 if __name__ == "__main__":

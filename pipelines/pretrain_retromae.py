@@ -40,7 +40,7 @@ from bge_core.optim import build_adamw, linear_warmup_decay, warmup_steps
 from bge_core.retromae import HEADS_FILE, load_checkpoint, load_retromae, save_checkpoint
 from bge_core.retromae_masking import RetroMAECollator
 from pipelines import train_common as tc
-from pipelines.cli import ConfigError, config_from_dict, config_to_dict, parse_config
+from pipelines.cli import config_from_dict, config_to_dict, run_main
 from pipelines.corpus_io import InputError, list_input_files, plan_file, read_chunk_rows
 
 log = logging.getLogger("bge.retromae")
@@ -77,6 +77,7 @@ class RetroMAEConfig:
     max_steps: int | None = None
     num_workers: int = 1
     use_gpu: bool = False
+    accelerator_type: str | None = None
     cpus_per_worker: float = 1.0
     max_failures: int = 3
     save_steps: int = 1000
@@ -96,6 +97,8 @@ class RetroMAEConfig:
             raise ValueError(f"--max_steps must be >= 1, got {self.max_steps}")
         if self.cpus_per_worker <= 0:
             raise ValueError(f"--cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        if self.accelerator_type and not self.use_gpu:
+            raise ValueError("--accelerator_type needs --use_gpu")
         tc.resolve_precision(self.fp16, self.bf16)  # --fp16 with --bf16 is an error
 
 
@@ -271,6 +274,7 @@ def run(cfg: RetroMAEConfig) -> dict[str, Any]:
         ray.init()
     settings = tc.RunSettings(name=cfg.run_name, output_dir=cfg.output_dir,
                               num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                              accelerator_type=cfg.accelerator_type,
                               cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures)
     loop_config = {"config": config_to_dict(cfg), "texts": ray.put(texts)}
     result = tc.launch(train_loop, loop_config, settings)
@@ -285,15 +289,13 @@ def run(cfg: RetroMAEConfig) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry: exit 2 with one clear line on bad flags, config or input."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        summary = run(parse_config(RetroMAEConfig, argv))
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_main("pretrain_retromae", RetroMAEConfig, _run_and_report, argv)
+
+
+def _run_and_report(cfg: RetroMAEConfig) -> None:
+    summary = run(cfg)
     print(f"RetroMAE done: {summary['steps']} steps on {summary['texts']} texts "
           f"({summary['skipped_empty']} empty skipped); encoder at {summary['encoder']}")
-    return 0
 
 
 if __name__ == "__main__":

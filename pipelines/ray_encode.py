@@ -40,9 +40,12 @@ class EncodeOptions:
         max_length: token limit (default: the model's).
         num_actors: actor pool size, ``"N"`` or autoscaling ``"MIN,MAX"``.
         gpus_per_actor: GPUs per actor; > 0 places the model on CUDA.
+        accelerator_type: Ray accelerator type the actors need (e.g. ``"L4"``, ``"A100"``;
+            Ray's `accelerator_type:<type>` node resource); None runs on any node.
         cpus_per_actor: CPUs per actor (fractions allowed).
         batch_rows: rows per Ray Data batch sent to an actor.
-        max_tokens_per_batch: padded-token budget of one forward pass.
+        max_tokens_per_batch: padded-token budget of one forward pass (default: the
+            encoder's, 2,048 on CPU and 16,384 on GPU).
         embedding_dtype: stored precision of the vectors.
     """
 
@@ -51,9 +54,10 @@ class EncodeOptions:
     max_length: int | None = None
     num_actors: str = "1"
     gpus_per_actor: float = 0.0
+    accelerator_type: str | None = None
     cpus_per_actor: float = 1.0
     batch_rows: int = 1024
-    max_tokens_per_batch: int = 16384
+    max_tokens_per_batch: int | None = None
     embedding_dtype: Literal["float32", "float16"] = "float32"
 
     def pool_size(self) -> int | tuple[int, int]:
@@ -171,4 +175,5 @@ def encode_dataset(ds: Any, opts: EncodeOptions, *, text_column: str = "text",
         EncodeActor, batch_format="pyarrow", batch_size=opts.batch_rows,
         fn_constructor_kwargs={"options": asdict(opts)}, compute=_actor_pool(opts.pool_size()),
         num_gpus=opts.gpus_per_actor or None, num_cpus=opts.cpus_per_actor,
+        accelerator_type=opts.accelerator_type,
     )

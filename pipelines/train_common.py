@@ -81,6 +81,9 @@ class RunSettings:
         output_dir: local path or fsspec URI for checkpoints (and the job's outputs).
         num_workers: training workers (one GPU each with `use_gpu`).
         use_gpu: train on GPUs (nccl) instead of CPUs (gloo).
+        accelerator_type: GPU type every worker needs (e.g. ``"A100"``: Ray's
+            `accelerator_type:<type>` node resource), so training never lands on the
+            inference pool's GPUs; None places workers on any GPU.
         cpus_per_worker: CPUs reserved per worker (fractional allowed on small machines).
         max_failures: worker-group restarts from the latest checkpoint before giving up.
         num_to_keep: checkpoints kept (oldest deleted); None keeps all.
@@ -90,6 +93,7 @@ class RunSettings:
     output_dir: str
     num_workers: int = 1
     use_gpu: bool = False
+    accelerator_type: str | None = None
     cpus_per_worker: float = 1.0
     max_failures: int = 0
     num_to_keep: int | None = 2
@@ -100,6 +104,20 @@ def storage_path(output_dir: str) -> str:
     if "://" in output_dir:
         return output_dir.rstrip("/")
     return str(Path(output_dir).expanduser().resolve())
+
+
+def scaling_config(settings: RunSettings) -> Any:
+    """Ray Train's `ScalingConfig`: CPUs (and one GPU, of a type if given) per worker."""
+    import ray.train
+
+    if settings.accelerator_type and not settings.use_gpu:
+        raise ValueError("accelerator_type needs use_gpu")
+    resources: dict[str, float] = {"CPU": settings.cpus_per_worker}
+    if settings.use_gpu:
+        resources["GPU"] = 1
+    return ray.train.ScalingConfig(
+        num_workers=settings.num_workers, use_gpu=settings.use_gpu,
+        resources_per_worker=resources, accelerator_type=settings.accelerator_type)
 
 
 def launch(
@@ -116,9 +134,6 @@ def launch(
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    resources = {"CPU": settings.cpus_per_worker}
-    if settings.use_gpu:
-        resources["GPU"] = 1
     env = {k: os.environ[k] for k in (FAULT_ENV, "HF_HUB_OFFLINE") if k in os.environ}
     run_config = ray.train.RunConfig(
         name=settings.name,
@@ -131,9 +146,7 @@ def launch(
         train_loop,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if settings.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=settings.num_workers, use_gpu=settings.use_gpu,
-            resources_per_worker=resources),
+        scaling_config=scaling_config(settings),
         run_config=run_config,
         datasets=datasets,
     )

@@ -202,6 +202,30 @@ def test_kuberay_training_shapes_add_up_to_48_gpus():
     assert config["num_workers"] == TRAIN_GPUS and config["use_gpu"] is True
 
 
+# job config -> the pool whose GPUs it must land on
+JOB_POOLS = {"embed.yaml": "gpu-inference", "embed_incremental.yaml": "gpu-inference",
+             "finetune_48gpu.yaml": "gpu-train", "retromae_24gpu.yaml": "gpu-train"}
+
+
+def test_each_job_asks_for_the_gpu_type_only_its_pool_offers():
+    """Training never lands on the L4 pool, embedding never on the A100 pool."""
+    from ray.autoscaler._private.kuberay.autoscaling_config import _get_custom_resources
+
+    aws = _load(AWS_YAML)["available_node_types"]
+    kuberay: dict[str, list[dict[str, int]]] = {}
+    for name, doc in _kuberay_docs():
+        if doc["kind"] in ("RayCluster", "RayJob"):
+            for group in _cluster_spec(doc)["workerGroupSpecs"]:
+                kuberay.setdefault(group["groupName"], []).append(_get_custom_resources(
+                    {}, group["rayStartParams"], f"{name}/{group['groupName']}"))
+    for config, pool in JOB_POOLS.items():
+        wanted = f"accelerator_type:{_load(CONFIG_DIR / config)['accelerator_type']}"
+        offering = {t for t, spec in aws.items() if wanted in spec["resources"]}
+        assert offering == {pool}, (config, offering)
+        for group, resources in kuberay.items():
+            assert all((wanted in r) == (group == pool) for r in resources), (config, group)
+
+
 def test_rayjob_entrypoints_run_the_jobs_with_example_configs():
     jobs = dict(_by_kind("RayJob"))
     expected = {

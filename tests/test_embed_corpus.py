@@ -96,13 +96,14 @@ def test_missing_column_lists_columns(ray_session, tiny_bert_dir, tmp_path) -> N
 
 
 def test_corrupt_file_is_named_and_never_done(ray_session, tiny_bert_dir, tmp_path,
-                                              caplog) -> None:
+                                              capsys) -> None:
     write_corpus(tmp_path / "c", files=1, rows=4)
     (tmp_path / "c" / "zz-broken.parquet").write_bytes(b"not a parquet file at all")
     argv = ["--input", str(tmp_path / "c"), "--output", str(tmp_path / "o"),
             "--model", str(tiny_bert_dir)]
     assert main(argv) == 2
-    assert "zz-broken.parquet" in caplog.text
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "error:" in x]
+    assert line.startswith("embed_corpus: error: ") and "zz-broken.parquet" in line
     assert not list((tmp_path / "o" / "_state" / "done").glob("*.json"))
 
 
@@ -150,3 +151,15 @@ def test_config_rules(tmp_path) -> None:
     (tmp_path / "bad.yaml").write_text("outptu: a\n")
     with pytest.raises(ConfigError, match=r"unknown keys \['outptu'\]"):
         parse_config(EmbedConfig, ["--config", str(tmp_path / "bad.yaml")])
+
+
+def test_gpu_type_and_counts_reach_the_encode_actors(ray_session) -> None:
+    import ray
+
+    from pipelines.ray_encode import encode_dataset
+
+    cfg = parse_config(EmbedConfig, ["--gpus-per-actor", "1", "--accelerator-type", "L4",
+                                     "--cpus-per-actor", "2"])
+    encoded = encode_dataset(ray.data.from_items([{"text": "a"}]), cfg.encode_options())
+    args = encoded._logical_plan.dag.ray_remote_args  # what each encode actor requests
+    assert (args["num_gpus"], args["num_cpus"], args["accelerator_type"]) == (1, 2, "L4")

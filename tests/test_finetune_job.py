@@ -88,10 +88,12 @@ def test_bad_flags_are_named(flags, message):
         parse_config(FinetuneConfig, base + flags)
 
 
-def test_cli_exits_nonzero_with_one_message_on_missing_data(tmp_path, caplog):
+def test_cli_exits_nonzero_with_one_message_on_missing_data(tmp_path, capsys):
     code = main(["--model_name_or_path", "m", "--train_data", str(tmp_path / "none.jsonl"),
                  "--output_dir", str(tmp_path / "o")])
-    assert code == 2 and "training data not found" in caplog.text
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "error:" in x]
+    assert code == 2 and line.startswith("finetune: error: ")
+    assert "training data not found" in line
 
 
 @pytest.mark.slow

@@ -8,9 +8,11 @@ import torch
 from bge_core.optim import build_adamw, linear_warmup_decay, warmup_steps
 from pipelines.train_common import (
     ProgressMeter,
+    RunSettings,
     TrainState,
     maybe_inject_failure,
     resolve_precision,
+    scaling_config,
     storage_path,
 )
 
@@ -87,3 +89,15 @@ def test_gradient_checkpointing_keeps_gradients(tiny_bert_dir):
         assert torch.allclose(ckpt[name], grad, rtol=1e-4, atol=1e-7), name
     with pytest.raises(ValueError, match="no Hugging Face backbone"):
         enable_gradient_checkpointing(torch.nn.Linear(2, 2), True)
+
+
+def test_scaling_config_asks_for_one_gpu_of_the_given_type():
+    gpu = scaling_config(RunSettings(name="r", output_dir="o", num_workers=48, use_gpu=True,
+                                     accelerator_type="A100", cpus_per_worker=8))
+    resources = gpu._resources_per_worker_not_none  # what each worker's actor requests
+    assert resources["CPU"] == 8 and resources["GPU"] == 1
+    assert resources["accelerator_type:A100"] > 0 and gpu.num_workers == 48
+    cpu = scaling_config(RunSettings(name="r", output_dir="o", cpus_per_worker=0.5))
+    assert cpu._resources_per_worker_not_none == {"CPU": 0.5}
+    with pytest.raises(ValueError, match="accelerator_type needs use_gpu"):
+        scaling_config(RunSettings(name="r", output_dir="o", accelerator_type="A100"))
