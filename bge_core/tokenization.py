@@ -7,9 +7,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+if TYPE_CHECKING:  # transformers is imported where a tokenizer is built, not on import
+    from transformers import PreTrainedTokenizerBase
 
 
 class TextTokenizer:
@@ -23,6 +26,8 @@ class TextTokenizer:
 
     @classmethod
     def from_folder(cls, folder: str | Path, max_length: int) -> TextTokenizer:
+        from transformers import AutoTokenizer
+
         return cls(AutoTokenizer.from_pretrained(folder), max_length)
 
     def __call__(
