@@ -56,7 +56,11 @@ def write_parquet(passages: list[str], folder: Path, files: int = 8) -> None:
 
 
 class ActorMemory(threading.Thread):
-    """Samples the RSS of every live encode actor; keeps the peak per PID."""
+    """Samples the RSS of every encode actor process once a second; keeps the peak per PID.
+
+    Finds them by process title (Ray names actor processes after the actor class), so the
+    sampling costs no calls to Ray's control plane.
+    """
 
     def __init__(self) -> None:
         super().__init__(daemon=True)
@@ -65,20 +69,16 @@ class ActorMemory(threading.Thread):
 
     def run(self) -> None:
         import psutil
-        from ray._private import state
 
-        while not self.stop.wait(0.5):
-            try:
-                actors = state.actors(actor_state_name="ALIVE").values()
-            except Exception:  # noqa: BLE001 - sampling is best effort
-                continue
-            for info in actors:
-                if "EncodeActor" in info.get("ActorClassName", "") and info.get("Pid"):
-                    try:
-                        rss = psutil.Process(info["Pid"]).memory_info().rss
-                    except psutil.Error:
+        while not self.stop.wait(1.0):
+            for proc in psutil.process_iter(["pid", "cmdline"]):
+                try:
+                    if "EncodeActor" not in " ".join(proc.info["cmdline"] or []):
                         continue
-                    self.peaks[info["Pid"]] = max(self.peaks.get(info["Pid"], 0), rss)
+                    rss = proc.memory_info().rss
+                except psutil.Error:
+                    continue
+                self.peaks[proc.pid] = max(self.peaks.get(proc.pid, 0), rss)
 
 
 def run_job(source: Path, out: Path, dtype: str) -> dict:
