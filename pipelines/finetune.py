@@ -104,8 +104,7 @@ class FinetuneConfig:
             raise ValueError(f"--temperature must be > 0, got {self.temperature}")
         if self.cpus_per_worker <= 0:
             raise ValueError(f"--cpus_per_worker must be > 0, got {self.cpus_per_worker}")
-        if self.accelerator_type and not self.use_gpu:
-            raise ValueError("--accelerator_type needs --use_gpu")
+        tc.check_accelerator(self.use_gpu, self.accelerator_type)
         tc.resolve_precision(self.fp16, self.bf16)  # --fp16 with --bf16 is an error
 
 

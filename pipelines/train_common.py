@@ -106,12 +106,17 @@ def storage_path(output_dir: str) -> str:
     return str(Path(output_dir).expanduser().resolve())
 
 
+def check_accelerator(use_gpu: bool, accelerator_type: str | None) -> None:
+    """A GPU type only makes sense for GPU workers (configs call this before Ray starts)."""
+    if accelerator_type and not use_gpu:
+        raise ValueError("--accelerator_type needs --use_gpu")
+
+
 def scaling_config(settings: RunSettings) -> Any:
     """Ray Train's `ScalingConfig`: CPUs (and one GPU, of a type if given) per worker."""
     import ray.train
 
-    if settings.accelerator_type and not settings.use_gpu:
-        raise ValueError("accelerator_type needs use_gpu")
+    check_accelerator(settings.use_gpu, settings.accelerator_type)
     resources: dict[str, float] = {"CPU": settings.cpus_per_worker}
     if settings.use_gpu:
         resources["GPU"] = 1

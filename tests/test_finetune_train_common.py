@@ -99,5 +99,16 @@ def test_scaling_config_asks_for_one_gpu_of_the_given_type():
     assert resources["accelerator_type:A100"] > 0 and gpu.num_workers == 48
     cpu = scaling_config(RunSettings(name="r", output_dir="o", cpus_per_worker=0.5))
     assert cpu._resources_per_worker_not_none == {"CPU": 0.5}
-    with pytest.raises(ValueError, match="accelerator_type needs use_gpu"):
+    with pytest.raises(ValueError, match="accelerator_type needs --use_gpu"):
         scaling_config(RunSettings(name="r", output_dir="o", accelerator_type="A100"))
+
+
+def test_training_configs_refuse_a_gpu_type_without_gpus(tmp_path):
+    from pipelines.finetune import FinetuneConfig
+    from pipelines.pretrain_retromae import RetroMAEConfig
+
+    for cls in (FinetuneConfig, RetroMAEConfig):
+        base = {"model_name_or_path": "m", "train_data": "d", "output_dir": str(tmp_path)}
+        with pytest.raises(ValueError, match="accelerator_type needs --use_gpu"):
+            cls(**base, accelerator_type="A100")
+        assert cls(**base, accelerator_type="A100", use_gpu=True).accelerator_type == "A100"
