@@ -47,7 +47,9 @@ class EmbedConfig:
     gpus_per_actor: float = 0.0
     accelerator_type: str | None = None
     cpus_per_actor: float = 1.0
-    batch_rows: int = 1024
+    # Rows per Ray Data batch: also the window the actor length-sorts into micro-batches,
+    # so larger means less padding (NFCorpus windows: 5.0% padded at 512, 1.2% at 8192).
+    batch_rows: int = 4096
     max_tokens_per_batch: int | None = None
     mode: Literal["full", "incremental"] = "full"
     previous: str | None = None
