@@ -1,11 +1,14 @@
-"""The finetuning job end to end on Ray Train (2 CPU workers, gloo), and its CLI errors."""
+"""The finetuning job: flags, CLI errors, bad data, export and step planning.
+
+The Ray Train runs themselves (two workers across two raylets; a killed worker resuming)
+are in test_finetune_faults.py.
+"""
 
 from __future__ import annotations
 
 import json
 import random
 
-import numpy as np
 import pytest
 
 from bge_core.model import Encoder
@@ -37,32 +40,6 @@ def make_config(tiny_bert_dir, tmp_path, **overrides):
         shuffle_buffer_size=0, temperature=0.05)
     values.update(overrides)
     return FinetuneConfig(**values)
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_two_workers_train_and_save_a_loadable_model(ray_session, tiny_bert_dir, tmp_path):
-    write_train_data(tmp_path / "train.jsonl")
-    cfg = make_config(tiny_bert_dir, tmp_path, query_instruction_for_retrieval="Q: ")
-    result = run(cfg)
-    out = result.output_dir
-    assert result.examples == 16 and result.bad_examples == 0
-    metrics = result.metrics
-    assert metrics["step"] == 3 and metrics["total_steps"] == 3 and metrics["num_nodes"] == 1
-    assert np.isfinite(metrics["loss"]) and metrics["examples_per_s"] > 0
-    assert metrics["eta_s"] == 0 and metrics["resumed_from"] == []
-    texts = ["the cat is on the road", "blood and heart disease"]
-    before = Encoder.from_pretrained(str(tiny_bert_dir), device="cpu").encode(texts)
-    ours = Encoder.from_pretrained(str(out), device="cpu")
-    after = ours.encode(texts)
-    assert ours.config.query_instruction == "Q: "  # the training instruction is saved
-    assert not np.allclose(before, after, atol=1e-4)  # the weights were trained
-    from sentence_transformers import SentenceTransformer
-
-    st = SentenceTransformer(str(out), device="cpu")
-    np.testing.assert_allclose(st.encode(texts), after, rtol=1e-5, atol=1e-6)
-    checkpoints = sorted(p.name for p in (tmp_path / "out" / "finetune").glob("checkpoint_*"))
-    assert checkpoints[-1] == "checkpoint_step_00000003"
 
 
 def test_config_flags_follow_flagembedding(tmp_path):
