@@ -5,12 +5,14 @@
 
 Builds passages from NFCorpus text (64-word windows, cycled to --rows), writes them as
 Parquet, then measures on the same texts and settings: the job (fp32 and bf16; wall time of
-`run`, and of its encode stream from first read to last write), `Encoder.encode` in
-process, and sentence-transformers fp32 `encode`. Peak RSS of the driver and of each
-encode actor is sampled; the job is repeated on a corpus `--growth` times smaller to show
-memory does not grow with the corpus. `--bf16-rows` runs the bf16 job on the first N rows
-only, `--st-rows` times sentence-transformers on the first N (rows/s are rates and the
-passages are all 64-word windows; useful where bf16 is emulated and slow).
+`run`, and of its encode stream from first read to last write); `Encoder.encode` in process
+(in a separate Python process without Ray, once before and once after the fp32 job: a
+shared host's speed drifts, and the ratio is taken against their mean); and
+sentence-transformers fp32 `encode`. Peak RSS of the driver and of each encode actor is
+sampled; the job is repeated on a corpus `--growth` times smaller to show memory does not
+grow with the corpus. `--bf16-rows` runs the bf16 job on the first N rows only, `--st-rows`
+times sentence-transformers on the first N (rows/s are rates and the passages are all
+64-word windows; useful where bf16 is emulated and slow).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import argparse
 import json
 import os
 import resource
+import subprocess
 import sys
 import tempfile
 import threading
@@ -88,7 +91,7 @@ def run_job(source: Path, out: Path, dtype: str) -> dict:
     sampler.start()
     start = time.perf_counter()
     manifest = run(EmbedConfig(input=str(source), output=str(out), dtype=dtype,
-                               cpus_per_actor=2, batch_rows=512, log_every_s=30))
+                               cpus_per_actor=2, log_every_s=30))
     wall = time.perf_counter() - start
     sampler.stop.set()
     sampler.join()
@@ -99,6 +102,14 @@ def run_job(source: Path, out: Path, dtype: str) -> dict:
             "driver_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def in_process_rows_s(rows: int) -> float:
+    """`Encoder.encode` rows/s on the same passages, in a fresh process (so its memory does
+    not count towards the job driver's peak RSS, measured in this process)."""
+    proc = subprocess.run([sys.executable, __file__, "--rows", str(rows), "--in-process-only"],
+                          capture_output=True, text=True, check=True)
+    return float(json.loads(proc.stdout.strip().splitlines()[-1])["rows_s"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=20000)
@@ -107,13 +118,22 @@ def main() -> None:
     parser.add_argument("--st-rows", type=int, default=None)
     parser.add_argument("--skip-st", action="store_true")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--in-process-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.in_process_only:
+        from bge_core import Encoder
+
+        passages = build_passages(args.rows)
+        encoder = Encoder.from_pretrained("all-MiniLM-L6-v2", device="cpu")
+        start = time.perf_counter()
+        encoder.encode(passages)
+        print(json.dumps({"rows_s": args.rows / (time.perf_counter() - start)}))
+        return
     import ray
 
     # 3 logical CPUs: a 2-thread actor (as many threads as in-process torch uses) plus the
     # fractional read/tokenise/write tasks; the machine has 2 physical cores.
     ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
-    from bge_core import Encoder
 
     work = Path(tempfile.mkdtemp(prefix="embed_speed_"))
     passages = build_passages(args.rows)
@@ -122,13 +142,13 @@ def main() -> None:
     bf16_rows = min(args.bf16_rows or args.rows, args.rows)
     write_parquet(passages[:bf16_rows], work / "bf16")
     results: dict = {"rows": args.rows, "cpu_count": os.cpu_count()}
+    results["in_process_fp32_rows_s_before"] = in_process_rows_s(args.rows)
     results["job_small_fp32"] = run_job(work / "small", work / "out_small", "fp32")
     results["job_fp32"] = run_job(work / "full", work / "out_fp32", "fp32")
+    results["in_process_fp32_rows_s_after"] = in_process_rows_s(args.rows)
+    results["in_process_fp32_rows_s"] = (results["in_process_fp32_rows_s_before"]
+                                         + results["in_process_fp32_rows_s_after"]) / 2
     results["job_bf16"] = run_job(work / "bf16", work / "out_bf16", "bf16")
-    encoder = Encoder.from_pretrained("all-MiniLM-L6-v2", device="cpu")
-    start = time.perf_counter()
-    encoder.encode(passages)
-    results["in_process_fp32_rows_s"] = args.rows / (time.perf_counter() - start)
     if not args.skip_st:
         from sentence_transformers import SentenceTransformer
 
@@ -141,8 +161,9 @@ def main() -> None:
         st.encode(st_passages, batch_size=32)
         results["st_fp32_rows"] = len(st_passages)
         results["st_fp32_rows_s"] = len(st_passages) / (time.perf_counter() - start)
-    results["job_vs_in_process"] = results["job_fp32"]["rows_s"] / results[
-        "in_process_fp32_rows_s"]
+    for key in ("", "_before", "_after"):
+        results[f"job_vs_in_process{key}"] = results["job_fp32"]["rows_s"] / results[
+            f"in_process_fp32_rows_s{key}"]
     if "st_fp32_rows_s" in results:
         results["job_bf16_vs_st_fp32"] = results["job_bf16"]["rows_s"] / results[
             "st_fp32_rows_s"]
