@@ -50,7 +50,8 @@ TWO_NODES = textwrap.dedent("""
     from pathlib import Path
 
     model_dir, tmp = Path(sys.argv[1]), Path(sys.argv[2])
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 1, "include_dashboard": False})
     cluster.add_node(num_cpus=1)
     env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     ray.init(address=cluster.address, runtime_env={"env_vars": env}, log_to_driver=False)

@@ -19,7 +19,8 @@ from pipelines.embed_corpus import EmbedConfig, run  # noqa: E402
 
 def main() -> None:
     source, output, model = sys.argv[1:4]
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4})
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 4, "include_dashboard": False})
     cluster.add_node(num_cpus=4)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
