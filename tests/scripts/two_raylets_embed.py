@@ -12,6 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import ray  # noqa: E402
+import ray.data  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from pipelines.embed_corpus import EmbedConfig, run  # noqa: E402
@@ -24,6 +25,9 @@ def main() -> None:
     cluster.add_node(num_cpus=4)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
+    # Ray Data starts pool actors asynchronously: on a busy machine the first actor up
+    # could encode everything before the second is ready. Wait for both.
+    ray.data.DataContext.get_current().wait_for_min_actors_s = 300
     try:
         # 2.5 of a node's 4 logical CPUs per actor: one actor fits per node, so the pool
         # spans both raylets, and 1.5 CPUs per node stay free for read/write tasks.
