@@ -48,7 +48,7 @@ class EmbedConfig:
     accelerator_type: str | None = None
     cpus_per_actor: float = 1.0
     # Rows per Ray Data batch: also the window the actor length-sorts into micro-batches,
-    # so larger means less padding (NFCorpus windows: 5.0% padded at 512, 1.2% at 8192).
+    # so larger means less padding (bench/batch_padding.py: 4.9% padded at 512, 1.2% at 4096).
     batch_rows: int = 4096
     max_tokens_per_batch: int | None = None
     mode: Literal["full", "incremental"] = "full"
