@@ -23,7 +23,7 @@ from pipelines.embed_corpus import EmbedConfig, run
 from tests.embed_helpers import assert_matches_encoder, read_output, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(420)]
 
 
 def _job_env(**extra: str) -> dict[str, str]:

@@ -70,6 +70,7 @@ TWO_NODES = textwrap.dedent("""
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_workers_on_two_raylets_train_and_save_a_loadable_model(tiny_bert_dir, tmp_path):
     # A separate process: this pytest process may already hold the session's Ray instance.
