@@ -138,21 +138,35 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+def start_ray() -> None:
+    """Connect to the cluster `RAY_ADDRESS` names, or start a local Ray; the one place jobs
+    start Ray (their `run(cfg)` functions expect it started, as tests do with a fixture)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+
+
 def run_main(
     prog: str,
     cls: type[C],
     job: Callable[[C], object],
     argv: list[str] | None = None,
     errors: tuple[type[Exception], ...] = (),
+    uses_ray: bool = True,
 ) -> int:
-    """A job's CLI entry: parse flags/YAML into `cls`, run `job`, return the exit status.
+    """A job's CLI entry: parse flags/YAML into `cls`, start Ray, run `job`, return the status.
 
     Bad flags, config or input (`ConfigError`, `ValueError`, `FileNotFoundError` and
     `errors`) print one line ``prog: error: ...`` to stderr and return 2, without a trace.
+    Ray starts after the flags parse, so a bad flag answers at once.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        job(parse_config(cls, argv))
+        cfg = parse_config(cls, argv)
+        if uses_ray:
+            start_ray()
+        job(cfg)
     except (ConfigError, ValueError, FileNotFoundError, *errors) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
