@@ -109,9 +109,33 @@ def sample_negatives(
     return [pool[i] for i in picks]
 
 
+def top_up(negatives: list[str], corpus: Sequence[str], banned: set[str], number: int,
+           rng: np.random.Generator) -> list[str]:
+    """Fill a short list with random corpus passages, as FlagEmbedding's hn_mine does, but
+    never with a banned text (a positive, the query) or one already in the list.
+
+    FlagEmbedding 1.0.x tops up with ``random.sample(corpus, n)``, which can pick a
+    positive (a false negative in training) or repeat a mined negative.
+    """
+    chosen = list(negatives)
+    taken = banned | set(chosen)
+    rounds = 0
+    while len(chosen) < number and rounds < 8:  # rejection sampling: cheap on big corpora
+        need = number - len(chosen)
+        draws = rng.choice(len(corpus), size=min(len(corpus), 2 * need + 8), replace=False)
+        for i in draws.tolist():
+            if corpus[i] not in taken and len(chosen) < number:
+                chosen.append(corpus[i])
+                taken.add(corpus[i])
+        rounds += 1
+    if len(chosen) < number:  # nearly every passage is banned: a tiny corpus, scan it all
+        chosen += [t for t in dict.fromkeys(corpus) if t not in taken][: number - len(chosen)]
+    return chosen
+
+
 def mine_negatives(
     examples: Sequence[Mapping[str, Any]], ranked: Sequence[Sequence[str]], window: SampleRange,
-    number: int, seed: int,
+    number: int, seed: int, corpus: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Examples with `neg` replaced by mined negatives (other fields kept as they were).
 
@@ -122,6 +146,8 @@ def mine_negatives(
         window: rank window to draw from.
         number: negatives per example.
         seed: base seed; example ``i`` draws with ``default_rng([seed, i])``.
+        corpus: when given, a list short of `number` is topped up with random passages
+            from it (`top_up`), as FlagEmbedding does; None leaves it short.
     """
     if len(ranked) != len(examples):
         raise ValueError(f"{len(ranked)} rankings for {len(examples)} examples")
@@ -131,5 +157,7 @@ def mine_negatives(
     for i, (example, texts) in enumerate(zip(examples, ranked)):
         rng = np.random.default_rng([seed, i])
         negs = sample_negatives(texts, example["pos"], example["query"], window, number, rng)
+        if corpus is not None and len(negs) < number:
+            negs = top_up(negs, corpus, {*example["pos"], example["query"]}, number, rng)
         out.append({**example, "neg": negs})
     return out

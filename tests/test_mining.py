@@ -81,6 +81,25 @@ def test_small_window_returns_all_candidates() -> None:
     assert negs == ["a", "c"]
 
 
+def test_short_lists_are_topped_up_never_with_a_positive_or_the_query() -> None:
+    examples = [{"query": "q", "pos": ["p1", "p2"]}, {"query": "r", "pos": ["a"]}]
+    corpus = ["p1", "p2", "q", "a", "b", "c", "d", "e"]
+    ranked = [["p1", "a", "b"], ["a", "b", "c"]]  # windows hold 1 and 2 usable negatives
+    for seed in range(20):
+        mined = mine_negatives(examples, ranked, SampleRange(0, 3), 4, seed, corpus=corpus)
+        for example, out in zip(examples, mined):
+            assert len(out["neg"]) == len(set(out["neg"])) == 4
+            assert not set(out["neg"]) & {*example["pos"], example["query"]}
+        assert mined[1]["neg"][:2] == ["b", "c"]  # mined ones first, in rank order
+    # a corpus with too few usable passages gives all it has, never a banned one
+    short = mine_negatives(examples[:1], ranked[:1], SampleRange(0, 3), 10, 0,
+                           corpus=["p1", "q", "a", "b"])
+    assert sorted(short[0]["neg"]) == ["a", "b"]
+    # without a corpus the list stays short (the mined ones only)
+    assert mine_negatives(examples[:1], ranked[:1], SampleRange(0, 3), 4, 0)[0]["neg"] == \
+        ["a", "b"]
+
+
 def test_corpus_is_pool_or_all_pos_and_neg_deduplicated() -> None:
     examples = [{"query": "q1", "pos": ["a", "b"], "neg": ["c"]},
                 {"query": "q2", "pos": ["b"], "neg": ["d", "a"]}]
