@@ -85,12 +85,13 @@ class ActorMemory(threading.Thread):
 
 
 def run_job(source: Path, out: Path, dtype: str) -> dict:
+    from pipelines.cli import make_config
     from pipelines.embed_corpus import EmbedConfig, run
 
     sampler = ActorMemory()
     sampler.start()
     start = time.perf_counter()
-    manifest = run(EmbedConfig(input=str(source), output=str(out), dtype=dtype,
+    manifest = run(make_config(EmbedConfig, input=str(source), output=str(out), dtype=dtype,
                                cpus_per_actor=2, log_every_s=30))
     wall = time.perf_counter() - start
     sampler.stop.set()

@@ -93,6 +93,7 @@ def ray_job_on_gpu(model: Path, work: Path) -> dict:
     import pyarrow.parquet as pq
     import ray
 
+    from pipelines.cli import make_config
     from pipelines.embed_corpus import EmbedConfig, run
 
     (work / "corpus").mkdir()
@@ -101,7 +102,7 @@ def ray_job_on_gpu(model: Path, work: Path) -> dict:
                    work / "corpus" / "c.parquet")
     ray.init(log_to_driver=False)
     start = time.perf_counter()
-    manifest = run(EmbedConfig(input=str(work / "corpus"), output=str(work / "out"),
+    manifest = run(make_config(EmbedConfig, input=str(work / "corpus"), output=str(work / "out"),
                                model=str(model), dtype="bf16", gpus_per_actor=1,
                                num_actors="1", batch_rows=1024))
     return {"rows": manifest["rows_written"], "wall_s": time.perf_counter() - start}

@@ -28,11 +28,12 @@ MODEL = "all-MiniLM-L6-v2"
 
 
 def evaluate(model: str, workdir: Path, tag: str) -> dict:
+    from pipelines.cli import make_config
     from pipelines.evaluate import EvaluateConfig, run
 
-    cfg = EvaluateConfig(model=model, beir_dir=str(DATA), split="test", k_values="1,10,100",
-                         output=str(workdir / f"metrics_{tag}.json"),
-                         run_file=str(workdir / f"run_{tag}.trec"))
+    cfg = make_config(EvaluateConfig, model=model, beir_dir=str(DATA), split="test",
+                      k_values="1,10,100", output=str(workdir / f"metrics_{tag}.json"),
+                      run_file=str(workdir / f"run_{tag}.trec"))
     return run(cfg)["metrics"]
 
 
@@ -52,10 +53,11 @@ def write_training_data(workdir: Path, n_queries: int) -> tuple[Path, Path]:
 
 
 def mine(workdir: Path, n_queries: int) -> dict:
+    from pipelines.cli import make_config
     from pipelines.mine_hard_negatives import MineConfig, run
 
     train_file, pool_file = write_training_data(workdir, n_queries)
-    return run(MineConfig(model_name_or_path=MODEL, input_file=str(train_file),
+    return run(make_config(MineConfig, model_name_or_path=MODEL, input_file=str(train_file),
                           candidate_pool=str(pool_file), output_file=str(workdir / "mined.jsonl"),
                           range_for_sampling="2-200", negative_number=15, seed=42))
 

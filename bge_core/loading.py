@@ -28,7 +28,6 @@ class ResolvedModel:
     folder: Path
     name: str
     settings: dict[str, Any]
-    described: bool  # True when some source said how to pool (not just defaults)
 
 
 def _download(hub_id: str) -> Path:
@@ -66,11 +65,10 @@ def resolve_model(name_or_path: str) -> ResolvedModel:
     st_settings = read_st_settings(folder)
     bge_settings = read_bge_config(folder)
     settings = {**st_settings, **(preset.settings if preset else {}), **bge_settings}
-    described = bool(st_settings or preset or bge_settings)
-    if not described:
+    if not (st_settings or preset or bge_settings):
         log.warning(
             "%s does not say how to pool (no bge_config.json, modules.json or preset): "
             "using CLS pooling + L2 normalisation, as BGE does", name_or_path
         )
     name = preset.name if preset else name_or_path
-    return ResolvedModel(folder=folder, name=name, settings=settings, described=described)
+    return ResolvedModel(folder=folder, name=name, settings=settings)

@@ -3,7 +3,10 @@
 `parse_config(JobConfig, argv)` reads an optional ``--config file.yaml`` (local or any
 fsspec URI), then applies the command-line flags on top. Unknown YAML keys and bad values
 are errors that name the file and key. Flags accept both ``--snake_case`` (FlagEmbedding's
-spelling) and ``--kebab-case``.
+spelling) and ``--kebab-case``. A field whose type is itself a dataclass is an option group
+(`pipelines.encode_options.EncodeOptions`): its fields are top-level flags and YAML keys,
+so every job that nests it has the same flags, defaults and checks. A class's ``ALIASES``
+keep older flag spellings working (``--model_name_or_path`` = ``--model``).
 """
 
 from __future__ import annotations
@@ -75,25 +78,63 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def _is_group(tp: Any) -> bool:
+    """A nested option group (e.g. `EncodeOptions`): its fields become top-level flags."""
+    return dataclasses.is_dataclass(tp) and isinstance(tp, type)
+
+
+def flat_fields(cls: type) -> dict[str, tuple[Any, Any]]:
+    """Every setting of `cls` as flag name → (type, default), option groups expanded."""
+    hints = _field_types(cls)
+    out: dict[str, tuple[Any, Any]] = {}
+    for field in dataclasses.fields(cls):
+        tp = hints[field.name]
+        if _is_group(tp):
+            out.update(flat_fields(tp))
+            continue
+        default = field.default if field.default is not dataclasses.MISSING else None
+        out[field.name] = (tp, default)
+    return out
+
+
+def aliases(cls: type) -> dict[str, Any]:
+    """Older flag spellings (`ALIASES` of `cls` and of its option groups), name → `Alias`."""
+    found = dict(getattr(cls, "ALIASES", {}))
+    hints = _field_types(cls)
+    for field in dataclasses.fields(cls):
+        if _is_group(hints[field.name]):
+            found.update(aliases(hints[field.name]))
+    return found
+
+
+def _flag_names(name: str) -> list[str]:
+    return list(dict.fromkeys([f"--{name}", f"--{name.replace('_', '-')}"]))
+
+
+def _add_flag(parser: argparse.ArgumentParser, name: str, tp: Any, help_text: str) -> None:
+    base, _ = _strip_optional(tp)
+    if base is bool:
+        parser.add_argument(*_flag_names(name), dest=name, nargs="?", const="true",
+                            help=help_text)
+    elif get_origin(base) is Literal:
+        parser.add_argument(*_flag_names(name), dest=name, choices=get_args(base),
+                            help=help_text)
+    else:
+        parser.add_argument(*_flag_names(name), dest=name, help=help_text)
+
+
 def build_parser(cls: type, description: str | None = None) -> argparse.ArgumentParser:
-    """An argparse parser with one flag per field of the dataclass `cls` (+ ``--config``)."""
+    """An argparse parser with one flag per setting of `cls` (+ aliases and ``--config``)."""
     parser = argparse.ArgumentParser(
         description=description or (cls.__doc__ or "").strip().split("\n")[0],
         argument_default=argparse.SUPPRESS,
+        allow_abbrev=False,  # a prefix of a flag is an unknown flag, not a guess
     )
     parser.add_argument("--config", help="YAML file (local path or fsspec URI) of settings")
-    hints = _field_types(cls)
-    for field in dataclasses.fields(cls):
-        names = list(dict.fromkeys([f"--{field.name}", f"--{field.name.replace('_', '-')}"]))
-        base, _ = _strip_optional(hints[field.name])
-        default = field.default if field.default is not dataclasses.MISSING else None
-        help_text = f"(default: {default!r})"
-        if base is bool:
-            parser.add_argument(*names, dest=field.name, nargs="?", const="true", help=help_text)
-        elif get_origin(base) is Literal:
-            parser.add_argument(*names, dest=field.name, choices=get_args(base), help=help_text)
-        else:
-            parser.add_argument(*names, dest=field.name, help=help_text)
+    for name, (tp, default) in flat_fields(cls).items():
+        _add_flag(parser, name, tp, f"(default: {default!r})")
+    for name, alias in aliases(cls).items():
+        _add_flag(parser, name, alias.type, f"alias: {alias.help}")
     return parser
 
 
@@ -111,17 +152,64 @@ def load_yaml(path: str) -> dict[str, Any]:
     return data
 
 
-def config_from_dict(cls: type[C], values: dict[str, Any], source: str = "config") -> C:
-    """Build the frozen config `cls` from `values`; unknown keys and bad types raise."""
+def _expand_aliases(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
+    """Replace alias keys by the canonical settings they stand for (those win if both given)."""
+    table = aliases(cls)
+    out = {k: v for k, v in values.items() if k not in table}
+    for name in [k for k in values if k in table]:
+        alias = table[name]
+        value = _coerce(f"{source}: {name}", alias.type, values[name])
+        for key, expanded in alias.expand(value).items():
+            out.setdefault(key, expanded)
+    return out
+
+
+def _build(cls: type[C], flat: dict[str, Any], source: str) -> C:
+    """Build `cls` from coerced flat values, routing each to its option group."""
     hints = _field_types(cls)
-    unknown = sorted(set(values) - set(hints))
+    kwargs: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):
+        tp = hints[field.name]
+        if _is_group(tp):
+            kwargs[field.name] = _build(tp, flat, source)
+        elif field.name in flat:
+            kwargs[field.name] = flat[field.name]
+    return cls(**kwargs)
+
+
+def _flatten(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """Nested group mappings (as `config_to_dict` writes them) → flat keys."""
+    hints = _field_types(cls)
+    flat = dict(values)
+    for field in dataclasses.fields(cls):
+        if _is_group(hints[field.name]) and isinstance(flat.get(field.name), dict):
+            flat.update(_flatten(hints[field.name], flat.pop(field.name)))
+    return flat
+
+
+def config_from_dict(cls: type[C], values: dict[str, Any], source: str = "config") -> C:
+    """Build the frozen config `cls` from flat (or nested) `values`; unknown keys raise.
+
+    Keys are the flag names: option groups' fields are top-level keys, aliases allowed.
+    """
+    values = _expand_aliases(cls, _flatten(cls, values), source)
+    fields = flat_fields(cls)
+    unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ConfigError(f"{source}: unknown keys {unknown}; known: {sorted(hints)}")
-    coerced = {k: _coerce(f"{source}: {k}", hints[k], v) for k, v in values.items()}
+        raise ConfigError(f"{source}: unknown keys {unknown}; known: {sorted(fields)}")
+    coerced = {k: _coerce(f"{source}: {k}", fields[k][0], v) for k, v in values.items()}
     try:
-        return cls(**coerced)
+        return _build(cls, coerced, source)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{source}: {err}") from err
+
+
+def make_config(cls: type[C], **settings: Any) -> C:
+    """`cls` from settings named as the flags are (option groups flat, aliases allowed)::
+
+        make_config(EmbedConfig, input="corpus/", model="bge-base-en-v1.5", batch_rows=512)
+    """
+    return config_from_dict(cls, settings, source=cls.__name__)
 
 
 def parse_config(cls: type[C], argv: list[str] | None = None, description: str | None = None) -> C:
@@ -130,12 +218,18 @@ def parse_config(cls: type[C], argv: list[str] | None = None, description: str |
     config_path = namespace.pop("config", None)
     values = load_yaml(config_path) if config_path else {}
     source = config_path or "command line"
-    return config_from_dict(cls, {**values, **namespace}, source=source)
+    merged = {**_expand_aliases(cls, values, source), **_expand_aliases(cls, namespace, source)}
+    return config_from_dict(cls, merged, source=source)
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
     """A plain dict of a config, for sending to Ray workers (rebuild with `config_from_dict`)."""
     return dataclasses.asdict(config)
+
+
+def flat_values(config: Any) -> dict[str, Any]:
+    """A config's settings by flag name (option groups expanded), e.g. to compare with YAML."""
+    return _flatten(type(config), config_to_dict(config))
 
 
 def start_ray() -> None:
@@ -154,16 +248,20 @@ def run_main(
     argv: list[str] | None = None,
     errors: tuple[type[Exception], ...] = (),
     uses_ray: bool = True,
+    preflight: Callable[[C], object] | None = None,
 ) -> int:
     """A job's CLI entry: parse flags/YAML into `cls`, start Ray, run `job`, return the status.
 
     Bad flags, config or input (`ConfigError`, `ValueError`, `FileNotFoundError` and
     `errors`) print one line ``prog: error: ...`` to stderr and return 2, without a trace.
-    Ray starts after the flags parse, so a bad flag answers at once.
+    Ray starts after the flags parse and `preflight(cfg)` (cheap input checks) pass, so a
+    bad flag or a missing file answers at once.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         cfg = parse_config(cls, argv)
+        if preflight is not None:
+            preflight(cfg)
         if uses_ray:
             start_ray()
         job(cfg)

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.corpus_io import Chunk, InputError, file_key, list_input_files, plan_file
-from pipelines.embed_corpus import EmbedConfig
+from pipelines.embed_config import EmbedConfig
 from pipelines.embed_output import MANIFEST, OutputState, list_parts, read_table, write_table
 from pipelines.embed_plan import compute_plan
 from pipelines.embed_stages import copy_kept, read_for_encoding, write_encoded
@@ -42,12 +42,7 @@ class EmbedJob:
         self.seconds: dict[str, float] = {}  # wall time of the plan and encode stages
 
     def run(self) -> dict[str, Any]:
-        import ray
-
         started = _now()
-        if not ray.is_initialized():
-            ray.init(log_to_driver=False)
-        ray.data.DataContext.get_current().enable_progress_bars = False
         model = self._describe_model()
         previous = self._previous_parts(model["model_fingerprint"])
         self._claim_output(model, incremental=previous is not None)
@@ -76,9 +71,10 @@ class EmbedJob:
     def _describe_model(self) -> dict[str, Any]:
         from bge_core.model import Encoder
 
-        overrides = {"max_length": self.cfg.max_length} if self.cfg.max_length else {}
-        encoder = Encoder.from_pretrained(self.cfg.model, device="cpu", **overrides)
-        info = {"model": self.cfg.model, "model_fingerprint": encoder.fingerprint(),
+        enc = self.cfg.encode
+        overrides = {"max_length": enc.max_length} if enc.max_length else {}
+        encoder = Encoder.from_pretrained(enc.model, device="cpu", **overrides)
+        info = {"model": enc.model, "model_fingerprint": encoder.fingerprint(),
                 "pooling": encoder.config.pooling, "normalize": encoder.config.normalize,
                 "max_length": encoder.config.max_length, "dim": encoder.dim}
         log.info("model %s (fingerprint %s): %s pooling, normalize=%s, max %d tokens, dim %d",
@@ -103,7 +99,7 @@ class EmbedJob:
     def _claim_output(self, model: dict[str, Any], incremental: bool) -> None:
         """Record what this output holds; refuse to mix runs of different settings."""
         record = {**model, "id_column": self.cfg.id_column, "text_column": self.cfg.text_column,
-                  "title_column": self.cfg.title_column, "dtype": self.cfg.dtype,
+                  "title_column": self.cfg.title_column, "dtype": self.cfg.encode.dtype,
                   "embedding_dtype": self.cfg.embedding_dtype, "input": self.cfg.input,
                   "incremental": incremental, "previous": self.cfg.previous}
         existing = self.state.read_json("_state", "run.json")
@@ -173,7 +169,8 @@ class EmbedJob:
             read_for_encoding, batch_size=1, batch_format="numpy", num_cpus=0.5,
             fn_kwargs={"cfg": self.cfg.stage_dict(), "losers": plan["losers"],
                        "to_encode": plan["to_encode"]})
-        ds = encode_dataset(ds, self.cfg.encode_options()).map_batches(
+        ds = encode_dataset(ds, self.cfg.encode, embedding_dtype=self.cfg.embedding_dtype)
+        ds = ds.map_batches(
             write_encoded, batch_format="pyarrow", batch_size=None, num_cpus=0.25,
             fn_kwargs={"output": self.cfg.output, "id_column": self.cfg.id_column})
         tracker = _FileTracker(self.state, chunks_of)
@@ -199,7 +196,7 @@ class EmbedJob:
             for key in ("rows", "written", "rejected", "truncated", "kept_rows"):
                 totals[key] += marker.get(key, 0)
         manifest = {
-            **model, "dtype": self.cfg.dtype, "embedding_dtype": self.cfg.embedding_dtype,
+            **model, "dtype": self.cfg.encode.dtype, "embedding_dtype": self.cfg.embedding_dtype,
             "input": self.cfg.input, "output": self.cfg.output, "mode": self.cfg.mode,
             "previous": self.cfg.previous, "id_column": self.cfg.id_column,
             "rows_in": totals["rows"], "rows_rejected": totals["rejected"],

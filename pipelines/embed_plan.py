@@ -23,8 +23,6 @@ from pipelines.corpus_io import Chunk, id_array, text_hash
 from pipelines.embed_output import read_table
 from pipelines.embed_stages import read_valid
 
-PLAN_SCHEMA_FIELDS = ("kind", "key", "id")
-
 
 def chunk_keys(chunk: Chunk, cfg: dict[str, Any]) -> pa.Table:
     """(id, hash, key, side=0) of the valid rows of one input chunk."""

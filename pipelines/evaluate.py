@@ -17,18 +17,16 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import ray
 
 from bge_core.beir import load_beir
-from bge_core.config import DType
 from bge_core.metrics import evaluate_run, format_table, rank_documents, spearman
 from pipelines.cli import run_main
-from pipelines.ray_encode import EncodeOptions
+from pipelines.encode_options import EncodeOptions, SearchOptions
 from pipelines.ray_search import encode_corpus, encode_texts, query_instruction, search_corpus
 
 log = logging.getLogger(__name__)
@@ -36,9 +34,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, kw_only=True)
 class EvaluateConfig:
-    """Evaluate a model: BEIR retrieval (`beir_dir`) or STS Spearman (`sts`)."""
+    """Evaluate a model: BEIR retrieval (`beir_dir`) or STS Spearman (`sts`).
 
-    model: str
+    Args:
+        encode: model, precision, actor pool and batch sizes (flags shared by every job).
+        search: exact top-k search over corpus shards.
+    """
+
     beir_dir: str | None = None
     split: str = "test"
     sts: str | None = None
@@ -47,15 +49,8 @@ class EvaluateConfig:
     query_instruction_for_retrieval: str | None = None
     k_values: str = "1,3,5,10,100,1000"
     ignore_identical_ids: bool = True
-    dtype: DType = "fp32"
-    max_length: int | None = None
-    num_actors: str = "1"
-    gpus_per_actor: float = 0.0
-    cpus_per_actor: float = 1.0
-    batch_rows: int = 1024
-    max_tokens_per_batch: int | None = None
-    search_shard_rows: int = 65536
-    search_cpus: float = 1.0
+    encode: EncodeOptions = field(default_factory=EncodeOptions)
+    search: SearchOptions = field(default_factory=SearchOptions)
 
     def __post_init__(self) -> None:
         if (self.beir_dir is None) == (self.sts is None):
@@ -67,34 +62,24 @@ class EvaluateConfig:
                              f"{self.k_values!r}") from None
         if min(ks) < 1:
             raise ValueError(f"--k_values must be positive, got {self.k_values!r}")
-        if self.search_shard_rows < 1:
-            raise ValueError(f"--search_shard_rows must be >= 1, got {self.search_shard_rows}")
 
     @property
     def ks(self) -> list[int]:
         return sorted({int(k) for k in self.k_values.split(",")})
 
-    def encode_options(self) -> EncodeOptions:
-        return EncodeOptions(
-            model=self.model, dtype=self.dtype, max_length=self.max_length,
-            num_actors=self.num_actors, gpus_per_actor=self.gpus_per_actor,
-            cpus_per_actor=self.cpus_per_actor, batch_rows=self.batch_rows,
-            max_tokens_per_batch=self.max_tokens_per_batch)
-
 
 def retrieve(cfg: EvaluateConfig, corpus_texts: list[str], query_texts: list[str],
              k: int) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
     """Encode on Ray and search: (scores, corpus rows) each (Q, k'), and seconds per stage."""
-    opts = cfg.encode_options()
+    opts = cfg.encode
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    instruction = query_instruction(cfg.model, cfg.query_instruction_for_retrieval)
+    instruction = query_instruction(opts.model, cfg.query_instruction_for_retrieval)
     queries = encode_texts(query_texts, opts, prefix=instruction)  # (Q, D)
     timings["encode_queries_s"] = time.perf_counter() - start
     start = time.perf_counter()
     corpus = encode_corpus(corpus_texts, opts)  # lazy: encoded while shards are searched
-    scores, rows = search_corpus(corpus, queries, k, shard_rows=cfg.search_shard_rows,
-                                 num_cpus=cfg.search_cpus, use_gpu=cfg.gpus_per_actor > 0)
+    scores, rows = search_corpus(corpus, queries, k, cfg.search)
     timings["encode_corpus_and_search_s"] = time.perf_counter() - start
     return scores, rows, timings
 
@@ -118,7 +103,7 @@ def write_trec_run(run: dict[str, dict[str, float]], path: str, tag: str = "bge-
 
 
 def evaluate_beir(cfg: EvaluateConfig) -> dict[str, Any]:
-    """Retrieval metrics of `cfg.model` on one split of a BEIR folder."""
+    """Retrieval metrics of `cfg.encode.model` on one split of a BEIR folder."""
     assert cfg.beir_dir is not None
     data = load_beir(cfg.beir_dir, cfg.split)
     qids = list(data.queries)
@@ -129,12 +114,13 @@ def evaluate_beir(cfg: EvaluateConfig) -> dict[str, Any]:
     means, _ = evaluate_run(run, data.qrels, cfg.ks)
     if cfg.run_file:
         write_trec_run(run, cfg.run_file)
-    print(f"{cfg.model} on {cfg.beir_dir} [{cfg.split}]: {len(qids)} queries, "
+    print(f"{cfg.encode.model} on {cfg.beir_dir} [{cfg.split}]: {len(qids)} queries, "
           f"{len(data.corpus_ids)} documents")
     print(format_table(means, cfg.ks))
-    return {"model": cfg.model, "dataset": str(cfg.beir_dir), "split": cfg.split,
+    return {"model": cfg.encode.model, "dataset": str(cfg.beir_dir), "split": cfg.split,
             "num_queries": len(qids), "num_docs": len(data.corpus_ids),
-            "query_instruction": query_instruction(cfg.model, cfg.query_instruction_for_retrieval),
+            "query_instruction": query_instruction(cfg.encode.model,
+                                                   cfg.query_instruction_for_retrieval),
             "metrics": means, "timings": timings}
 
 
@@ -161,19 +147,17 @@ def evaluate_sts(cfg: EvaluateConfig) -> dict[str, Any]:
     assert cfg.sts is not None
     left, right, gold = read_sts(cfg.sts)
     start = time.perf_counter()
-    vectors = encode_texts(left + right, cfg.encode_options()).astype(np.float64)  # (2n, D)
+    vectors = encode_texts(left + right, cfg.encode).astype(np.float64)  # (2n, D)
     vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
     cosine = np.sum(vectors[: len(left)] * vectors[len(left):], axis=1)  # (n,)
     value = 100.0 * spearman(cosine, gold)
-    print(f"{cfg.model} on {cfg.sts}: {len(gold)} pairs, Spearman x100 = {value:.2f}")
-    return {"model": cfg.model, "dataset": cfg.sts, "num_pairs": len(gold),
+    print(f"{cfg.encode.model} on {cfg.sts}: {len(gold)} pairs, Spearman x100 = {value:.2f}")
+    return {"model": cfg.encode.model, "dataset": cfg.sts, "num_pairs": len(gold),
             "metrics": {"spearman": value}, "timings": {"encode_s": time.perf_counter() - start}}
 
 
 def run(cfg: EvaluateConfig) -> dict[str, Any]:
     """Evaluate, print the table, write `cfg.output` JSON (if set) and return the result."""
-    if not ray.is_initialized():
-        ray.init()
     result = evaluate_beir(cfg) if cfg.beir_dir else evaluate_sts(cfg)
     if cfg.output:
         Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)

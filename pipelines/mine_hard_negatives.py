@@ -20,13 +20,10 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-import ray
-
-from bge_core.config import DType
 from bge_core.mining import (
     SampleRange,
     build_corpus,
@@ -35,7 +32,7 @@ from bge_core.mining import (
     read_examples,
 )
 from pipelines.cli import run_main
-from pipelines.ray_encode import EncodeOptions
+from pipelines.encode_options import Alias, EncodeOptions, SearchOptions
 from pipelines.ray_search import encode_corpus, encode_texts, query_instruction, search_corpus
 
 log = logging.getLogger(__name__)
@@ -43,71 +40,70 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, kw_only=True)
 class MineConfig:
-    """Mine hard negatives for FlagEmbedding-style training data."""
+    """Mine hard negatives for FlagEmbedding-style training data.
 
-    model_name_or_path: str
+    Args:
+        encode: model (``--model_name_or_path`` or ``--model``), precision, actor pool and
+            batch sizes (flags shared by every job).
+        search: exact top-k search over corpus shards (``--use_gpu_for_searching``).
+    """
+
     input_file: str
     output_file: str
     candidate_pool: str | None = None
     range_for_sampling: str = "10-210"
     negative_number: int = 15
     query_instruction_for_retrieval: str | None = None
-    use_gpu: bool = False
     seed: int = 42
-    dtype: DType = "fp32"
-    max_length: int | None = None
-    num_actors: str = "1"
-    cpus_per_actor: float = 1.0
-    batch_rows: int = 1024
-    max_tokens_per_batch: int | None = None
-    search_shard_rows: int = 65536
-    search_cpus: float = 1.0
+    encode: EncodeOptions = field(default_factory=EncodeOptions)
+    search: SearchOptions = field(default_factory=SearchOptions)
+
+    # Earlier releases of this job: one flag for GPU encoding and GPU search.
+    ALIASES: ClassVar[dict[str, Alias]] = {
+        "use_gpu": Alias(bool, lambda on: {"gpus_per_actor": 1.0 if on else 0.0,
+                                           "use_gpu_for_searching": on},
+                         "same as --gpus-per-actor 1 --use_gpu_for_searching"),
+    }
 
     def __post_init__(self) -> None:
         SampleRange.parse(self.range_for_sampling)  # fail at parse time, naming the flag
         if self.negative_number < 1:
             raise ValueError(f"--negative_number must be >= 1, got {self.negative_number}")
 
-    def encode_options(self) -> EncodeOptions:
-        return EncodeOptions(
-            model=self.model_name_or_path, dtype=self.dtype, max_length=self.max_length,
-            num_actors=self.num_actors, gpus_per_actor=1.0 if self.use_gpu else 0.0,
-            cpus_per_actor=self.cpus_per_actor, batch_rows=self.batch_rows,
-            max_tokens_per_batch=self.max_tokens_per_batch)
-
 
 def run(cfg: MineConfig) -> dict[str, Any]:
     """Mine, write `cfg.output_file` and return a summary (counts and seconds per stage)."""
-    if not ray.is_initialized():
-        ray.init()
     window = SampleRange.parse(cfg.range_for_sampling)
     examples = read_examples(cfg.input_file)
     pool = read_candidate_pool(cfg.candidate_pool) if cfg.candidate_pool else None
     corpus = build_corpus(examples, pool)
-    opts = cfg.encode_options()
-    instruction = query_instruction(cfg.model_name_or_path, cfg.query_instruction_for_retrieval)
+    opts = cfg.encode
+    instruction = query_instruction(opts.model, cfg.query_instruction_for_retrieval)
 
     start = time.perf_counter()
     queries = encode_texts([ex["query"] for ex in examples], opts, prefix=instruction)  # (Q, D)
     encoded_queries = time.perf_counter()
-    scores, rows = search_corpus(encode_corpus(corpus, opts), queries, window.end,
-                                 shard_rows=cfg.search_shard_rows, num_cpus=cfg.search_cpus,
-                                 use_gpu=cfg.use_gpu)
+    scores, rows = search_corpus(encode_corpus(corpus, opts), queries, window.end, cfg.search)
     searched = time.perf_counter()
     ranked = [[corpus[r] for r in row] for row in rows.tolist()]
-    mined = mine_negatives(examples, ranked, window, cfg.negative_number, cfg.seed)
+    mined = mine_negatives(examples, ranked, window, cfg.negative_number, cfg.seed, corpus)
+    topped_up = sum(not set(ex["neg"]) <= set(r[window.start:window.end])
+                    for ex, r in zip(mined, ranked))
 
     Path(cfg.output_file).parent.mkdir(parents=True, exist_ok=True)
     with open(cfg.output_file, "w", encoding="utf-8") as handle:
         for example in mined:
             handle.write(json.dumps(example, ensure_ascii=False) + "\n")
     short = sum(len(ex["neg"]) < cfg.negative_number for ex in mined)
-    empty = sum(not ex["neg"] for ex in mined)
-    if empty:
-        log.warning("%d of %d examples got no negative: the window %s holds only positives "
-                    "(a larger corpus or range helps)", empty, len(mined), cfg.range_for_sampling)
+    if topped_up:
+        log.info("%d of %d examples had fewer than %d negatives in the window %s: topped up "
+                 "with random passages (never a positive or the query)", topped_up,
+                 len(mined), cfg.negative_number, cfg.range_for_sampling)
+    if short:
+        log.warning("%d of %d examples are short of negatives: the corpus holds too few "
+                    "passages other than their positives", short, len(mined))
     summary = {"examples": len(mined), "corpus": len(corpus), "query_instruction": instruction,
-               "short_of_negatives": short, "without_negatives": empty,
+               "topped_up": topped_up, "short_of_negatives": short,
                "encode_queries_s": encoded_queries - start,
                "encode_corpus_and_search_s": searched - encoded_queries,
                "output_file": cfg.output_file}

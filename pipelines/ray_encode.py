@@ -5,6 +5,7 @@ once per actor, forward only, GPU when asked) → the caller writes. `encode_dat
 them onto any dataset with a text column::
 
     ds = encode_dataset(ray.data.read_parquet(uri), EncodeOptions(model="bge-base-en-v1.5"))
+    # (EncodeOptions: pipelines/encode_options.py)
     # adds columns: embedding (fixed-size list of float32/float16), truncated (bool),
     # _node (id of the Ray node whose actor encoded the row)
 """
@@ -13,65 +14,22 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import lru_cache
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 
-from bge_core.config import DType
 from bge_core.loading import resolve_model
 from bge_core.tokenization import TextTokenizer
+from pipelines.encode_options import EncodeOptions
 
 log = logging.getLogger(__name__)
 
 TOKENS_COLUMN = "_tokens"
 NODE_COLUMN = "_node"  # the Ray node that encoded each row (for accounting)
-
-
-@dataclass(frozen=True, kw_only=True)
-class EncodeOptions:
-    """How to encode on Ray.
-
-    Args:
-        model: preset name, local folder or hub id (`Encoder.from_pretrained`).
-        dtype: compute precision on the actors (fp16 needs GPUs).
-        max_length: token limit (default: the model's).
-        num_actors: actor pool size, ``"N"`` or autoscaling ``"MIN,MAX"``.
-        gpus_per_actor: GPUs per actor; > 0 places the model on CUDA.
-        accelerator_type: Ray accelerator type the actors need (e.g. ``"L4"``, ``"A100"``;
-            Ray's `accelerator_type:<type>` node resource); None runs on any node.
-        cpus_per_actor: CPUs per actor (fractions allowed).
-        batch_rows: rows per Ray Data batch sent to an actor.
-        max_tokens_per_batch: padded-token budget of one forward pass (default: the
-            encoder's, 2,048 on CPU and 16,384 on GPU).
-        embedding_dtype: stored precision of the vectors.
-    """
-
-    model: str
-    dtype: DType = "fp32"
-    max_length: int | None = None
-    num_actors: str = "1"
-    gpus_per_actor: float = 0.0
-    accelerator_type: str | None = None
-    cpus_per_actor: float = 1.0
-    batch_rows: int = 1024
-    max_tokens_per_batch: int | None = None
-    embedding_dtype: Literal["float32", "float16"] = "float32"
-
-    def pool_size(self) -> int | tuple[int, int]:
-        """`concurrency` for Ray Data: a fixed size or a (min, max) autoscaling range."""
-        parts = [p.strip() for p in str(self.num_actors).split(",")]
-        try:
-            sizes = [int(p) for p in parts]
-        except ValueError:
-            raise ValueError(f"num_actors must be 'N' or 'MIN,MAX', got {self.num_actors!r}") \
-                from None
-        if len(sizes) not in (1, 2) or min(sizes) < 1 or sizes[0] > sizes[-1]:
-            raise ValueError(f"num_actors must be 'N' or 'MIN,MAX' with 1 <= MIN <= MAX, "
-                             f"got {self.num_actors!r}")
-        return sizes[0] if len(sizes) == 1 else (sizes[0], sizes[1])
+TOKENIZE_CPUS = 0.5  # CPUs per tokenise task
 
 
 @lru_cache(maxsize=4)
@@ -94,12 +52,14 @@ def tokenize_batch(batch: pa.Table, model: str, max_length: int | None,
 class EncodeActor:
     """Actor stage: holds one `Encoder`; turns token ids into an `embedding` column."""
 
-    def __init__(self, options: dict[str, Any]) -> None:
+    def __init__(self, options: dict[str, Any],
+                 embedding_dtype: Literal["float32", "float16"] = "float32") -> None:
         import torch
 
         from bge_core.model import Encoder
 
         self.options = EncodeOptions(**options)
+        self.embedding_dtype = embedding_dtype
         cuda = self.options.gpus_per_actor > 0
         if cuda and not torch.cuda.is_available():
             raise RuntimeError("gpus_per_actor > 0 but this actor sees no CUDA device")
@@ -120,7 +80,7 @@ class EncodeActor:
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.column(TOKENS_COLUMN).to_pylist()
         vectors = self.encoder.encode_tokenized(rows)  # (n, D) float32
-        vectors = vectors.astype(self.options.embedding_dtype, copy=False)
+        vectors = vectors.astype(self.embedding_dtype, copy=False)
         batch = batch.drop_columns([TOKENS_COLUMN])
         batch = batch.append_column("embedding", vectors_to_arrow(vectors))
         return batch.append_column(NODE_COLUMN, pa.array([self.node] * batch.num_rows,
@@ -141,12 +101,6 @@ def arrow_to_vectors(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
 
 
-def _separate_stage() -> dict[str, Any]:
-    """No extra remote args; its presence stops Ray Data from fusing the CPU stage into the
-    actor stage, which would make GPU actors read and tokenise between forward passes."""
-    return {}
-
-
 def _actor_pool(size: int | tuple[int, int]) -> Any:
     import ray.data
 
@@ -155,8 +109,15 @@ def _actor_pool(size: int | tuple[int, int]) -> Any:
     return ray.data.ActorPoolStrategy(min_size=size[0], max_size=size[1])
 
 
+def actor_resources(opts: EncodeOptions) -> dict[str, Any]:
+    """What each encode actor asks Ray for (GPUs, CPUs, GPU type)."""
+    return {"num_gpus": opts.gpus_per_actor or None, "num_cpus": opts.cpus_per_actor,
+            "accelerator_type": opts.accelerator_type}
+
+
 def encode_dataset(ds: Any, opts: EncodeOptions, *, text_column: str = "text",
-                   prefix: str = "") -> Any:
+                   prefix: str = "",
+                   embedding_dtype: Literal["float32", "float16"] = "float32") -> Any:
     """Add `embedding` and `truncated` columns to a Ray Dataset with a text column.
 
     Args:
@@ -164,16 +125,20 @@ def encode_dataset(ds: Any, opts: EncodeOptions, *, text_column: str = "text",
         opts: model, precision, pool size and batch sizes.
         text_column: column to embed.
         prefix: prepended to every text (a query instruction); ``""`` for passages.
+        embedding_dtype: stored precision of the vectors.
     """
+    # Ray Data fuses a task stage into the actor stage only when their remote args match;
+    # GPU actors ask for GPUs and the tokeniser does not, so GPU actors never tokenise
+    # between forward passes (tests check the optimized plan). A CPU actor with
+    # cpus_per_actor == TOKENIZE_CPUS may absorb it, which costs no accelerator time.
     tokenized = ds.map_batches(
         tokenize_batch, batch_format="pyarrow", batch_size=opts.batch_rows,
         fn_kwargs={"model": opts.model, "max_length": opts.max_length,
                    "text_column": text_column, "prefix": prefix},
-        num_cpus=0.5, ray_remote_args_fn=_separate_stage,
+        num_cpus=TOKENIZE_CPUS,
     )
     return tokenized.map_batches(
         EncodeActor, batch_format="pyarrow", batch_size=opts.batch_rows,
-        fn_constructor_kwargs={"options": asdict(opts)}, compute=_actor_pool(opts.pool_size()),
-        num_gpus=opts.gpus_per_actor or None, num_cpus=opts.cpus_per_actor,
-        accelerator_type=opts.accelerator_type,
+        fn_constructor_kwargs={"options": asdict(opts), "embedding_dtype": embedding_dtype},
+        compute=_actor_pool(opts.pool_size()), **actor_resources(opts),
     )

@@ -18,7 +18,8 @@ import ray
 
 from bge_core.loading import resolve_model
 from bge_core.search import RunningTopK, search_shards
-from pipelines.ray_encode import EncodeOptions, arrow_to_vectors, encode_dataset
+from pipelines.encode_options import EncodeOptions, SearchOptions
+from pipelines.ray_encode import arrow_to_vectors, encode_dataset
 
 
 def query_instruction(model: str, override: str | None) -> str:
@@ -81,8 +82,8 @@ def shard_topk_task(batch: pa.Table, queries: Any, k: int, query_batch: int | No
 
 
 def search_corpus(
-    corpus: ray.data.Dataset, queries: np.ndarray, k: int, *, shard_rows: int,
-    num_cpus: float = 1.0, use_gpu: bool = False, query_batch: int | None = None,
+    corpus: ray.data.Dataset, queries: np.ndarray, k: int, opts: SearchOptions,
+    query_batch: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact inner-product top-k of `queries` over an encoded corpus dataset.
 
@@ -90,21 +91,21 @@ def search_corpus(
         corpus: dataset with ``row`` (int64) and ``embedding`` columns.
         queries: (Q, D) float32.
         k: results per query.
-        shard_rows: corpus rows scored per task (bounds a task's memory:
-            ``shard_rows × (D + 3 × Q) × 4`` bytes, or ``× query_batch``).
-        num_cpus: CPUs per search task.
-        use_gpu: score on a GPU per task (torch) instead of numpy.
+        opts: corpus rows scored per task (bounds a task's memory:
+            ``search_shard_rows × (D + 3 × Q) × 4`` bytes, or ``× query_batch``), CPUs
+            per task, and whether a task scores on a GPU (torch) instead of numpy.
         query_batch: queries scored at once inside a task (default all).
 
     Returns:
         (scores (Q, k') float32, corpus rows (Q, k') int64), best first.
     """
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    remote: dict[str, Any] = {"num_cpus": num_cpus}
+    use_gpu = opts.use_gpu_for_searching
+    remote: dict[str, Any] = {"num_cpus": opts.search_cpus}
     if use_gpu:
         remote["num_gpus"] = 1
     results = corpus.map_batches(
-        shard_topk_task, batch_format="pyarrow", batch_size=shard_rows,
+        shard_topk_task, batch_format="pyarrow", batch_size=opts.search_shard_rows,
         fn_kwargs={"queries": ray.put(queries), "k": k, "query_batch": query_batch,
                    "device": "cuda" if use_gpu else None},
         **remote,

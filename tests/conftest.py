@@ -31,7 +31,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session")
 def ray_session():
     """Start Ray once for the whole test session (2 CPUs, no dashboard) and stop it after."""
-    ray = pytest.importorskip("ray")
+    import ray
+
     if not ray.is_initialized():
         env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         # address="local": never join a cluster another test (or process) left behind

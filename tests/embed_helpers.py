@@ -69,3 +69,19 @@ def assert_matches_encoder(output: dict[Any, np.ndarray], expected: dict[Any, st
     cosine = (ours * reference).sum(1) / (np.linalg.norm(ours, axis=1)
                                           * np.linalg.norm(reference, axis=1))
     assert cosine.min() >= 0.99999
+
+
+def encode_actor_pids() -> list[int]:
+    """PIDs of the encode actors of the Ray this process started (its raylet and workers
+    are our descendants), found by process title (Ray names an actor's process after its
+    class), without Ray's private state API."""
+    import psutil
+
+    pids = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "EncodeActor" in " ".join(proc.cmdline()):
+                pids.append(proc.pid)
+        except psutil.Error:  # exited meanwhile
+            continue
+    return pids

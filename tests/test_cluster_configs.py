@@ -16,8 +16,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
+import ray
 import yaml
+
+from pipelines.cli import parse_config
+from pipelines.embed_corpus import EmbedConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 AWS_YAML = ROOT / "cluster" / "aws.yaml"
@@ -25,8 +30,6 @@ KUBERAY_DIR = ROOT / "cluster" / "kuberay"
 CONFIG_DIR = ROOT / "pipelines" / "configs"
 TRAIN_GPUS = 48
 RAY_PORTS = {6379, 8265, 10001}  # GCS, dashboard/job server, Ray client
-
-ray = pytest.importorskip("ray")
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -52,7 +55,6 @@ def _cluster_spec(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_aws_yaml_matches_rays_json_schema():
-    jsonschema = pytest.importorskip("jsonschema")
     schema_path = Path(ray.__file__).parent / "autoscaler" / "ray-schema.json"
     schema = json.loads(schema_path.read_text())
     jsonschema.validate(_load(AWS_YAML), schema)
@@ -288,13 +290,10 @@ def _run_cron_script(tmp_path: Path, embed_root: Path) -> list[str]:
 
 
 def _entrypoint_config(args: list[str]):
-    from pipelines.cli import parse_config
-
-    embed_corpus = pytest.importorskip("pipelines.embed_corpus")
     assert args[:4] == ["job", "submit", "--address=http://head:8265", "--working-dir=/app"]
     entry = args[args.index("--") + 1 :]
     assert entry[:2] == ["python", "pipelines/embed_corpus.py"]
-    return parse_config(embed_corpus.EmbedConfig, entry[2:])
+    return parse_config(EmbedConfig, entry[2:])
 
 
 def test_nightly_script_runs_full_mode_when_no_output_is_finished(tmp_path: Path):
@@ -324,7 +323,7 @@ def test_nightly_script_diffs_against_the_newest_finished_output(tmp_path: Path)
     # newest finished run other than today's own output; unfinished runs are skipped
     assert cfg.previous.endswith(f"{root}/2026-01-02")
     assert cfg.output == f"{root}/{today}"
-    assert (cfg.input, cfg.model) == (full["input"], full["model"])
+    assert (cfg.input, cfg.encode.model) == (full["input"], full["model"])
 
 
 # ----------------------------------------------------------------------------- secrets

@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from bge_core import Encoder
-from pipelines.cli import ConfigError, parse_config
+from pipelines.cli import make_config
 from pipelines.corpus_io import InputError
-from pipelines.embed_corpus import EmbedConfig, main, run
+from pipelines.embed_corpus import EmbedConfig, EncodeOptions, main, run
 from tests.embed_helpers import (
     assert_matches_encoder,
     manifest,
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.timeout(600)
 
 
 def _cfg(tiny_bert_dir: Path, source: Path, out: Path, **extra) -> EmbedConfig:
-    return EmbedConfig(input=str(source), output=str(out), model=str(tiny_bert_dir),
+    return make_config(EmbedConfig, input=str(source), output=str(out), model=str(tiny_bert_dir),
                        title_column="title", cpus_per_actor=0.5, batch_rows=16,
                        log_every_s=1.0, **extra)
 
@@ -53,9 +53,9 @@ def test_output_matches_encoder(ray_session, tiny_bert_dir, encoder, tmp_path) -
 def test_float16_output_and_truncation_count(ray_session, tiny_bert_dir, tmp_path) -> None:
     write_jsonl(tmp_path / "c.jsonl", [{"id": "a", "text": "the cat " * 100},
                                        {"id": "b", "text": "a dog"}])
-    result = run(EmbedConfig(input=str(tmp_path / "c.jsonl"), output=str(tmp_path / "o"),
-                             model=str(tiny_bert_dir), max_length=16, cpus_per_actor=0.5,
-                             embedding_dtype="float16"))
+    result = run(make_config(EmbedConfig, input=str(tmp_path / "c.jsonl"),
+                             output=str(tmp_path / "o"), model=str(tiny_bert_dir),
+                             max_length=16, cpus_per_actor=0.5, embedding_dtype="float16"))
     assert result["rows_truncated"] == 1 and result["max_length"] == 16
     schema = pq.read_schema(next((tmp_path / "o").glob("part-*.parquet")))
     assert schema.field("embedding").type.value_type == pa.float16()
@@ -69,7 +69,7 @@ def test_bad_rows_are_rejected_with_reasons(ray_session, tiny_bert_dir, encoder,
         {"_id": "d1", "text": "the dog again"}, {"_id": "d4"}])
     write_jsonl(tmp_path / "in" / "b.jsonl", [{"_id": "d1", "text": "cross-file duplicate"},
                                               {"_id": "d5", "text": "fish"}])
-    result = run(EmbedConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"),
+    result = run(make_config(EmbedConfig, input=str(tmp_path / "in"), output=str(tmp_path / "out"),
                              model=str(tiny_bert_dir), id_column="_id", cpus_per_actor=0.5))
     assert result["rows_in"] == 8
     assert result["rows_in"] == result["rows_written"] + result["rows_rejected"]
@@ -91,7 +91,7 @@ def test_missing_column_lists_columns(ray_session, tiny_bert_dir, tmp_path) -> N
     write_corpus(tmp_path / "c", files=1, rows=4)
     with pytest.raises(InputError, match=r"\['body'\] not found; columns present: "
                                          r"\['id', 'text', 'title'\]"):
-        run(EmbedConfig(input=str(tmp_path / "c"), output=str(tmp_path / "o"),
+        run(make_config(EmbedConfig, input=str(tmp_path / "c"), output=str(tmp_path / "o"),
                         model=str(tiny_bert_dir), text_column="body"))
 
 
@@ -140,26 +140,17 @@ def test_model_change_forces_full_run(ray_session, tiny_bert_dir, tmp_path, capl
     assert result["rows_encoded_this_attempt"] == 10 and result["rows_kept"] == 0
 
 
-def test_config_rules(tmp_path) -> None:
-    with pytest.raises(ConfigError, match="needs --previous"):
-        parse_config(EmbedConfig, ["--mode", "incremental"])
-    with pytest.raises(ConfigError, match="num_actors"):
-        parse_config(EmbedConfig, ["--num-actors", "4,2"])
-    (tmp_path / "c.yaml").write_text("output: a\nbatch_rows: 64\n")
-    cfg = parse_config(EmbedConfig, ["--config", str(tmp_path / "c.yaml"), "--batch-rows", "8"])
-    assert (cfg.output, cfg.batch_rows) == ("a", 8)
-    (tmp_path / "bad.yaml").write_text("outptu: a\n")
-    with pytest.raises(ConfigError, match=r"unknown keys \['outptu'\]"):
-        parse_config(EmbedConfig, ["--config", str(tmp_path / "bad.yaml")])
-
-
-def test_gpu_type_and_counts_reach_the_encode_actors(ray_session) -> None:
+@pytest.mark.parametrize("gpus", [0.0, 1.0])
+def test_tokenise_stage_stays_out_of_the_encode_actors(ray_session, gpus: float,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    """Ray's optimized physical plan runs tokenisation as its own task stage (never fused
+    into the actors, which would make GPU actors tokenise between forward passes)."""
     import ray
 
     from pipelines.ray_encode import encode_dataset
 
-    cfg = parse_config(EmbedConfig, ["--gpus-per-actor", "1", "--accelerator-type", "L4",
-                                     "--cpus-per-actor", "2"])
-    encoded = encode_dataset(ray.data.from_items([{"text": "a"}]), cfg.encode_options())
-    args = encoded._logical_plan.dag.ray_remote_args  # what each encode actor requests
-    assert (args["num_gpus"], args["num_cpus"], args["accelerator_type"]) == (1, 2, "L4")
+    opts = EncodeOptions(model="m", gpus_per_actor=gpus)
+    encode_dataset(ray.data.from_items([{"text": "a"}]), opts).explain()  # plans, runs nothing
+    optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
+    assert "ActorPoolMapOperator[MapBatches(EncodeActor)]" in optimized
+    assert "TaskPoolMapOperator[MapBatches(tokenize_batch)]" in optimized

@@ -19,8 +19,14 @@ from pathlib import Path
 import pytest
 
 from bge_core import Encoder
+from pipelines.cli import make_config
 from pipelines.embed_corpus import EmbedConfig, run
-from tests.embed_helpers import assert_matches_encoder, read_output, write_corpus
+from tests.embed_helpers import (
+    assert_matches_encoder,
+    encode_actor_pids,
+    read_output,
+    write_corpus,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(420)]
@@ -63,7 +69,7 @@ def test_resume_after_driver_sigkill(ray_session, tiny_bert_dir, encoder, tmp_pa
         job.wait(timeout=60)
     done_before = _done(out)
     assert 2 <= done_before < files
-    result = run(EmbedConfig(input=str(tmp_path / "c"), output=str(out),
+    result = run(make_config(EmbedConfig, input=str(tmp_path / "c"), output=str(out),
                              model=str(tiny_bert_dir), cpus_per_actor=0.5, title_column=None))
     # the rerun redoes only unfinished files (plus at most one file's worth in flight)
     assert result["rows_encoded_this_attempt"] <= (files - done_before) * rows + rows
@@ -85,13 +91,11 @@ def _texts_without_titles(folder: Path) -> dict[int, str]:
 
 def test_actor_killed_mid_job_is_restarted(ray_session, tiny_bert_dir, encoder,
                                            tmp_path) -> None:
-    from ray._private import state
-
     files, rows = 12, 40
     write_corpus(tmp_path / "c", files=files, rows=rows)
     out = tmp_path / "out"
-    cfg = EmbedConfig(input=str(tmp_path / "c"), output=str(out), model=str(tiny_bert_dir),
-                      cpus_per_actor=0.5, batch_rows=2)
+    cfg = make_config(EmbedConfig, input=str(tmp_path / "c"), output=str(out),
+                      model=str(tiny_bert_dir), cpus_per_actor=0.5, batch_rows=2)
     result: dict = {}
     worker = threading.Thread(target=lambda: result.update(run(cfg)), daemon=True)
     worker.start()
@@ -99,11 +103,10 @@ def test_actor_killed_mid_job_is_restarted(ray_session, tiny_bert_dir, encoder,
     deadline = time.monotonic() + 300
     while killed is None and worker.is_alive() and time.monotonic() < deadline:
         if (out / "_state" / "plan.parquet").exists():  # planned: the encode stream is up
-            for info in state.actors(actor_state_name="ALIVE").values():
-                if "EncodeActor" in info.get("ActorClassName", "") and info.get("Pid"):
-                    os.kill(info["Pid"], signal.SIGKILL)
-                    killed = info["Pid"]
-                    break
+            for pid in encode_actor_pids():
+                os.kill(pid, signal.SIGKILL)
+                killed = pid
+                break
         time.sleep(0.2)
     assert killed is not None and _done(out) < files, "no encode actor was killed mid-job"
     worker.join(timeout=360)
@@ -120,7 +123,6 @@ def _free_port() -> int:
 
 @pytest.fixture()
 def s3_endpoint():
-    pytest.importorskip("moto")
     port = _free_port()
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
                                "-p", str(port)], stdout=subprocess.DEVNULL,
@@ -140,13 +142,13 @@ def s3_endpoint():
         server.wait(timeout=30)
 
 
-def test_s3_input_and_output_match_local(ray_session, tiny_bert_dir, tmp_path,
-                                         s3_endpoint) -> None:
+def test_s3_input_and_output_match_the_encoder(tiny_bert_dir, encoder, tmp_path,
+                                               s3_endpoint) -> None:
     import s3fs
 
     aws = {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "testing",
            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    write_corpus(tmp_path / "c", files=2, rows=12)
+    expected = write_corpus(tmp_path / "c", files=2, rows=12)
     fs = s3fs.S3FileSystem(key="testing", secret="testing",
                            client_kwargs={"endpoint_url": s3_endpoint})
     fs.mkdir("corpus-bucket")
@@ -157,12 +159,8 @@ def test_s3_input_and_output_match_local(ray_session, tiny_bert_dir, tmp_path,
                    cwd=tmp_path)
     assert not (tmp_path / "corpus-bucket").exists(), "state leaked to a local folder"
     assert fs.exists("corpus-bucket/emb/_state/plan.parquet")
-    run(EmbedConfig(input=str(tmp_path / "c"), output=str(tmp_path / "local"),
-                    model=str(tiny_bert_dir), title_column="title", cpus_per_actor=0.5))
     fs.get("corpus-bucket/emb/", str(tmp_path / "from_s3") + "/", recursive=True)
-    remote, local = read_output(tmp_path / "from_s3"), read_output(tmp_path / "local")
-    assert set(remote) == set(local) and len(local) == 24
-    assert all(abs(float((remote[i] * local[i]).sum()) - 1.0) < 1e-5 for i in local)
+    assert_matches_encoder(read_output(tmp_path / "from_s3"), expected, encoder)
     manifest = json.loads(fs.cat("corpus-bucket/emb/_manifest.json"))
     assert manifest["rows_written"] == 24 and manifest["input"] == "s3://corpus-bucket/in/"
 

@@ -92,10 +92,11 @@ def _reference_encoder(model_dir: Path, instruction: str):
 @pytest.mark.timeout(300)
 def test_beir_job_equals_in_process_reference(ray_session, mean_bert_dir: Path,
                                               tmp_path: Path) -> None:
+    from pipelines.cli import make_config
     from pipelines.evaluate import EvaluateConfig, run
 
     root = write_beir(tmp_path / "beir")
-    cfg = EvaluateConfig(
+    cfg = make_config(EvaluateConfig,
         model=str(mean_bert_dir), beir_dir=str(root), k_values=K_VALUES,
         query_instruction_for_retrieval="query: ", output=str(tmp_path / "m.json"),
         run_file=str(tmp_path / "run.trec"), batch_rows=8, search_shard_rows=16,
@@ -128,6 +129,7 @@ def test_beir_job_equals_in_process_reference(ray_session, mean_bert_dir: Path,
 @pytest.mark.timeout(300)
 def test_sts_mode_equals_in_process_spearman(ray_session, mean_bert_dir: Path,
                                              tmp_path: Path) -> None:
+    from pipelines.cli import make_config
     from pipelines.evaluate import EvaluateConfig, run
 
     rng = np.random.default_rng(1)
@@ -135,7 +137,7 @@ def test_sts_mode_equals_in_process_spearman(ray_session, mean_bert_dir: Path,
             f"{_sentence(rng)}" for i in range(30)]
     sts = tmp_path / "sts.csv"
     sts.write_text("\n".join(rows) + "\n")
-    result = run(EvaluateConfig(model=str(mean_bert_dir), sts=str(sts), batch_rows=16,
+    result = run(make_config(EvaluateConfig, model=str(mean_bert_dir), sts=str(sts), batch_rows=16,
                                 cpus_per_actor=0.5))
     encoder = _reference_encoder(mean_bert_dir, "")
     fields = [r.split("\t") for r in rows]

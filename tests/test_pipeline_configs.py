@@ -6,14 +6,13 @@ type-checked, and command-line flags override the file.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 from pathlib import Path
 
 import pytest
 import yaml
 
-from pipelines.cli import ConfigError, parse_config
+from pipelines.cli import ConfigError, flat_fields, flat_values, parse_config
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "pipelines" / "configs"
 
@@ -30,8 +29,7 @@ def _config_class(path: Path) -> type:
     prefix = path.stem.split("_")[0]
     assert prefix in JOBS, f"{path.name}: no job is known for prefix {prefix!r}"
     module_name, class_name = JOBS[prefix]
-    module = pytest.importorskip(module_name, reason=f"{module_name} is not written yet")
-    return getattr(module, class_name)
+    return getattr(importlib.import_module(module_name), class_name)
 
 
 def test_every_job_has_example_configs():
@@ -43,11 +41,10 @@ def test_every_job_has_example_configs():
 def test_config_file_loads_with_every_key_known(path: Path):
     cls = _config_class(path)
     values = yaml.safe_load(path.read_text())
-    config = parse_config(cls, ["--config", str(path)])
-    fields = {f.name for f in dataclasses.fields(cls)}
-    assert set(values) <= fields
+    config = flat_values(parse_config(cls, ["--config", str(path)]))
+    assert set(values) <= set(flat_fields(cls))
     for key, value in values.items():
-        assert getattr(config, key) == value, f"{path.name}: {key}"
+        assert config[key] == value, f"{path.name}: {key}"
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -61,8 +58,8 @@ def test_cli_flag_overrides_the_file(path: Path):
     )
     new = values[key] * 2
     kebab = f"--{key.replace('_', '-')}"
-    config = parse_config(cls, ["--config", str(path), kebab, str(new)])
-    assert getattr(config, key) == new and getattr(config, key) != values[key]
+    config = flat_values(parse_config(cls, ["--config", str(path), kebab, str(new)]))
+    assert config[key] == new != values[key]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -97,15 +94,3 @@ def test_incremental_config_continues_the_full_one():
         "embedding_dtype",
     )
     assert {k: nightly[k] for k in same} == {k: full[k] for k in same}
-
-
-def test_module_importable_names_are_right():
-    """Guard against a renamed config class once a job module exists."""
-    for module_name, class_name in JOBS.values():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if err.name == module_name:  # the job itself is not written yet
-                continue
-            raise
-        assert dataclasses.is_dataclass(getattr(module, class_name)), (module_name, class_name)

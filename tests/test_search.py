@@ -70,7 +70,6 @@ def test_errors() -> None:
 
 def test_torch_path_equals_numpy_path() -> None:
     """The torch scorer (the CUDA path, run here on the CPU) gives the numpy scorer's result."""
-    pytest.importorskip("torch")
     queries, corpus = _vectors(6, 9), _vectors(7, 120)
     ref_scores, ref_ids = exact_topk(queries, corpus, k=11, shard_size=50)
     scores, ids = exact_topk(queries, corpus, k=11, shard_size=50, device="cpu")

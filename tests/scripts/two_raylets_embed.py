@@ -15,6 +15,7 @@ import ray  # noqa: E402
 import ray.data  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
+from pipelines.cli import make_config  # noqa: E402
 from pipelines.embed_corpus import EmbedConfig, run  # noqa: E402
 
 
@@ -31,8 +32,9 @@ def main() -> None:
     try:
         # 2.5 of a node's 4 logical CPUs per actor: one actor fits per node, so the pool
         # spans both raylets, and 1.5 CPUs per node stay free for read/write tasks.
-        manifest = run(EmbedConfig(input=source, output=output, model=model, num_actors="2",
-                                   cpus_per_actor=2.5, batch_rows=8, chunk_rows=8))
+        manifest = run(make_config(EmbedConfig, input=source, output=output, model=model,
+                                   num_actors="2", cpus_per_actor=2.5, batch_rows=8,
+                                   chunk_rows=8))
         print("MANIFEST " + json.dumps(manifest))
         print("NODES " + json.dumps([n["NodeID"] for n in ray.nodes() if n["Alive"]]))
     finally:

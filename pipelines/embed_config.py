@@ -1,0 +1,58 @@
+"""`EmbedConfig`: the settings of the bulk embedding job (`pipelines/embed_corpus.py`).
+
+Its own module so the CLI entry and the driver (`pipelines/embed_job.py`) both import it
+without importing each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pipelines.encode_options import EncodeOptions
+
+SAMPLE_CORPUS = str(Path(__file__).resolve().parent / "sample_data" / "corpus.jsonl")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmbedConfig:
+    """Embed a corpus: Parquet/JSONL in, Parquet of id + embedding out.
+
+    Args:
+        input: Parquet/JSONL file, folder or glob (local or fsspec URI).
+        output: output folder (local or fsspec URI).
+        encode: model, precision, actor pool and batch sizes (flags shared by every job).
+        id_column / text_column / title_column: input columns; a title is embedded as
+            ``title + " " + text``.
+        embedding_dtype: stored precision of the vectors.
+        mode / previous: ``incremental`` re-encodes only rows new or changed since the
+            `previous` output.
+        chunk_rows: rows per read task (Parquet row groups are grouped up to this).
+        log_every_s: seconds between progress lines.
+    """
+
+    input: str = SAMPLE_CORPUS
+    output: str = "out/embeddings"
+    encode: EncodeOptions = field(default_factory=EncodeOptions)
+    id_column: str = "id"
+    text_column: str = "text"
+    title_column: str | None = None
+    embedding_dtype: Literal["float32", "float16"] = "float32"
+    mode: Literal["full", "incremental"] = "full"
+    previous: str | None = None
+    chunk_rows: int = 100_000
+    log_every_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.mode == "incremental" and not self.previous:
+            raise ValueError("--mode incremental needs --previous (the last run's output)")
+        if self.previous and self.previous.rstrip("/") == self.output.rstrip("/"):
+            raise ValueError("--previous and --output must differ: an incremental run writes "
+                             "a new complete output beside the previous one")
+        if self.chunk_rows < 1:
+            raise ValueError(f"--chunk-rows must be >= 1, got {self.chunk_rows}")
+
+    def stage_dict(self) -> dict:
+        """The settings the Ray stages need, as a plain dict."""
+        return asdict(self)

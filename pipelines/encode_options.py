@@ -1,0 +1,129 @@
+"""The encode settings every job that embeds text shares, declared once.
+
+`EncodeOptions` is nested in `EmbedConfig`, `EvaluateConfig` and `MineConfig`; the CLI
+(`pipelines.cli`) expands its fields into the same flags with the same defaults and checks
+in every job (``--model``, ``--dtype``, ``--num-actors``, ...). `SearchOptions` is the same
+for the exact top-k search that evaluation and mining run. Ray-free: configs parse without
+starting Ray.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from bge_core.config import DType
+from bge_core.presets import OFFLINE_MINILM
+
+
+@dataclass(frozen=True)
+class Alias:
+    """An older flag spelling kept working for users' scripts.
+
+    Args:
+        type: the flag's value type (``bool`` flags take ``--flag``, ``--flag True/False``).
+        expand: turns the flag's value into the canonical settings it stands for.
+        help: what to use instead (shown in ``--help``).
+    """
+
+    type: type
+    expand: Any  # Callable[[value], dict[str, Any]]
+    help: str
+
+
+def _rename(name: str) -> Any:
+    return lambda value: {name: value}
+
+
+@dataclass(frozen=True, kw_only=True)
+class EncodeOptions:
+    """How a job encodes text on Ray (model, precision, actor pool, batch sizes).
+
+    Args:
+        model: preset name, local folder, hub id or a saved checkpoint's URI
+            (`Encoder.from_pretrained`).
+        dtype: compute precision on the actors (``fp16`` needs GPUs).
+        max_length: token limit (default: the model's); longer text is truncated.
+        num_actors: actor pool size, ``"N"`` or autoscaling ``"MIN,MAX"``.
+        gpus_per_actor: GPUs per actor; > 0 places the model on CUDA.
+        cpus_per_actor: CPUs per actor (fractions allowed); on CPU it is also the actor's
+            torch thread count.
+        accelerator_type: GPU type the actors need (e.g. ``"L4"``: Ray's
+            `accelerator_type:L4` node resource); needs ``gpus_per_actor > 0``.
+        batch_rows: rows per Ray Data batch sent to an actor: also the window the actor
+            length-sorts into micro-batches, so larger pads less (bench/batch_padding.py:
+            4.9% of tokens padded at 512 rows, 1.2% at 4,096).
+        max_tokens_per_batch: padded-token budget of one forward pass (default: the
+            encoder's, 2,048 on CPU and 16,384 on GPU).
+    """
+
+    model: str = OFFLINE_MINILM
+    dtype: DType = "fp32"
+    max_length: int | None = None
+    num_actors: str = "1"
+    gpus_per_actor: float = 0.0
+    cpus_per_actor: float = 1.0
+    accelerator_type: str | None = None
+    batch_rows: int = 4096
+    max_tokens_per_batch: int | None = None
+
+    ALIASES: ClassVar[dict[str, Alias]] = {
+        "model_name_or_path": Alias(str, _rename("model"), "same as --model (FlagEmbedding)"),
+    }
+
+    def __post_init__(self) -> None:
+        self.pool_size()
+        for name in ("max_length", "max_tokens_per_batch"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{_flag(name)} must be >= 1, got {value}")
+        if self.batch_rows < 1:
+            raise ValueError(f"--batch-rows must be >= 1, got {self.batch_rows}")
+        if self.gpus_per_actor < 0 or self.cpus_per_actor <= 0:
+            raise ValueError(f"--gpus-per-actor must be >= 0 and --cpus-per-actor > 0, got "
+                             f"{self.gpus_per_actor} and {self.cpus_per_actor}")
+        if self.accelerator_type and not self.gpus_per_actor:
+            raise ValueError(f"--accelerator-type {self.accelerator_type} needs "
+                             f"--gpus-per-actor > 0 (it selects a GPU type)")
+        if self.dtype == "fp16" and not self.gpus_per_actor:
+            raise ValueError("--dtype fp16 needs --gpus-per-actor > 0 (fp16 runs on GPUs only; "
+                             "use fp32 on CPU)")
+
+    def pool_size(self) -> int | tuple[int, int]:
+        """`concurrency` for Ray Data: a fixed size or a (min, max) autoscaling range."""
+        parts = [p.strip() for p in str(self.num_actors).split(",")]
+        try:
+            sizes = [int(p) for p in parts]
+        except ValueError:
+            raise ValueError(f"--num-actors must be 'N' or 'MIN,MAX', got "
+                             f"{self.num_actors!r}") from None
+        if len(sizes) not in (1, 2) or min(sizes) < 1 or sizes[0] > sizes[-1]:
+            raise ValueError(f"--num-actors must be 'N' or 'MIN,MAX' with 1 <= MIN <= MAX, "
+                             f"got {self.num_actors!r}")
+        return sizes[0] if len(sizes) == 1 else (sizes[0], sizes[1])
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchOptions:
+    """Exact top-k search over corpus shards (evaluation and mining).
+
+    Args:
+        search_shard_rows: corpus embeddings scored per Ray task.
+        search_cpus: CPUs per search task.
+        use_gpu_for_searching: score shards on a GPU (FlagEmbedding hn_mine's flag; there
+            it moves the faiss index to GPUs).
+    """
+
+    search_shard_rows: int = 65536
+    search_cpus: float = 1.0
+    use_gpu_for_searching: bool = False
+
+    def __post_init__(self) -> None:
+        if self.search_shard_rows < 1:
+            raise ValueError(f"--search-shard-rows must be >= 1, got {self.search_shard_rows}")
+        if self.search_cpus <= 0:
+            raise ValueError(f"--search-cpus must be > 0, got {self.search_cpus}")
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
