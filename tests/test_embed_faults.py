@@ -56,18 +56,15 @@ def test_resume_after_driver_sigkill(ray_session, tiny_bert_dir, encoder, tmp_pa
     files, rows = 10, 24
     expected = write_corpus(tmp_path / "c", files=files, rows=rows)
     out = tmp_path / "out"
-    # The job joins the session's Ray as a second driver (no Ray start of its own); the
-    # kill takes the driver only, and the cluster cleans up its tasks and actors.
-    address = ray_session.get_runtime_context().gcs_address
     job = subprocess.Popen(_job_cmd(tmp_path / "c", out, tiny_bert_dir, "--batch-rows", "4"),
-                           env=_job_env(RAY_ADDRESS=address), start_new_session=True,
+                           env=_job_env(), start_new_session=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300
         while _done(out) < 2 and job.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         assert job.poll() is None, "the job finished before it could be killed"
-        os.killpg(job.pid, signal.SIGKILL)  # the driver, as a lost head process would be
+        os.killpg(job.pid, signal.SIGKILL)  # the driver and the Ray it started
     finally:
         job.wait(timeout=60)
     done_before = _done(out)
