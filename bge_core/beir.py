@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bge_core.jsonl import iter_jsonl
@@ -25,6 +25,8 @@ class BeirData:
     corpus_texts: list[str]
     queries: dict[str, str]
     qrels: dict[str, dict[str, int]]
+    corpus_titles: list[str | None] = field(default_factory=list)  # aligned with the ids
+    corpus_bodies: list[str] = field(default_factory=list)  # the text field alone
 
 
 def _jsonl(path: Path) -> Iterator[tuple[int, dict]]:
@@ -41,15 +43,22 @@ def _jsonl(path: Path) -> Iterator[tuple[int, dict]]:
 
 def read_corpus(path: Path) -> tuple[list[str], list[str]]:
     """(ids, ``title + " " + text``) in file order; a duplicate id is an error."""
-    ids, texts, seen = [], [], set()
+    ids, titles, bodies = read_corpus_fields(path)
+    return ids, [join_title(t, b) for t, b in zip(titles, bodies)]
+
+
+def read_corpus_fields(path: Path) -> tuple[list[str], list[str | None], list[str]]:
+    """(ids, titles or None, texts) in file order; a duplicate id is an error."""
+    ids, titles, bodies, seen = [], [], [], set()
     for row, item in _jsonl(path):
         doc_id = str(item["_id"])
         if doc_id in seen:
             raise ValueError(f"{path} row {row}: duplicate _id {doc_id!r}")
         seen.add(doc_id)
         ids.append(doc_id)
-        texts.append(join_title(item.get("title") or None, item["text"]))
-    return ids, texts
+        titles.append(item.get("title") or None)
+        bodies.append(item["text"])
+    return ids, titles, bodies
 
 
 def read_queries(path: Path) -> dict[str, str]:
@@ -102,10 +111,11 @@ def load_beir(directory: str | Path, split: str = "test") -> BeirData:
     root = Path(directory)
     qrels_path = root / "qrels" / f"{split}.tsv"
     qrels = read_qrels(qrels_path)
-    corpus_ids, corpus_texts = read_corpus(root / "corpus.jsonl")
+    corpus_ids, titles, bodies = read_corpus_fields(root / "corpus.jsonl")
+    corpus_texts = [join_title(t, b) for t, b in zip(titles, bodies)]
     if not corpus_ids:
         raise ValueError(f"{root / 'corpus.jsonl'}: the corpus is empty")
     all_queries = read_queries(root / "queries.jsonl")
     check_qrels(qrels, set(corpus_ids), set(all_queries), str(qrels_path))
     queries = {q: all_queries[q] for q in qrels}
-    return BeirData(corpus_ids, corpus_texts, queries, qrels)
+    return BeirData(corpus_ids, corpus_texts, queries, qrels, titles, bodies)

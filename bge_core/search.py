@@ -133,3 +133,35 @@ def exact_topk(
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     shards = (corpus[i : i + shard_size] for i in range(0, len(corpus), shard_size))
     return search_shards(queries, shards, k, query_batch, device)
+
+
+def best_chunk_per_document(scores: np.ndarray, rows: np.ndarray, owner: np.ndarray,
+                            k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Document ranking from a chunk ranking: a document scores its best chunk.
+
+    Exact when `rows` holds each query's top ``k × max chunks per document`` chunks: fewer
+    than that many chunks can outscore the best chunk of a top-k document.
+
+    Args:
+        scores: (Q, K) chunk scores, best first.
+        rows: (Q, K) chunk rows (-1 for padding).
+        owner: (chunks,) the document row each chunk belongs to.
+        k: documents per query.
+
+    Returns:
+        (Q, k) scores (-inf padded) and document rows (-1 padded), best first.
+    """
+    out_scores = np.full((len(rows), k), -np.inf, dtype=np.float32)
+    out_rows = np.full((len(rows), k), -1, dtype=np.int64)
+    for q, (row_scores, row_ids) in enumerate(zip(scores.tolist(), rows.tolist())):
+        seen: set[int] = set()
+        for score, chunk in zip(row_scores, row_ids):
+            if chunk < 0:
+                break
+            doc = int(owner[chunk])
+            if doc not in seen:  # chunks come best first: the first seen is the best
+                out_scores[q, len(seen)], out_rows[q, len(seen)] = score, doc
+                seen.add(doc)
+                if len(seen) == k:
+                    break
+    return out_scores, out_rows

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from bge_core.chunking import ChunkSpec
 from pipelines.encode_options import EncodeOptions
 
 SAMPLE_CORPUS = str(Path(__file__).resolve().parent / "sample_data" / "corpus.jsonl")
@@ -28,6 +29,10 @@ class EmbedConfig:
         embedding_dtype: stored precision of the vectors.
         mode / previous: ``incremental`` re-encodes only rows new or changed since the
             `previous` output.
+        chunk_tokens / chunk_overlap: split each text into windows of at most this many
+            tokens (special tokens excluded) overlapping by about `chunk_overlap`, cut
+            between words; one output row per window (`bge_core.chunking`). Off by default:
+            longer text is truncated at the model's limit.
         chunk_rows: rows per read task (Parquet row groups are grouped up to this).
         log_every_s: seconds between progress lines.
     """
@@ -42,6 +47,8 @@ class EmbedConfig:
     mode: Literal["full", "incremental"] = "full"
     previous: str | None = None
     chunk_rows: int = 100_000
+    chunk_tokens: int | None = None
+    chunk_overlap: int = 0
     log_every_s: float = 10.0
 
     def __post_init__(self) -> None:
@@ -52,6 +59,15 @@ class EmbedConfig:
                              "a new complete output beside the previous one")
         if self.chunk_rows < 1:
             raise ValueError(f"--chunk-rows must be >= 1, got {self.chunk_rows}")
+        if self.chunk_tokens is None and self.chunk_overlap:
+            raise ValueError("--chunk-overlap needs --chunk-tokens")
+        self.chunk_spec()  # checks size and overlap
+
+    def chunk_spec(self) -> ChunkSpec | None:
+        """The token windows to split texts into, or None (no chunking)."""
+        if self.chunk_tokens is None:
+            return None
+        return ChunkSpec(self.chunk_tokens, self.chunk_overlap)
 
     def stage_dict(self) -> dict:
         """The settings the Ray stages need, as a plain dict."""

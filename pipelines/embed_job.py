@@ -77,9 +77,24 @@ class EmbedJob:
         info = {"model": enc.model, "model_fingerprint": encoder.fingerprint(),
                 "pooling": encoder.config.pooling, "normalize": encoder.config.normalize,
                 "max_length": encoder.config.max_length, "dim": encoder.dim}
+        self._check_chunk_size(encoder)
         log.info("model %s (fingerprint %s): %s pooling, normalize=%s, max %d tokens, dim %d",
                  *info.values())
         return info
+
+    def _check_chunk_size(self, encoder: Any) -> None:
+        """A window plus the special tokens (and the title) must fit the model's limit."""
+        if self.cfg.chunk_tokens is None:
+            return
+        specials = len(encoder.tokenizer("", add_special_tokens=True)["input_ids"])
+        room = encoder.config.max_length - specials
+        if self.cfg.chunk_tokens > room:
+            raise InputError(f"--chunk-tokens {self.cfg.chunk_tokens} does not fit the model: "
+                             f"{encoder.config.max_length} tokens less {specials} special "
+                             f"ones leave {room}")
+        if self.cfg.title_column:
+            log.info("chunking: the title prefixes every chunk; a chunk longer than %d tokens "
+                     "with its title is truncated (counted in rows_truncated)", room)
 
     def _previous_parts(self, fingerprint: str) -> list[str] | None:
         """Parts of the previous output to diff against, or None for a full run."""
@@ -94,6 +109,12 @@ class EmbedJob:
                         "re-embedding everything (full run)",
                         manifest.get("model_fingerprint"), fingerprint)
             return None
+        chunking = (self.cfg.chunk_tokens, self.cfg.chunk_overlap)
+        if (manifest.get("chunk_tokens"), manifest.get("chunk_overlap", 0)) != chunking:
+            log.warning("chunking changed since the previous output (%s/%s tokens, now %s/%s): "
+                        "re-embedding everything (full run)", manifest.get("chunk_tokens"),
+                        manifest.get("chunk_overlap", 0), *chunking)
+            return None
         return list_parts(self.cfg.previous or "")
 
     def _claim_output(self, model: dict[str, Any], incremental: bool) -> None:
@@ -101,7 +122,8 @@ class EmbedJob:
         record = {**model, "id_column": self.cfg.id_column, "text_column": self.cfg.text_column,
                   "title_column": self.cfg.title_column, "dtype": self.cfg.encode.dtype,
                   "embedding_dtype": self.cfg.embedding_dtype, "input": self.cfg.input,
-                  "incremental": incremental, "previous": self.cfg.previous}
+                  "incremental": incremental, "previous": self.cfg.previous,
+                  "chunk_tokens": self.cfg.chunk_tokens, "chunk_overlap": self.cfg.chunk_overlap}
         existing = self.state.read_json("_state", "run.json")
         if existing is not None and existing != record:
             diff = sorted(k for k in record if existing.get(k) != record[k])
@@ -151,7 +173,8 @@ class EmbedJob:
                        "drop_ids": plan["drop_ids"]})
         for row in ds.iter_rows():
             self.state.write_json({"source": row["source"], "parts": [row["part"]],
-                                   "rows": row["rows"]}, "_state", "kept",
+                                   "rows": row["rows"], "chunks": row["chunks"]},
+                                  "_state", "kept",
                                   f"{file_key(row['source'])}.json")
 
     # ---------------------------------------------------------------------- encode
@@ -178,7 +201,8 @@ class EmbedJob:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for summary in batch.to_pylist():
                 progress.advance(tracker.add(summary))
-                self.stats["encoded"] += summary["written"]
+                self.stats["encoded"] += summary["docs"]
+                self.stats["chunks"] += summary["written"]
                 if summary["written"]:
                     self.nodes[summary["node"]] += summary["written"]
         progress.finish()
@@ -193,7 +217,7 @@ class EmbedJob:
         kept = self.state.done_markers("kept")
         totals = defaultdict(int)
         for marker in done.values():
-            for key in ("rows", "written", "rejected", "truncated", "kept_rows"):
+            for key in ("rows", "written", "chunks", "rejected", "truncated", "kept_rows"):
                 totals[key] += marker.get(key, 0)
         manifest = {
             **model, "dtype": self.cfg.encode.dtype, "embedding_dtype": self.cfg.embedding_dtype,
@@ -207,9 +231,14 @@ class EmbedJob:
             "rows_encoded_by_node_this_attempt": dict(self.nodes),
             "seconds_this_attempt": dict(self.seconds),
             "input_files_done": sorted(m["file"] for m in done.values()),
+            "chunk_tokens": self.cfg.chunk_tokens, "chunk_overlap": self.cfg.chunk_overlap,
             "started_at": started, "finished_at": _now(),
         }
         manifest["rows_written"] = manifest["rows_encoded"] + manifest["rows_kept"]
+        if self.cfg.chunk_tokens is not None:  # output rows are chunks; rows_* count texts
+            manifest["chunks_written"] = totals["chunks"] + sum(
+                m.get("chunks", m["rows"]) for m in kept.values())
+            manifest["chunks_encoded_this_attempt"] = self.stats["chunks"]
         if manifest["rows_in"] != manifest["rows_written"] + manifest["rows_rejected"]:
             raise RuntimeError(f"row accounting failed: {manifest}")
         self.state.write_json(manifest, MANIFEST)
@@ -229,15 +258,15 @@ class _FileTracker:
         self.waiting = {path: set(indexes) for path, indexes in chunks_of.items()}
         self.written: dict[tuple[str, int], int] = defaultdict(int)
         self.files: dict[str, dict[str, Any]] = defaultdict(
-            lambda: {"rows": 0, "written": 0, "rejected": 0, "truncated": 0, "kept_rows": 0,
-                     "parts": []})
+            lambda: {"rows": 0, "written": 0, "chunks": 0, "rejected": 0, "truncated": 0,
+                     "kept_rows": 0, "parts": []})
         self.seen: set[tuple[str, int]] = set()
 
     def add(self, summary: dict[str, Any]) -> int:
         """Record one part summary; returns the input rows it accounts for."""
         key = (summary["file"], summary["chunk"])
         record = self.files[summary["file"]]
-        rows = summary["written"]
+        rows = summary["docs"]  # input texts done (several output rows each when chunked)
         if key not in self.seen:  # per-chunk counts arrive with every part: take them once
             self.seen.add(key)
             record["rejected"] += summary["rejected"]
@@ -245,12 +274,13 @@ class _FileTracker:
             if summary["rejects_file"]:
                 record["parts"].append(f"_rejects/{summary['rejects_file']}")
             rows += summary["rejected"] + summary["kept"]
-        record["written"] += summary["written"]
+        record["written"] += summary["docs"]
+        record["chunks"] += summary["written"]
         record["truncated"] += summary["truncated"]
         record["rows"] += rows
         if summary["part"]:
             record["parts"].append(summary["part"])
-        self.written[key] += summary["written"]
+        self.written[key] += summary["written"]  # output rows, against the rows emitted
         if self.written[key] == summary["emit"]:
             self._chunk_done(summary["file"], summary["chunk"])
         return rows

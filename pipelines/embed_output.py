@@ -3,7 +3,8 @@
 Layout under ``--output`` (readers of the embeddings see only ``part-*.parquet``; names
 starting with ``_`` are skipped by Parquet dataset readers)::
 
-    part-<filekey>-c<chunk>-<uuid>.parquet   id, embedding, text_hash
+    part-<filekey>-c<chunk>-<key>-<n>.parquet  id, [chunk, start_char, end_char,] embedding,
+                                             text_hash (chunk columns with --chunk-tokens)
     part-kept-<prevkey>.parquet              rows carried over by an incremental run
     _rejects/<filekey>-c<chunk>.parquet      id, source_file, row, reason
     _state/run.json                          model fingerprint + settings of this output

@@ -38,8 +38,11 @@ def chunk_keys(chunk: Chunk, cfg: dict[str, Any]) -> pa.Table:
 
 
 def previous_keys(path: str, id_column: str) -> pa.Table:
-    """(id, hash, key=-1, side=1) of one part file of the previous output."""
+    """(id, hash, key=-1, side=1) of one part file of the previous output.
+
+    One row per id even when the previous output was chunked (its chunks share a hash)."""
     table = read_table(path, columns=[id_column, "text_hash"])
+    table = table.group_by([id_column, "text_hash"], use_threads=False).aggregate([])
     n = table.num_rows
     return pa.table({"id": table.column(id_column), "hash": table.column("text_hash"),
                      "key": pa.array([-1] * n, type=pa.int64()),

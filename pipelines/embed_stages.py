@@ -1,6 +1,7 @@
 """Ray Data stage functions of the bulk embedding job (module-level, so Ray can ship them).
 
 Main pass: `read_for_encoding` → `encode_dataset` → `write_encoded` (one summary per part).
+With chunking on, `read_for_encoding` emits one row per token window (`_chunk_rows`).
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ def read_for_encoding(batch: dict[str, Any], cfg: dict[str, Any], losers: frozen
             if r is None and (to_encode is None or keys[i] in to_encode)]
     kept = len(texts) - len(bad) - len(emit)
     marker = not emit
+    if cfg.get("chunk_tokens"):
+        return _chunk_rows(chunk, cfg, values, texts, keys, emit, len(bad), reject_name, kept)
     rows = emit or [0]
     n = len(rows)
     return pa.table({
@@ -64,14 +67,75 @@ def read_for_encoding(batch: dict[str, Any], cfg: dict[str, Any], losers: frozen
         "text": pa.array(["" if marker else texts[i] for i in rows], type=pa.string()),
         "text_hash": pa.array(["" if marker else text_hash(texts[i]) for i in rows]),
         "_row_key": pa.array([-1 if marker else keys[i] for i in rows], type=pa.int64()),
-        "_file": pa.array([chunk.path] * n, type=pa.string()),
-        "_chunk": pa.array([chunk.index] * n, type=pa.int64()),
-        "_emit": pa.array([len(emit)] * n, type=pa.int64()),
-        "_rejected": pa.array([len(bad)] * n, type=pa.int64()),
-        "_rejects_file": pa.array([reject_name if bad else ""] * n, type=pa.string()),
-        "_kept": pa.array([kept] * n, type=pa.int64()),
-        "_marker": pa.array([marker] * n, type=pa.bool_()),
+        **_chunk_fields(chunk, n, len(emit), len(bad), reject_name, kept, marker),
     })
+
+
+def _chunk_rows(chunk: Chunk, cfg: dict[str, Any], values: dict[str, list[Any]],
+                texts: list[str | None], keys: list[int], emit: list[int], rejected: int,
+                reject_name: str, kept: int) -> pa.Table:
+    """Chunking: one row per token window of each emitted text (`bge_core.chunking`).
+
+    The window is cut from the text column alone (offsets index that string); the title,
+    when there is one, prefixes every chunk: ``title + " " + text[start_char:end_char]``.
+    `_emit` counts window rows (the write stage's completion check). With nothing to
+    emit, one marker row with the same columns tells the driver the chunk is done.
+    """
+    from bge_core.chunking import ChunkSpec, split_texts
+    from bge_core.texts import join_title
+    from pipelines.ray_encode import tokenizer_for
+
+    bodies = [values[cfg["text_column"]][i] for i in emit]
+    title_column = cfg.get("title_column")
+    titles = [values[title_column][i] for i in emit] if title_column else [None] * len(emit)
+    spec = ChunkSpec(cfg["chunk_tokens"], cfg.get("chunk_overlap") or 0)
+    spans = split_texts(tokenizer_for(cfg["encode"]["model"]).tokenizer, bodies, spec)
+    out: dict[str, list[Any]] = {k: [] for k in ("id", "text", "text_hash", "_row_key",
+                                                  "chunk", "start_char", "end_char", "_last")}
+    ids = values[cfg["id_column"]]
+    for i, body, title, doc_spans in zip(emit, bodies, titles, spans):
+        for k, (start, end) in enumerate(doc_spans):
+            out["id"].append(ids[i])
+            out["text"].append(join_title(title, body[start:end]))
+            out["text_hash"].append(text_hash(texts[i] or ""))
+            out["_row_key"].append(keys[i])
+            out["chunk"].append(k)
+            out["start_char"].append(start)
+            out["end_char"].append(end)
+            out["_last"].append(k == len(doc_spans) - 1)
+    n = len(out["id"])
+    marker = n == 0
+    if marker:
+        for key, value in (("id", None), ("text", ""), ("text_hash", ""), ("_row_key", -1),
+                           ("chunk", 0), ("start_char", 0), ("end_char", 0), ("_last", True)):
+            out[key].append(value)
+    return pa.table({
+        "id": id_array(out["id"]), "text": pa.array(out["text"], type=pa.string()),
+        "text_hash": pa.array(out["text_hash"], type=pa.string()),
+        "_row_key": pa.array(out["_row_key"], type=pa.int64()),
+        "chunk": pa.array(out["chunk"], type=pa.int32()),
+        "start_char": pa.array(out["start_char"], type=pa.int64()),
+        "end_char": pa.array(out["end_char"], type=pa.int64()),
+        "_last": pa.array(out["_last"], type=pa.bool_()),
+        **_chunk_fields(chunk, len(out["id"]), n, rejected, reject_name, kept, marker),
+    })
+
+
+def _chunk_fields(chunk: Chunk, rows: int, emit: int, rejected: int, reject_name: str,
+                  kept: int, marker: bool) -> dict[str, pa.Array]:
+    """The per-input-chunk columns every emitted row carries (for the driver's accounting)."""
+    return {
+        "_file": pa.array([chunk.path] * rows, type=pa.string()),
+        "_chunk": pa.array([chunk.index] * rows, type=pa.int64()),
+        "_emit": pa.array([emit] * rows, type=pa.int64()),
+        "_rejected": pa.array([rejected] * rows, type=pa.int64()),
+        "_rejects_file": pa.array([reject_name if rejected else ""] * rows, type=pa.string()),
+        "_kept": pa.array([kept] * rows, type=pa.int64()),
+        "_marker": pa.array([marker] * rows, type=pa.bool_()),
+    }
+
+
+CHUNK_COLUMNS = ("chunk", "start_char", "end_char")
 
 
 def write_encoded(batch: pa.Table, output: str, id_column: str) -> pa.Table:
@@ -88,13 +152,18 @@ def write_encoded(batch: pa.Table, output: str, id_column: str) -> pa.Table:
                 first_key = pc.min(rows.column("_row_key")).as_py()
                 name = f"part-{file_key(path)}-c{index}-{first_key}"
                 name = f"{name}-{rows.num_rows}.parquet"
+                chunked = [c for c in CHUNK_COLUMNS if c in rows.column_names]
                 table = pa.table({id_column: rows.column("id"),
+                                  **{c: rows.column(c) for c in chunked},
                                   "embedding": rows.column("embedding"),
                                   "text_hash": rows.column("text_hash")})
                 write_table(table, f"{output.rstrip('/')}/{name}")
             first = part.slice(0, 1).to_pylist()[0]
+            docs = (int(pc.sum(rows.column("_last")).as_py() or 0)
+                    if "_last" in rows.column_names else rows.num_rows)
             summaries.append({
                 "file": path, "chunk": index, "part": name, "written": rows.num_rows,
+                "docs": docs,
                 "truncated": int(pc.sum(rows.column("truncated")).as_py() or 0),
                 "emit": first["_emit"], "rejected": first["_rejected"],
                 "rejects_file": first["_rejects_file"], "kept": first["_kept"],
@@ -105,7 +174,8 @@ def write_encoded(batch: pa.Table, output: str, id_column: str) -> pa.Table:
 
 SUMMARY_SCHEMA = pa.schema([
     ("file", pa.string()), ("chunk", pa.int64()), ("part", pa.string()),
-    ("written", pa.int64()), ("truncated", pa.int64()), ("emit", pa.int64()),
+    ("written", pa.int64()), ("docs", pa.int64()), ("truncated", pa.int64()),
+    ("emit", pa.int64()),
     ("rejected", pa.int64()), ("rejects_file", pa.string()), ("kept", pa.int64()),
     ("node", pa.string()),
 ])
@@ -121,7 +191,11 @@ def copy_kept(batch: dict[str, Any], output: str, id_column: str, drop_ids: list
                                                     id_column).type))))
     name = f"part-kept-{file_key(path)}.parquet"
     write_table(table, f"{output.rstrip('/')}/{name}")
-    return pa.table({"source": [path], "part": [name], "rows": [table.num_rows]})
+    # a chunked output holds several rows (chunks) per document
+    docs = len(pc.unique(table.column(id_column))) if "chunk" in table.column_names \
+        else table.num_rows
+    return pa.table({"source": [path], "part": [name], "rows": [docs],
+                     "chunks": [table.num_rows]})
 
 
 def _scalar(value: Any) -> Any:

@@ -47,7 +47,10 @@ class EncodeOptions:
         num_actors: actor pool size, ``"N"`` or autoscaling ``"MIN,MAX"``.
         gpus_per_actor: GPUs per actor; > 0 places the model on CUDA.
         cpus_per_actor: CPUs per actor (fractions allowed); on CPU it is also the actor's
-            torch thread count.
+            torch thread count. Default (None): 1 for GPU actors; for CPU actors, all but
+            one of the largest node's CPUs (one actor per node, one CPU left to the read /
+            tokenise / write tasks), with a torch thread per CPU of the node: the encode
+            pool takes the cores the other stages leave free (`cpu_plan`).
         accelerator_type: GPU type the actors need (e.g. ``"L4"``: Ray's
             `accelerator_type:L4` node resource); needs ``gpus_per_actor > 0``.
         batch_rows: rows per Ray Data batch sent to an actor: also the window the actor
@@ -62,7 +65,7 @@ class EncodeOptions:
     max_length: int | None = None
     num_actors: str = "1"
     gpus_per_actor: float = 0.0
-    cpus_per_actor: float = 1.0
+    cpus_per_actor: float | None = None
     accelerator_type: str | None = None
     batch_rows: int = 4096
     max_tokens_per_batch: int | None = None
@@ -79,7 +82,8 @@ class EncodeOptions:
                 raise ValueError(f"--{_flag(name)} must be >= 1, got {value}")
         if self.batch_rows < 1:
             raise ValueError(f"--batch-rows must be >= 1, got {self.batch_rows}")
-        if self.gpus_per_actor < 0 or self.cpus_per_actor <= 0:
+        if self.gpus_per_actor < 0 or (self.cpus_per_actor is not None
+                                       and self.cpus_per_actor <= 0):
             raise ValueError(f"--gpus-per-actor must be >= 0 and --cpus-per-actor > 0, got "
                              f"{self.gpus_per_actor} and {self.cpus_per_actor}")
         if self.accelerator_type and not self.gpus_per_actor:
@@ -101,6 +105,21 @@ class EncodeOptions:
             raise ValueError(f"--num-actors must be 'N' or 'MIN,MAX' with 1 <= MIN <= MAX, "
                              f"got {self.num_actors!r}")
         return sizes[0] if len(sizes) == 1 else (sizes[0], sizes[1])
+
+    def cpu_plan(self, node_cpus: float) -> tuple[float, int]:
+        """(CPUs each actor asks Ray for, torch threads it runs) on nodes of `node_cpus`.
+
+        An explicit `cpus_per_actor` is both (threads at least 1). By default a GPU actor
+        asks 1 CPU; a CPU actor asks all but one of the node's CPUs, so Ray places one per
+        node and the CPU tasks still fit beside it, and runs a thread per core of the node:
+        those tasks are short, and a thread idle while they run costs less than a core left
+        idle for the whole job (what 1 CPU per actor did on small nodes).
+        """
+        if self.cpus_per_actor is not None:
+            return self.cpus_per_actor, max(1, int(self.cpus_per_actor))
+        if self.gpus_per_actor:
+            return 1.0, 1
+        return max(1.0, float(int(node_cpus)) - 1.0), max(1, int(node_cpus))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -23,10 +23,14 @@ from typing import Any
 
 import numpy as np
 
-from bge_core.beir import load_beir
+from bge_core.beir import BeirData, load_beir
+from bge_core.chunking import ChunkSpec, split_texts
 from bge_core.metrics import evaluate_run, format_table, rank_documents, spearman
+from bge_core.search import best_chunk_per_document
+from bge_core.texts import join_title
 from pipelines.cli import run_main
 from pipelines.encode_options import EncodeOptions, SearchOptions
+from pipelines.ray_encode import tokenizer_for
 from pipelines.ray_search import encode_corpus, encode_texts, query_instruction, search_corpus
 
 log = logging.getLogger(__name__)
@@ -37,6 +41,8 @@ class EvaluateConfig:
     """Evaluate a model: BEIR retrieval (`beir_dir`) or STS Spearman (`sts`).
 
     Args:
+        chunk_tokens / chunk_overlap: score documents by their best token window (as
+            `embed_corpus.py --chunk-tokens` embeds them) instead of truncating them.
         encode: model, precision, actor pool and batch sizes (flags shared by every job).
         search: exact top-k search over corpus shards.
     """
@@ -49,6 +55,8 @@ class EvaluateConfig:
     query_instruction_for_retrieval: str | None = None
     k_values: str = "1,3,5,10,100,1000"
     ignore_identical_ids: bool = True
+    chunk_tokens: int | None = None
+    chunk_overlap: int = 0
     encode: EncodeOptions = field(default_factory=EncodeOptions)
     search: SearchOptions = field(default_factory=SearchOptions)
 
@@ -62,6 +70,10 @@ class EvaluateConfig:
                              f"{self.k_values!r}") from None
         if min(ks) < 1:
             raise ValueError(f"--k_values must be positive, got {self.k_values!r}")
+        if self.chunk_tokens is None and self.chunk_overlap:
+            raise ValueError("--chunk_overlap needs --chunk_tokens")
+        if self.chunk_tokens is not None:
+            ChunkSpec(self.chunk_tokens, self.chunk_overlap)
 
     @property
     def ks(self) -> list[int]:
@@ -84,11 +96,43 @@ def retrieve(cfg: EvaluateConfig, corpus_texts: list[str], query_texts: list[str
     return scores, rows, timings
 
 
+def chunk_corpus(cfg: EvaluateConfig, data: BeirData) -> tuple[list[str], np.ndarray]:
+    """Each document's token windows (title prefixed, as the embed job does) and the
+    document row of every chunk."""
+    assert cfg.chunk_tokens is not None
+    spec = ChunkSpec(cfg.chunk_tokens, cfg.chunk_overlap)
+    tokenizer = tokenizer_for(cfg.encode.model).tokenizer
+    texts: list[str] = []
+    owner: list[int] = []
+    for doc, (title, body, spans) in enumerate(zip(
+            data.corpus_titles, data.corpus_bodies,
+            split_texts(tokenizer, data.corpus_bodies, spec))):
+        texts += [join_title(title, body[s:e]) for s, e in spans]
+        owner += [doc] * len(spans)
+    return texts, np.asarray(owner, dtype=np.int64)
+
+
+def retrieve_documents(cfg: EvaluateConfig, data: BeirData, query_texts: list[str],
+                       k: int) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """`retrieve` over documents, or over their chunks with a document's best chunk as its
+    score (searching ``k × most chunks per document`` chunks makes that exact)."""
+    if cfg.chunk_tokens is None:
+        return retrieve(cfg, data.corpus_texts, query_texts, k)
+    texts, owner = chunk_corpus(cfg, data)
+    most = int(np.bincount(owner).max())
+    log.info("%d documents as %d chunks of <= %d tokens (at most %d per document)",
+             len(data.corpus_ids), len(texts), cfg.chunk_tokens, most)
+    scores, rows, timings = retrieve(cfg, texts, query_texts, k * most)
+    doc_scores, doc_rows = best_chunk_per_document(scores, rows, owner, k)
+    timings["chunks"] = len(texts)
+    return doc_scores, doc_rows, timings
+
+
 def _run_dict(qids: list[str], corpus_ids: list[str], scores: np.ndarray, rows: np.ndarray,
               k: int, ignore_identical: bool) -> dict[str, dict[str, float]]:
     run: dict[str, dict[str, float]] = {}
     for qid, row_scores, row_ids in zip(qids, scores.tolist(), rows.tolist()):
-        hits = ((corpus_ids[r], s) for r, s in zip(row_ids, row_scores))
+        hits = ((corpus_ids[r], s) for r, s in zip(row_ids, row_scores) if r >= 0)
         kept = [(d, s) for d, s in hits if not (ignore_identical and d == qid)]
         run[qid] = dict(kept[:k])
     return run
@@ -108,8 +152,8 @@ def evaluate_beir(cfg: EvaluateConfig) -> dict[str, Any]:
     data = load_beir(cfg.beir_dir, cfg.split)
     qids = list(data.queries)
     k = max(cfg.ks)
-    scores, rows, timings = retrieve(cfg, data.corpus_texts, [data.queries[q] for q in qids],
-                                     k + int(cfg.ignore_identical_ids))
+    scores, rows, timings = retrieve_documents(cfg, data, [data.queries[q] for q in qids],
+                                               k + int(cfg.ignore_identical_ids))
     run = _run_dict(qids, data.corpus_ids, scores, rows, k, cfg.ignore_identical_ids)
     means, _ = evaluate_run(run, data.qrels, cfg.ks)
     if cfg.run_file:
@@ -121,6 +165,7 @@ def evaluate_beir(cfg: EvaluateConfig) -> dict[str, Any]:
             "num_queries": len(qids), "num_docs": len(data.corpus_ids),
             "query_instruction": query_instruction(cfg.encode.model,
                                                    cfg.query_instruction_for_retrieval),
+            "chunk_tokens": cfg.chunk_tokens, "chunk_overlap": cfg.chunk_overlap,
             "metrics": means, "timings": timings}
 
 

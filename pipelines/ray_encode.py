@@ -32,6 +32,11 @@ NODE_COLUMN = "_node"  # the Ray node that encoded each row (for accounting)
 TOKENIZE_CPUS = 0.5  # CPUs per tokenise task
 
 
+def tokenizer_for(model: str, max_length: int | None = None) -> TextTokenizer:
+    """The model's tokenizer, built once per worker process (see `_tokenizer`)."""
+    return _tokenizer(model, max_length)
+
+
 @lru_cache(maxsize=4)
 def _tokenizer(model: str, max_length: int | None) -> TextTokenizer:
     """One tokenizer per worker process and model (CPU tasks reuse their process)."""
@@ -53,7 +58,8 @@ class EncodeActor:
     """Actor stage: holds one `Encoder`; turns token ids into an `embedding` column."""
 
     def __init__(self, options: dict[str, Any],
-                 embedding_dtype: Literal["float32", "float16"] = "float32") -> None:
+                 embedding_dtype: Literal["float32", "float16"] = "float32",
+                 threads: int = 1) -> None:
         import torch
 
         from bge_core.model import Encoder
@@ -67,8 +73,8 @@ class EncodeActor:
                                      "max_tokens_per_batch": self.options.max_tokens_per_batch}
         if self.options.max_length:
             overrides["max_length"] = self.options.max_length
-        if not cuda:  # share the actor's CPUs, not the whole node's, between torch threads
-            torch.set_num_threads(max(1, int(self.options.cpus_per_actor)))
+        if not cuda:  # the threads `EncodeOptions.cpu_plan` gives this actor, not torch's guess
+            torch.set_num_threads(threads)
         self.encoder = Encoder.from_pretrained(
             self.options.model, device="cuda" if cuda else "cpu", **overrides)
         import ray
@@ -109,9 +115,18 @@ def _actor_pool(size: int | tuple[int, int]) -> Any:
     return ray.data.ActorPoolStrategy(min_size=size[0], max_size=size[1])
 
 
-def actor_resources(opts: EncodeOptions) -> dict[str, Any]:
+def largest_node_cpus() -> float:
+    """CPUs of the cluster's largest alive node (what a default CPU actor is sized to)."""
+    import ray
+
+    return max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]),
+               default=1.0)
+
+
+def actor_resources(opts: EncodeOptions, node_cpus: float) -> dict[str, Any]:
     """What each encode actor asks Ray for (GPUs, CPUs, GPU type)."""
-    return {"num_gpus": opts.gpus_per_actor or None, "num_cpus": opts.cpus_per_actor,
+    cpus, _ = opts.cpu_plan(node_cpus)
+    return {"num_gpus": opts.gpus_per_actor or None, "num_cpus": cpus,
             "accelerator_type": opts.accelerator_type}
 
 
@@ -137,8 +152,11 @@ def encode_dataset(ds: Any, opts: EncodeOptions, *, text_column: str = "text",
                    "text_column": text_column, "prefix": prefix},
         num_cpus=TOKENIZE_CPUS,
     )
+    node_cpus = largest_node_cpus()
+    _, threads = opts.cpu_plan(node_cpus)
     return tokenized.map_batches(
         EncodeActor, batch_format="pyarrow", batch_size=opts.batch_rows,
-        fn_constructor_kwargs={"options": asdict(opts), "embedding_dtype": embedding_dtype},
-        compute=_actor_pool(opts.pool_size()), **actor_resources(opts),
+        fn_constructor_kwargs={"options": asdict(opts), "embedding_dtype": embedding_dtype,
+                               "threads": threads},
+        compute=_actor_pool(opts.pool_size()), **actor_resources(opts, node_cpus),
     )

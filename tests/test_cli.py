@@ -110,6 +110,19 @@ def test_config_round_trips_through_a_plain_dict() -> None:
 
 def test_actor_resources_follow_the_options() -> None:
     opts = EncodeOptions(gpus_per_actor=1, accelerator_type="L4", cpus_per_actor=2)
-    assert actor_resources(opts) == {"num_gpus": 1, "num_cpus": 2, "accelerator_type": "L4"}
-    assert actor_resources(EncodeOptions()) == {"num_gpus": None, "num_cpus": 1.0,
-                                                "accelerator_type": None}
+    assert actor_resources(opts, 16) == {"num_gpus": 1, "num_cpus": 2, "accelerator_type": "L4"}
+    assert actor_resources(EncodeOptions(), 8) == {"num_gpus": None, "num_cpus": 7.0,
+                                                   "accelerator_type": None}
+
+
+@pytest.mark.parametrize(("opts", "node_cpus", "plan"), [
+    (EncodeOptions(), 2, (1.0, 2)),  # a 2-core box: both cores encode, 1 CPU left to tasks
+    (EncodeOptions(), 16, (15.0, 16)),
+    (EncodeOptions(), 1, (1.0, 1)),
+    (EncodeOptions(gpus_per_actor=1), 16, (1.0, 1)),
+    (EncodeOptions(cpus_per_actor=0.5), 16, (0.5, 1)),
+    (EncodeOptions(cpus_per_actor=4), 16, (4, 4)),
+])
+def test_default_cpu_actors_take_the_cores_the_tasks_leave(opts: EncodeOptions, node_cpus: int,
+                                                           plan: tuple[float, int]) -> None:
+    assert opts.cpu_plan(node_cpus) == plan

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from bge_core import Encoder
+from bge_core.texts import join_title
 from pipelines.cli import make_config
 from pipelines.corpus_io import InputError
 from pipelines.embed_corpus import EmbedConfig, EncodeOptions, main, run
+from pipelines.embed_output import list_parts, read_table
 from tests.embed_helpers import (
     assert_matches_encoder,
     manifest,
@@ -19,7 +23,7 @@ from tests.embed_helpers import (
     write_corpus,
     write_jsonl,
 )
-from tests.tiny_models import make_tiny_bert
+from tests.tiny_models import WORDS, make_tiny_bert
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -154,3 +158,67 @@ def test_tokenise_stage_stays_out_of_the_encode_actors(ray_session, gpus: float,
     optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
     assert "ActorPoolMapOperator[MapBatches(EncodeActor)]" in optimized
     assert "TaskPoolMapOperator[MapBatches(tokenize_batch)]" in optimized
+
+
+def _long_doc(rng: random.Random, words: int) -> str:
+    return " ".join(rng.choice(WORDS) + rng.choice(["", "", ",", "."]) for _ in range(words))
+
+
+def _chunk_texts(output: Path) -> pa.Table:
+    return pa.concat_tables(read_table(p) for p in list_parts(str(output)))
+
+
+def test_chunked_documents_end_to_end_and_incremental(ray_session, tiny_bert_dir, encoder,
+                                                      tmp_path) -> None:
+    """Token windows: every chunk's vector is Encoder.encode(title + " " + text[span]);
+    spans cover each text; a changed document re-embeds all its chunks, a deleted one
+    drops them; rejects and row accounting count documents."""
+    rng = random.Random(3)
+    docs = [{"id": i, "title": "health study" if i % 2 else None,
+             "text": _long_doc(rng, rng.randint(3, 90))} for i in range(12)]
+    docs.append({"id": 99, "title": None, "text": None})  # rejected, as without chunking
+    write_jsonl(tmp_path / "v1" / "c.jsonl", docs)
+    chunking = {"chunk_tokens": 16, "chunk_overlap": 4}
+    first = run(_cfg(tiny_bert_dir, tmp_path / "v1", tmp_path / "e1", **chunking))
+    table = _chunk_texts(tmp_path / "e1")
+    assert (first["rows_in"], first["rows_written"], first["rows_rejected"]) == (13, 12, 1)
+    assert first["chunks_written"] == table.num_rows > 12 * 2
+    by_doc: dict[int, list[dict]] = {}
+    for row in sorted(table.to_pylist(), key=lambda r: (r["id"], r["chunk"])):
+        by_doc.setdefault(row["id"], []).append(row)
+    texts, vectors = [], []
+    for doc in docs[:12]:
+        rows = by_doc[doc["id"]]
+        assert [r["chunk"] for r in rows] == list(range(len(rows)))
+        covered = np.zeros(len(doc["text"]), dtype=bool)
+        for r in rows:
+            covered[r["start_char"]:r["end_char"]] = True
+            texts.append(join_title(doc["title"], doc["text"][r["start_char"]:r["end_char"]]))
+            vectors.append(np.asarray(r["embedding"], dtype=np.float32))
+        assert covered.all()
+    cosine = (np.stack(vectors) * encoder.encode(texts)).sum(1)
+    assert cosine.min() >= 0.9999
+
+    # next night: doc 1 changed, doc 2 deleted, doc 50 new; the rest unchanged
+    docs2 = [d for d in docs if d["id"] != 2]
+    docs2[1] = {**docs2[1], "text": docs2[1]["text"] + " and a new ending"}
+    docs2.append({"id": 50, "title": None, "text": _long_doc(rng, 60)})
+    write_jsonl(tmp_path / "v2" / "c.jsonl", docs2)
+    second = run(_cfg(tiny_bert_dir, tmp_path / "v2", tmp_path / "e2", mode="incremental",
+                      previous=str(tmp_path / "e1"), **chunking))
+    table2 = _chunk_texts(tmp_path / "e2")
+    ids2 = table2.column("id").to_pylist()
+    assert (second["rows_encoded_this_attempt"], second["rows_dropped"]) == (2, 1)
+    assert second["rows_kept"] == 10 and 2 not in ids2
+    assert second["chunks_encoded_this_attempt"] == ids2.count(1) + ids2.count(50)
+    assert second["chunks_written"] == table2.num_rows
+    unchanged = {(r["id"], r["chunk"]): r["embedding"] for r in table.to_pylist()
+                 if r["id"] not in (1, 2)}
+    assert {(r["id"], r["chunk"]): r["embedding"] for r in table2.to_pylist()
+            if r["id"] not in (1, 50)} == unchanged
+
+
+def test_chunk_size_must_fit_the_model(ray_session, tiny_bert_dir, tmp_path) -> None:
+    write_jsonl(tmp_path / "c.jsonl", [{"id": 1, "text": "a cat"}])
+    with pytest.raises(InputError, match="--chunk-tokens 200 does not fit the model"):
+        run(_cfg(tiny_bert_dir, tmp_path / "c.jsonl", tmp_path / "o", chunk_tokens=200))

@@ -20,14 +20,16 @@ def _sentence(rng: np.random.Generator, n: int = 8) -> str:
     return " ".join(rng.choice(WORDS, size=n))
 
 
-def write_beir(root: Path, n_docs: int = 40, n_queries: int = 6, seed: int = 0) -> Path:
+def write_beir(root: Path, n_docs: int = 40, n_queries: int = 6, seed: int = 0,
+               words: int = 8) -> Path:
     """A tiny BEIR folder: titled and untitled docs, graded qrels (0 = judged not relevant)."""
     rng = np.random.default_rng(seed)
     (root / "qrels").mkdir(parents=True)
     with (root / "corpus.jsonl").open("w") as f:
         for i in range(n_docs):
             title = _sentence(rng, 2) if i % 2 else ""
-            f.write(json.dumps({"_id": f"d{i}", "title": title, "text": _sentence(rng)}) + "\n")
+            text = _sentence(rng, words)
+            f.write(json.dumps({"_id": f"d{i}", "title": title, "text": text}) + "\n")
     with (root / "queries.jsonl").open("w") as f:
         for q in range(n_queries + 2):  # two queries have no judgements in the split
             f.write(json.dumps({"_id": f"q{q}", "text": _sentence(rng, 4)}) + "\n")
@@ -123,6 +125,41 @@ def test_beir_job_equals_in_process_reference(ray_session, mean_bert_dir: Path,
     assert (qid, q0, rank) == (qids[0], "Q0", "1")
     assert doc == data.corpus_ids[top[0, 0]]
     assert float(score) == pytest.approx(scores[0, top[0, 0]], abs=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_chunked_corpus_scores_a_document_by_its_best_chunk(ray_session, mean_bert_dir: Path,
+                                                           tmp_path: Path) -> None:
+    from bge_core.chunking import ChunkSpec, split_texts
+    from bge_core.texts import join_title
+    from pipelines.cli import make_config
+    from pipelines.evaluate import EvaluateConfig, run
+
+    root = write_beir(tmp_path / "beir", words=40)
+    result = run(make_config(EvaluateConfig, model=str(mean_bert_dir), beir_dir=str(root),
+                             k_values="1,3,10", chunk_tokens=12, chunk_overlap=3,
+                             batch_rows=16, search_shard_rows=32, cpus_per_actor=0.5))
+    # Reference: every chunk encoded in process, a document's score = its best chunk's.
+    data = load_beir(root, "test")
+    encoder = _reference_encoder(mean_bert_dir, "")
+    spans = split_texts(encoder.tokenizer, data.corpus_bodies, ChunkSpec(12, 3))
+    assert max(len(s) for s in spans) > 2
+    chunks = [(d, join_title(data.corpus_titles[d], data.corpus_bodies[d][a:b]))
+              for d, doc_spans in enumerate(spans) for a, b in doc_spans]
+    qids = list(data.queries)
+    chunk_scores = encoder.encode_queries([data.queries[q] for q in qids]) @ \
+        encoder.encode([t for _, t in chunks]).T  # (Q, chunks)
+    owner = np.array([d for d, _ in chunks])
+    doc_scores = np.full((len(qids), len(data.corpus_ids)), -np.inf)
+    np.maximum.at(doc_scores, (slice(None), owner), chunk_scores)  # best chunk per doc
+    top = np.argsort(-doc_scores, axis=1)[:, :10]
+    reference = {q: {data.corpus_ids[j]: float(doc_scores[i, j]) for j in top[i]}
+                 for i, q in enumerate(qids)}
+    expected, _ = evaluate_run(reference, data.qrels, [1, 3, 10])
+    for name, value in expected.items():
+        assert result["metrics"][name] == pytest.approx(value, abs=1e-6), name
+    assert result["timings"]["chunks"] == len(chunks) and result["chunk_tokens"] == 12
 
 
 @pytest.mark.slow

@@ -75,3 +75,15 @@ def test_torch_path_equals_numpy_path() -> None:
     scores, ids = exact_topk(queries, corpus, k=11, shard_size=50, device="cpu")
     np.testing.assert_array_equal(ids, ref_ids)
     np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_best_chunk_per_document_keeps_each_documents_best_chunk() -> None:
+    from bge_core.search import best_chunk_per_document
+
+    owner = np.array([0, 0, 1, 2, 2, 2])  # chunk -> document
+    rows = np.array([[4, 1, 5, 0, 2, 3], [2, -1, -1, -1, -1, -1]])
+    scores = np.array([[0.9, 0.8, 0.7, 0.6, 0.5, 0.1], [0.4, 0, 0, 0, 0, 0]], dtype=np.float32)
+    doc_scores, doc_rows = best_chunk_per_document(scores, rows, owner, k=3)
+    np.testing.assert_array_equal(doc_rows, [[2, 0, 1], [1, -1, -1]])
+    np.testing.assert_allclose(doc_scores[0], [0.9, 0.8, 0.5])
+    assert doc_scores[1, 0] == np.float32(0.4) and np.isneginf(doc_scores[1, 1:]).all()
