@@ -135,7 +135,8 @@ class EmbedJob:
             log.info("resuming the unfinished run in %s", self.cfg.output)
 
     def _remove_unreferenced(self) -> None:
-        keep = set()
+        """Delete parts that no marker vouches for (a killed attempt's partial writes)."""
+        keep = set(self.state.marked_parts())
         for marker in [*self.state.done_markers().values(),
                        *self.state.done_markers("kept").values()]:
             keep.update(marker.get("parts", []))
@@ -273,7 +274,11 @@ class _FileTracker:
             record["kept_rows"] += summary["kept"]
             if summary["rejects_file"]:
                 record["parts"].append(f"_rejects/{summary['rejects_file']}")
-            rows += summary["rejected"] + summary["kept"]
+            # what an earlier attempt wrote of this chunk (its part markers)
+            record["written"] += summary["prior_docs"]
+            record["chunks"] += summary["prior_rows"]
+            record["parts"] += [p for p in summary["prior_parts"].split(",") if p]
+            rows += summary["rejected"] + summary["kept"] + summary["prior_docs"]
         record["written"] += summary["docs"]
         record["chunks"] += summary["written"]
         record["truncated"] += summary["truncated"]

@@ -9,6 +9,8 @@ starting with ``_`` are skipped by Parquet dataset readers)::
     _rejects/<filekey>-c<chunk>.parquet      id, source_file, row, reason
     _state/run.json                          model fingerprint + settings of this output
     _state/plan.parquet                      duplicate / incremental decisions (exceptions)
+    _state/parts/<filekey>-c<chunk>/<part>   (row key, chunk) pairs of each part written
+                                             (a write task records its part at once)
     _state/done/<filekey>.json               one marker per finished input file
     _manifest.json                           written last: what the output holds
 """
@@ -71,6 +73,14 @@ class OutputState:
                 with self.fs.open(path, "r") as handle:
                     markers[path.rsplit("/", 1)[1][:-5]] = json.load(handle)
         return markers
+
+    def marked_parts(self) -> list[str]:
+        """Parts that a write task recorded as complete (``_state/parts/<chunk>/<part>``)."""
+        folder = self.path("_state", "parts")
+        if not self.fs.exists(folder):
+            return []
+        return [path.rsplit("/", 1)[1] for path in self.fs.find(folder)
+                if path.rsplit("/", 1)[1].startswith("part-")]
 
     def remove_unreferenced(self, keep: set[str]) -> int:
         """Delete data and reject parts not listed in `keep` (paths relative to the output

@@ -6,10 +6,13 @@ With chunking on, `read_for_encoding` emits one row per token window (`_chunk_ro
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
+import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from pipelines.corpus_io import (
     ROW_BITS,
@@ -36,50 +39,68 @@ def read_valid(chunk: Chunk, cfg: dict[str, Any]) -> tuple[dict, list, list, lis
     return values, texts, reasons, keys
 
 
+@dataclass
+class ChunkAccount:
+    """What one input chunk's read task knows of its rows, carried on every row it emits
+    so the driver can account for the chunk once its rows are written."""
+
+    rejected: int = 0
+    rejects_file: str = ""
+    kept: int = 0  # unchanged rows an incremental run copies from the previous output
+    prior_docs: int = 0  # texts whose rows an earlier attempt wrote (part markers)
+    prior_rows: int = 0  # output rows of those, and of texts partly written before
+    prior_parts: list[str] = field(default_factory=list)
+
+
 def read_for_encoding(batch: dict[str, Any], cfg: dict[str, Any], losers: frozenset[int],
                       to_encode: frozenset[int] | None) -> pa.Table:
     """Main pass: read one chunk, write its rejects, emit the rows to encode.
 
     Rows not in `to_encode` (incremental runs) are kept from the previous output and not
-    emitted. A chunk with nothing to encode emits one marker row, so the driver still
-    hears that it finished.
+    emitted; rows an earlier attempt already wrote (its part markers) are not emitted
+    again. A chunk with nothing to encode emits one marker row, so the driver still hears
+    that it finished.
     """
     chunk = Chunk(**{k: _scalar(v) for k, v in batch.items()})
     values, texts, reasons, keys = read_valid(chunk, cfg)
     reasons = [DUPLICATE if r is None and k in losers else r for r, k in zip(reasons, keys)]
     ids = values[cfg["id_column"]]
     bad = [i for i, r in enumerate(reasons) if r is not None]
-    reject_name = f"{file_key(chunk.path)}-c{chunk.index}.parquet"
+    account = ChunkAccount(rejected=len(bad))
     if bad:
+        account.rejects_file = f"{file_key(chunk.path)}-c{chunk.index}.parquet"
         write_table(reject_table([ids[i] for i in bad], chunk.path,
                                  [chunk.row_offset + i for i in bad], [reasons[i] for i in bad]),
-                    f"{cfg['output'].rstrip('/')}/_rejects/{reject_name}")
+                    f"{cfg['output'].rstrip('/')}/_rejects/{account.rejects_file}")
     emit = [i for i, r in enumerate(reasons)
             if r is None and (to_encode is None or keys[i] in to_encode)]
-    kept = len(texts) - len(bad) - len(emit)
-    marker = not emit
+    account.kept = len(texts) - len(bad) - len(emit)
+    done, account.prior_parts = read_part_markers(cfg["output"], chunk)
     if cfg.get("chunk_tokens"):
-        return _chunk_rows(chunk, cfg, values, texts, keys, emit, len(bad), reject_name, kept)
-    rows = emit or [0]
-    n = len(rows)
+        return _chunk_rows(chunk, cfg, values, texts, keys, emit, account, done)
+    todo = [i for i in emit if (keys[i], 0) not in done]
+    account.prior_docs = account.prior_rows = len(emit) - len(todo)
+    rows = todo or [0]
+    marker = not todo
     return pa.table({
         "id": id_array([None if marker else ids[i] for i in rows]),
         "text": pa.array(["" if marker else texts[i] for i in rows], type=pa.string()),
         "text_hash": pa.array(["" if marker else text_hash(texts[i]) for i in rows]),
         "_row_key": pa.array([-1 if marker else keys[i] for i in rows], type=pa.int64()),
-        **_chunk_fields(chunk, n, len(emit), len(bad), reject_name, kept, marker),
+        **_chunk_fields(chunk, len(rows), len(todo), account, marker),
     })
 
 
 def _chunk_rows(chunk: Chunk, cfg: dict[str, Any], values: dict[str, list[Any]],
-                texts: list[str | None], keys: list[int], emit: list[int], rejected: int,
-                reject_name: str, kept: int) -> pa.Table:
+                texts: list[str | None], keys: list[int], emit: list[int],
+                account: ChunkAccount, done: set[tuple[int, int]]) -> pa.Table:
     """Chunking: one row per token window of each emitted text (`bge_core.chunking`).
 
     The window is cut from the text column alone (offsets index that string); the title,
     when there is one, prefixes every chunk: ``title + " " + text[start_char:end_char]``.
-    `_emit` counts window rows (the write stage's completion check). With nothing to
-    emit, one marker row with the same columns tells the driver the chunk is done.
+    Windows an earlier attempt wrote (`done`) are skipped. `_emit` counts window rows (the
+    write stage's completion check). With nothing to emit, one marker row with the same
+    columns tells the driver the chunk is done.
     """
     from bge_core.chunking import ChunkSpec, split_texts
     from bge_core.texts import join_title
@@ -94,7 +115,11 @@ def _chunk_rows(chunk: Chunk, cfg: dict[str, Any], values: dict[str, list[Any]],
                                                   "chunk", "start_char", "end_char", "_last")}
     ids = values[cfg["id_column"]]
     for i, body, title, doc_spans in zip(emit, bodies, titles, spans):
-        for k, (start, end) in enumerate(doc_spans):
+        todo = [k for k in range(len(doc_spans)) if (keys[i], k) not in done]
+        account.prior_rows += len(doc_spans) - len(todo)
+        account.prior_docs += not todo
+        for k in todo:
+            start, end = doc_spans[k]
             out["id"].append(ids[i])
             out["text"].append(join_title(title, body[start:end]))
             out["text_hash"].append(text_hash(texts[i] or ""))
@@ -102,7 +127,7 @@ def _chunk_rows(chunk: Chunk, cfg: dict[str, Any], values: dict[str, list[Any]],
             out["chunk"].append(k)
             out["start_char"].append(start)
             out["end_char"].append(end)
-            out["_last"].append(k == len(doc_spans) - 1)
+            out["_last"].append(k == todo[-1])  # one per text: counts texts finished
     n = len(out["id"])
     marker = n == 0
     if marker:
@@ -117,22 +142,53 @@ def _chunk_rows(chunk: Chunk, cfg: dict[str, Any], values: dict[str, list[Any]],
         "start_char": pa.array(out["start_char"], type=pa.int64()),
         "end_char": pa.array(out["end_char"], type=pa.int64()),
         "_last": pa.array(out["_last"], type=pa.bool_()),
-        **_chunk_fields(chunk, len(out["id"]), n, rejected, reject_name, kept, marker),
+        **_chunk_fields(chunk, len(out["id"]), n, account, marker),
     })
 
 
-def _chunk_fields(chunk: Chunk, rows: int, emit: int, rejected: int, reject_name: str,
-                  kept: int, marker: bool) -> dict[str, pa.Array]:
+def _chunk_fields(chunk: Chunk, rows: int, emit: int, account: ChunkAccount,
+                  marker: bool) -> dict[str, pa.Array]:
     """The per-input-chunk columns every emitted row carries (for the driver's accounting)."""
+    def same(value: Any, kind: pa.DataType) -> pa.Array:
+        return pa.array([value] * rows, type=kind)
+
     return {
-        "_file": pa.array([chunk.path] * rows, type=pa.string()),
-        "_chunk": pa.array([chunk.index] * rows, type=pa.int64()),
-        "_emit": pa.array([emit] * rows, type=pa.int64()),
-        "_rejected": pa.array([rejected] * rows, type=pa.int64()),
-        "_rejects_file": pa.array([reject_name if rejected else ""] * rows, type=pa.string()),
-        "_kept": pa.array([kept] * rows, type=pa.int64()),
-        "_marker": pa.array([marker] * rows, type=pa.bool_()),
+        "_file": same(chunk.path, pa.string()), "_chunk": same(chunk.index, pa.int64()),
+        "_emit": same(emit, pa.int64()), "_rejected": same(account.rejected, pa.int64()),
+        "_rejects_file": same(account.rejects_file, pa.string()),
+        "_kept": same(account.kept, pa.int64()),
+        "_prior_docs": same(account.prior_docs, pa.int64()),
+        "_prior_rows": same(account.prior_rows, pa.int64()),
+        "_prior_parts": same(",".join(account.prior_parts), pa.string()),
+        "_marker": same(marker, pa.bool_()),
     }
+
+
+def part_marker_dir(output: str, chunk_path: str, chunk_index: int) -> str:
+    """Where the write tasks record the parts of one input chunk, one marker per part."""
+    return f"{output.rstrip('/')}/_state/parts/{file_key(chunk_path)}-c{chunk_index}"
+
+
+def read_part_markers(output: str, chunk: Chunk) -> tuple[set[tuple[int, int]], list[str]]:
+    """(row key, chunk) pairs an earlier attempt wrote for this input chunk, and its parts.
+
+    A marker is written right after its part (`write_encoded`), so a part without one is
+    incomplete; the driver deletes those before the attempt starts.
+    """
+    fs, folder = fsspec.core.url_to_fs(part_marker_dir(output, chunk.path, chunk.index))
+    if not fs.exists(folder):
+        return set(), []
+    done: set[tuple[int, int]] = set()
+    parts = []
+    for path in sorted(fs.ls(folder, detail=False)):
+        name = path.rsplit("/", 1)[1]
+        if not name.startswith("part-"):
+            continue  # a temporary file of a marker being written
+        with fs.open(path, "rb") as handle:
+            table = pq.read_table(handle)
+        done.update(zip(table.column("key").to_pylist(), table.column("chunk").to_pylist()))
+        parts.append(name)
+    return done, parts
 
 
 CHUNK_COLUMNS = ("chunk", "start_char", "end_char")
@@ -158,6 +214,12 @@ def write_encoded(batch: pa.Table, output: str, id_column: str) -> pa.Table:
                                   "embedding": rows.column("embedding"),
                                   "text_hash": rows.column("text_hash")})
                 write_table(table, f"{output.rstrip('/')}/{name}")
+                # the part is complete: record its rows at once, so a kill from here on
+                # costs only the batches in flight (`read_part_markers`)
+                pairs = pa.table({"key": rows.column("_row_key"), "chunk": rows.column(
+                    "chunk").cast(pa.int32()) if "chunk" in rows.column_names
+                    else pa.array([0] * rows.num_rows, type=pa.int32())})
+                write_table(pairs, f"{part_marker_dir(output, path, index)}/{name}")
             first = part.slice(0, 1).to_pylist()[0]
             docs = (int(pc.sum(rows.column("_last")).as_py() or 0)
                     if "_last" in rows.column_names else rows.num_rows)
@@ -167,6 +229,8 @@ def write_encoded(batch: pa.Table, output: str, id_column: str) -> pa.Table:
                 "truncated": int(pc.sum(rows.column("truncated")).as_py() or 0),
                 "emit": first["_emit"], "rejected": first["_rejected"],
                 "rejects_file": first["_rejects_file"], "kept": first["_kept"],
+                "prior_docs": first["_prior_docs"], "prior_rows": first["_prior_rows"],
+                "prior_parts": first["_prior_parts"],
                 "node": first.get(NODE_COLUMN) or "",
             })
     return pa.Table.from_pylist(summaries, schema=SUMMARY_SCHEMA)
@@ -177,6 +241,7 @@ SUMMARY_SCHEMA = pa.schema([
     ("written", pa.int64()), ("docs", pa.int64()), ("truncated", pa.int64()),
     ("emit", pa.int64()),
     ("rejected", pa.int64()), ("rejects_file", pa.string()), ("kept", pa.int64()),
+    ("prior_docs", pa.int64()), ("prior_rows", pa.int64()), ("prior_parts", pa.string()),
     ("node", pa.string()),
 ])
 

@@ -1,0 +1,69 @@
+"""The embed job's read stage on its own (no Ray): what an earlier attempt wrote is not
+emitted again, whole texts or single chunks, and is counted for the driver."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+
+from pipelines.cli import make_config
+from pipelines.corpus_io import ROW_BITS, plan_file
+from pipelines.embed_config import EmbedConfig
+from pipelines.embed_output import write_table
+from pipelines.embed_stages import part_marker_dir, read_for_encoding
+from tests.embed_helpers import write_jsonl
+from tests.tiny_models import WORDS
+
+
+def _setup(tmp_path: Path, tiny_bert_dir: Path, **extra):
+    docs = [{"id": i, "text": " ".join(WORDS[i * 7:i * 7 + 30])} for i in range(3)]
+    write_jsonl(tmp_path / "c.jsonl", docs)
+    cfg = make_config(EmbedConfig, input=str(tmp_path / "c.jsonl"), output=str(tmp_path / "o"),
+                      model=str(tiny_bert_dir), **extra).stage_dict()
+    (chunk,) = plan_file(str(tmp_path / "c.jsonl"), 0, 100, ["id", "text"])
+    return cfg, chunk
+
+
+def _read(cfg: dict, chunk) -> pa.Table:
+    batch = {k: [v] for k, v in chunk.to_dict().items()}
+    return read_for_encoding(batch, cfg, frozenset(), None)
+
+
+def _mark(cfg: dict, chunk, name: str, pairs: list[tuple[int, int]]) -> None:
+    write_table(pa.table({"key": [k for k, _ in pairs],
+                          "chunk": pa.array([c for _, c in pairs], type=pa.int32())}),
+                f"{part_marker_dir(cfg['output'], chunk.path, chunk.index)}/{name}")
+
+
+def test_texts_written_before_are_not_emitted_again(tmp_path, tiny_bert_dir) -> None:
+    cfg, chunk = _setup(tmp_path, tiny_bert_dir)
+    assert _read(cfg, chunk).num_rows == 3
+    _mark(cfg, chunk, "part-a.parquet", [(1, 0)])  # row 1 of file 0
+    table = _read(cfg, chunk)
+    assert table.column("_row_key").to_pylist() == [0, 2]
+    first = table.slice(0, 1).to_pylist()[0]
+    assert (first["_emit"], first["_prior_docs"], first["_prior_parts"]) == (2, 1, "part-a.parquet")
+    _mark(cfg, chunk, "part-b.parquet", [(0, 0), (2, 0)])
+    done = _read(cfg, chunk).to_pylist()
+    assert len(done) == 1 and done[0]["_marker"] and done[0]["_emit"] == 0
+    assert done[0]["_prior_docs"] == 3 and done[0]["_prior_parts"].split(",") == [
+        "part-a.parquet", "part-b.parquet"]
+
+
+def test_chunks_written_before_are_not_emitted_again(tmp_path, tiny_bert_dir) -> None:
+    cfg, chunk = _setup(tmp_path, tiny_bert_dir, chunk_tokens=8, chunk_overlap=2)
+    full = _read(cfg, chunk)
+    pairs = list(zip(full.column("_row_key").to_pylist(), full.column("chunk").to_pylist()))
+    windows = {key: sum(k == key for k, _ in pairs) for key in (0, 1, 2)}
+    assert all(n > 2 for n in windows.values())
+    key1 = (0 << ROW_BITS) | 1  # row 1 of file 0
+    done = [(0, c) for c in range(windows[0])] + [(key1, 0)]  # text 0 whole, text 1 begun
+    _mark(cfg, chunk, "part-a.parquet", done)
+    table = _read(cfg, chunk)
+    left = list(zip(table.column("_row_key").to_pylist(), table.column("chunk").to_pylist()))
+    assert left == [p for p in pairs if p not in done]
+    first = table.slice(0, 1).to_pylist()[0]
+    assert (first["_emit"], first["_prior_docs"], first["_prior_rows"]) == \
+        (len(left), 1, len(done))
+    assert sum(table.column("_last").to_pylist()) == 2  # texts 1 and 2 finish in this attempt
