@@ -35,6 +35,8 @@ class EmbedConfig:
             longer text is truncated at the model's limit.
         chunk_rows: rows per read task (Parquet row groups are grouped up to this).
         log_every_s: seconds between progress lines.
+        lease_timeout_s: a second run on this output refuses while the first one's
+            heartbeat is younger than this; after, it takes over and resumes.
     """
 
     input: str = SAMPLE_CORPUS
@@ -50,6 +52,7 @@ class EmbedConfig:
     chunk_tokens: int | None = None
     chunk_overlap: int = 0
     log_every_s: float = 10.0
+    lease_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         if self.mode == "incremental" and not self.previous:
@@ -57,6 +60,8 @@ class EmbedConfig:
         if self.previous and self.previous.rstrip("/") == self.output.rstrip("/"):
             raise ValueError("--previous and --output must differ: an incremental run writes "
                              "a new complete output beside the previous one")
+        if self.lease_timeout_s <= 0:
+            raise ValueError(f"--lease-timeout-s must be > 0, got {self.lease_timeout_s}")
         if self.chunk_rows < 1:
             raise ValueError(f"--chunk-rows must be >= 1, got {self.chunk_rows}")
         if self.chunk_tokens is None and self.chunk_overlap:

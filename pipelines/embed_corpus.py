@@ -22,6 +22,7 @@ from pipelines.cli import run_main
 from pipelines.corpus_io import InputError
 from pipelines.embed_config import SAMPLE_CORPUS, EmbedConfig
 from pipelines.encode_options import EncodeOptions
+from pipelines.lease import LeaseHeld
 
 __all__ = ["EmbedConfig", "EncodeOptions", "main", "run"]
 log = logging.getLogger("embed_corpus")
@@ -36,7 +37,8 @@ def run(cfg: EmbedConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry: exit 2 with one clear line on bad flags, config or input."""
-    return run_main("embed_corpus", EmbedConfig, _announce_and_run, argv, errors=(InputError,))
+    return run_main("embed_corpus", EmbedConfig, _announce_and_run, argv,
+                    errors=(InputError, LeaseHeld))
 
 
 def _announce_and_run(cfg: EmbedConfig) -> None:

@@ -20,6 +20,7 @@ from pipelines.embed_config import EmbedConfig
 from pipelines.embed_output import MANIFEST, OutputState, list_parts, read_table, write_table
 from pipelines.embed_plan import compute_plan
 from pipelines.embed_stages import copy_kept, read_for_encoding, write_encoded
+from pipelines.lease import OutputLease
 from pipelines.progress import Progress
 from pipelines.ray_encode import encode_dataset
 
@@ -42,6 +43,11 @@ class EmbedJob:
         self.seconds: dict[str, float] = {}  # wall time of the plan and encode stages
 
     def run(self) -> dict[str, Any]:
+        """Hold the output's lease (one live run per output) and run the job."""
+        with OutputLease(self.cfg.output, stale_after_s=self.cfg.lease_timeout_s):
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         started = _now()
         model = self._describe_model()
         previous = self._previous_parts(model["model_fingerprint"])

@@ -86,8 +86,11 @@ def test_resume_after_driver_sigkill_redoes_only_what_was_in_flight(
         if _marked_rows(out) != marked:
             marked, settled = _marked_rows(out), time.monotonic()
     assert 0 < marked < files * rows and _done(out) < files
+    # the dead driver's lease is stale after 3 s (the settling above waited that long):
+    # this run takes the output over and resumes
     result = run(make_config(EmbedConfig, input=str(tmp_path / "c"), output=str(out),
-                             model=str(tiny_bert_dir), cpus_per_actor=0.5, title_column=None))
+                             model=str(tiny_bert_dir), cpus_per_actor=0.5, title_column=None,
+                             lease_timeout_s=3))
     assert result["rows_encoded_this_attempt"] == files * rows - marked
     assert result["rows_in"] == result["rows_written"] == files * rows
     texts = _texts_without_titles(tmp_path / "c")  # no --title-column: text only
