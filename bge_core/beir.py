@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bge_core.jsonl import iter_jsonl
+from bge_core.jsonl import iter_jsonl, open_text
 from bge_core.texts import join_title
 
 
@@ -29,10 +29,8 @@ class BeirData:
     corpus_bodies: list[str] = field(default_factory=list)  # the text field alone
 
 
-def _jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"BEIR file not found: {path}")
-    with path.open(encoding="utf-8") as handle:
+def _jsonl(path: str) -> Iterator[tuple[int, dict]]:
+    with open_text(path, what="BEIR file") as handle:
         for row, item in iter_jsonl(handle, str(path)):
             if not isinstance(item, dict) or not isinstance(item.get("text"), str):
                 raise ValueError(f"{path} row {row}: needs a string 'text'")
@@ -41,13 +39,13 @@ def _jsonl(path: Path) -> Iterator[tuple[int, dict]]:
             yield row, item
 
 
-def read_corpus(path: Path) -> tuple[list[str], list[str]]:
+def read_corpus(path: str) -> tuple[list[str], list[str]]:
     """(ids, ``title + " " + text``) in file order; a duplicate id is an error."""
     ids, titles, bodies = read_corpus_fields(path)
     return ids, [join_title(t, b) for t, b in zip(titles, bodies)]
 
 
-def read_corpus_fields(path: Path) -> tuple[list[str], list[str | None], list[str]]:
+def read_corpus_fields(path: str) -> tuple[list[str], list[str | None], list[str]]:
     """(ids, titles or None, texts) in file order; a duplicate id is an error."""
     ids, titles, bodies, seen = [], [], [], set()
     for row, item in _jsonl(path):
@@ -61,17 +59,15 @@ def read_corpus_fields(path: Path) -> tuple[list[str], list[str | None], list[st
     return ids, titles, bodies
 
 
-def read_queries(path: Path) -> dict[str, str]:
+def read_queries(path: str) -> dict[str, str]:
     """``{query id: text}``."""
     return {str(item["_id"]): item["text"] for _, item in _jsonl(path)}
 
 
-def read_qrels(path: Path) -> dict[str, dict[str, int]]:
+def read_qrels(path: str) -> dict[str, dict[str, int]]:
     """``{query id: {corpus id: grade}}`` from a TREC-style TSV with a header line."""
-    if not path.is_file():
-        raise FileNotFoundError(f"qrels file not found: {path}")
     qrels: dict[str, dict[str, int]] = {}
-    with path.open(encoding="utf-8", newline="") as handle:
+    with open_text(path, what="qrels file") as handle:
         reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
         next(reader, None)  # header: query-id, corpus-id, score
         for row, fields in enumerate(reader, start=2):
@@ -108,14 +104,14 @@ def check_qrels(qrels: dict[str, dict[str, int]], corpus_ids: set[str],
 
 def load_beir(directory: str | Path, split: str = "test") -> BeirData:
     """Read and cross-check one split of a BEIR-layout folder."""
-    root = Path(directory)
-    qrels_path = root / "qrels" / f"{split}.tsv"
+    root = str(directory).rstrip("/")  # a local folder or any fsspec URI
+    qrels_path = f"{root}/qrels/{split}.tsv"
     qrels = read_qrels(qrels_path)
-    corpus_ids, titles, bodies = read_corpus_fields(root / "corpus.jsonl")
+    corpus_ids, titles, bodies = read_corpus_fields(f"{root}/corpus.jsonl")
     corpus_texts = [join_title(t, b) for t, b in zip(titles, bodies)]
     if not corpus_ids:
-        raise ValueError(f"{root / 'corpus.jsonl'}: the corpus is empty")
-    all_queries = read_queries(root / "queries.jsonl")
-    check_qrels(qrels, set(corpus_ids), set(all_queries), str(qrels_path))
+        raise ValueError(f"{root}/corpus.jsonl: the corpus is empty")
+    all_queries = read_queries(f"{root}/queries.jsonl")
+    check_qrels(qrels, set(corpus_ids), set(all_queries), qrels_path)
     queries = {q: all_queries[q] for q in qrels}
     return BeirData(corpus_ids, corpus_texts, queries, qrels, titles, bodies)

@@ -1,10 +1,27 @@
-"""JSON Lines reading shared by the readers of corpora, queries and training data."""
+"""JSON Lines reading shared by the readers of corpora, queries and training data, and
+text files opened the same way at a local path or any fsspec URI (``s3://...``)."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import IO, Any
+
+
+def open_text(uri: str, mode: str = "r", what: str = "file") -> IO[str]:
+    """Open a local path or fsspec URI as UTF-8 text; writing creates parent folders.
+
+    Raises:
+        FileNotFoundError: reading a file that is not there (the message names `what`).
+    """
+    import fsspec
+
+    uri = str(uri)
+    if "r" in mode:
+        fs, path = fsspec.core.url_to_fs(uri)
+        if not fs.isfile(path):
+            raise FileNotFoundError(f"{what} not found: {uri}")
+    return fsspec.open(uri, mode, encoding="utf-8", newline="", auto_mkdir="w" in mode).open()
 
 
 def iter_jsonl(lines: Iterable[str], where: str) -> Iterator[tuple[int, Any]]:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from bge_core.jsonl import iter_jsonl
+from bge_core.jsonl import iter_jsonl, open_text
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class SampleRange:
 def read_examples(path: str | Path) -> list[dict[str, Any]]:
     """Read training JSONL ``{query: str, pos: [str], neg?: [str]}``; errors name the row."""
     examples = []
-    with open(path, encoding="utf-8") as handle:
+    with open_text(str(path), what="training data") as handle:
         for row, item in iter_jsonl(handle, str(path)):
             _check_example(item, f"{path} row {row}")
             examples.append(item)
@@ -66,7 +66,7 @@ def _check_example(item: Any, where: str) -> None:
 def read_candidate_pool(path: str | Path) -> list[str]:
     """Texts of a candidate-pool JSONL (one ``{"text": str}`` per line)."""
     texts = []
-    with open(path, encoding="utf-8") as handle:
+    with open_text(str(path), what="candidate pool") as handle:
         for row, item in iter_jsonl(handle, str(path)):
             text = item.get("text") if isinstance(item, dict) else None
             if not isinstance(text, str):

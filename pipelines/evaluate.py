@@ -18,13 +18,13 @@ import logging
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bge_core.beir import BeirData, load_beir
 from bge_core.chunking import ChunkSpec, split_texts
+from bge_core.jsonl import open_text
 from bge_core.metrics import evaluate_run, format_table, rank_documents, spearman
 from bge_core.search import best_chunk_per_document
 from bge_core.texts import join_title
@@ -140,7 +140,7 @@ def _run_dict(qids: list[str], corpus_ids: list[str], scores: np.ndarray, rows: 
 
 def write_trec_run(run: dict[str, dict[str, float]], path: str, tag: str = "bge-ray") -> None:
     """TREC run file: ``qid Q0 docid rank score tag``, ranks from 1."""
-    with open(path, "w", encoding="utf-8") as handle:
+    with open_text(path, "w") as handle:
         for qid, docs in run.items():
             for rank, doc in enumerate(rank_documents(docs), start=1):
                 handle.write(f"{qid} Q0 {doc} {rank} {docs[doc]:.6f} {tag}\n")
@@ -172,7 +172,7 @@ def evaluate_beir(cfg: EvaluateConfig) -> dict[str, Any]:
 def read_sts(path: str) -> tuple[list[str], list[str], np.ndarray]:
     """STS-B file: tab-separated, no header, no quoting; gold in column 4, texts in 5 and 6."""
     left, right, gold = [], [], []
-    with open(path, encoding="utf-8", newline="") as handle:
+    with open_text(path, what="STS file") as handle:
         for row, fields in enumerate(csv.reader(handle, delimiter="\t",
                                                 quoting=csv.QUOTE_NONE), start=1):
             try:
@@ -205,8 +205,8 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     """Evaluate, print the table, write `cfg.output` JSON (if set) and return the result."""
     result = evaluate_beir(cfg) if cfg.beir_dir else evaluate_sts(cfg)
     if cfg.output:
-        Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.output).write_text(json.dumps(result, indent=2))
+        with open_text(cfg.output, "w") as handle:
+            handle.write(json.dumps(result, indent=2))
     return result
 
 

@@ -21,9 +21,9 @@ import logging
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
+from bge_core.jsonl import open_text
 from bge_core.mining import (
     SampleRange,
     build_corpus,
@@ -90,8 +90,7 @@ def run(cfg: MineConfig) -> dict[str, Any]:
     topped_up = sum(not set(ex["neg"]) <= set(r[window.start:window.end])
                     for ex, r in zip(mined, ranked))
 
-    Path(cfg.output_file).parent.mkdir(parents=True, exist_ok=True)
-    with open(cfg.output_file, "w", encoding="utf-8") as handle:
+    with open_text(cfg.output_file, "w") as handle:
         for example in mined:
             handle.write(json.dumps(example, ensure_ascii=False) + "\n")
     short = sum(len(ex["neg"]) < cfg.negative_number for ex in mined)

@@ -1,8 +1,13 @@
-"""Shared fixtures: tiny random models (no downloads) and one Ray session per test run."""
+"""Shared fixtures: tiny random models (no downloads), one Ray session per test run, and a
+loopback S3 server."""
 
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -40,3 +45,48 @@ def ray_session():
                  runtime_env={"env_vars": env})
     yield ray
     ray.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture()
+def s3_endpoint():
+    """A moto S3 server on 127.0.0.1 (a real endpoint for s3fs / pyarrow); yields its URL."""
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
+                               "-p", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.3)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.fixture()
+def s3(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch):
+    """This process pointed at the loopback S3 (the standard AWS settings), with a bucket
+    ``bucket`` made; yields an `s3fs.S3FileSystem` on it."""
+    import s3fs
+
+    for key, value in {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                       "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("bucket")
+    yield fs
+    s3fs.S3FileSystem.clear_instance_cache()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -132,33 +131,6 @@ def test_actor_killed_mid_job_is_restarted(ray_session, tiny_bert_dir, encoder,
     assert not worker.is_alive() and result, "the job did not finish after the actor died"
     assert result["rows_in"] == result["rows_written"] == files * rows
     assert_matches_encoder(read_output(out), _texts_without_titles(tmp_path / "c"), encoder)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture()
-def s3_endpoint():
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
-                               "-p", str(port)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.3)
-        yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def test_s3_input_and_output_match_the_encoder(tiny_bert_dir, encoder, tmp_path,

@@ -92,16 +92,18 @@ def _reference_encoder(model_dir: Path, instruction: str):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_beir_job_equals_in_process_reference(ray_session, mean_bert_dir: Path,
-                                              tmp_path: Path) -> None:
+def test_beir_job_on_s3_equals_in_process_reference(ray_session, mean_bert_dir: Path,
+                                                    tmp_path: Path, s3) -> None:
+    """Dataset read from and results written to S3 (the moto server on loopback)."""
     from pipelines.cli import make_config
     from pipelines.evaluate import EvaluateConfig, run
 
     root = write_beir(tmp_path / "beir")
+    s3.put(str(root) + "/", "bucket/beir/", recursive=True)
     cfg = make_config(EvaluateConfig,
-        model=str(mean_bert_dir), beir_dir=str(root), k_values=K_VALUES,
-        query_instruction_for_retrieval="query: ", output=str(tmp_path / "m.json"),
-        run_file=str(tmp_path / "run.trec"), batch_rows=8, search_shard_rows=16,
+        model=str(mean_bert_dir), beir_dir="s3://bucket/beir/", k_values=K_VALUES,
+        query_instruction_for_retrieval="query: ", output="s3://bucket/out/m.json",
+        run_file="s3://bucket/out/run.trec", batch_rows=8, search_shard_rows=16,
         cpus_per_actor=0.5, search_cpus=1.0)
     result = run(cfg)
 
@@ -118,8 +120,8 @@ def test_beir_job_equals_in_process_reference(ray_session, mean_bert_dir: Path,
     for name, value in expected.items():
         assert result["metrics"][name] == pytest.approx(value, abs=1e-6), name
     assert result["num_queries"] == 6 and result["query_instruction"] == "query: "
-    assert json.loads((tmp_path / "m.json").read_text())["metrics"] == result["metrics"]
-    lines = (tmp_path / "run.trec").read_text().splitlines()
+    assert json.loads(s3.cat("bucket/out/m.json"))["metrics"] == result["metrics"]
+    lines = s3.cat("bucket/out/run.trec").decode().splitlines()
     assert len(lines) == 6 * 10
     qid, q0, doc, rank, score, _ = lines[0].split()
     assert (qid, q0, rank) == (qids[0], "Q0", "1")

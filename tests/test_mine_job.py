@@ -38,20 +38,25 @@ def _write_data(root: Path) -> tuple[Path, Path, list[dict], list[str]]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_mining_job_equals_in_process_reference(ray_session, mean_bert_dir: Path,
-                                                tmp_path: Path) -> None:
+def test_mining_job_on_s3_equals_in_process_reference(ray_session, mean_bert_dir: Path,
+                                                      tmp_path: Path, s3) -> None:
+    """Training data and pool read from S3, mined output written there (moto on loopback)."""
     from bge_core.data import read_examples as read_training_data
     from bge_core.model import Encoder
     from pipelines.cli import make_config
     from pipelines.mine_hard_negatives import MineConfig, run
 
     train, pool, examples, docs = _write_data(tmp_path)
-    out = tmp_path / "out" / "mined.jsonl"
+    s3.put(str(train), "bucket/in/train.jsonl")
+    s3.put(str(pool), "bucket/in/pool.jsonl")
     summary = run(make_config(MineConfig,
-        model_name_or_path=str(mean_bert_dir), input_file=str(train), candidate_pool=str(pool),
-        output_file=str(out), range_for_sampling="1-20", negative_number=5, seed=7,
+        model_name_or_path=str(mean_bert_dir), input_file="s3://bucket/in/train.jsonl",
+        candidate_pool="s3://bucket/in/pool.jsonl", output_file="s3://bucket/out/mined.jsonl",
+        range_for_sampling="1-20", negative_number=5, seed=7,
         query_instruction_for_retrieval="q: ", batch_rows=16, search_shard_rows=16,
         cpus_per_actor=0.5))
+    out = tmp_path / "mined.jsonl"
+    s3.get("bucket/out/mined.jsonl", str(out))
     mined = [json.loads(line) for line in out.read_text().splitlines()]
     assert summary["corpus"] == 40 and summary["examples"] == 6
 

@@ -1,0 +1,45 @@
+"""A checkpoint saved at an S3 URI loads like a local folder, fetched once per machine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bge_core import Encoder
+from bge_core.remote import cache_root
+
+TEXTS = ["the cat sat", "a dog ran in the city", ""]
+
+
+def test_encoder_from_an_s3_checkpoint_equals_the_local_one(s3, tiny_bert_dir: Path,
+                                                            tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("BGE_RAY_CACHE", str(tmp_path / "cache"))
+    local = Encoder.from_pretrained(str(tiny_bert_dir), device="cpu",
+                                    query_instruction="q: ", pooling="mean")
+    local.save(tmp_path / "ft")  # what finetune writes: self-describing
+    s3.put(str(tmp_path / "ft") + "/", "bucket/ft/", recursive=True)
+
+    remote = Encoder.from_pretrained("s3://bucket/ft/", device="cpu")
+    assert (remote.config.pooling, remote.config.query_instruction) == ("mean", "q: ")
+    np.testing.assert_allclose(remote.encode(TEXTS), local.encode(TEXTS), atol=1e-6)
+    copies = [p for p in cache_root().iterdir() if p.is_dir()]
+    assert len(copies) == 1
+
+    # fetched once: a second load reuses the copy (no download: the store may even be down)
+    before = {str(p): p.stat().st_mtime_ns for p in copies[0].rglob("*")}
+    Encoder.from_pretrained("s3://bucket/ft", device="cpu")
+    assert {str(p): p.stat().st_mtime_ns for p in copies[0].rglob("*")} == before
+    assert len([p for p in cache_root().iterdir() if p.is_dir()]) == 1
+
+    # a checkpoint rewritten at the same URI is fetched anew
+    s3.pipe("bucket/ft/extra.txt", b"a new file")
+    Encoder.from_pretrained("s3://bucket/ft/", device="cpu")
+    assert len([p for p in cache_root().iterdir() if p.is_dir()]) == 2
+
+
+def test_nothing_at_the_uri_is_a_clear_error(s3, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("BGE_RAY_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(FileNotFoundError, match="s3://bucket/none/.*no files there"):
+        Encoder.from_pretrained("s3://bucket/none/", device="cpu")
