@@ -41,6 +41,7 @@ from bge_core.grad_cache import contrastive_step
 from bge_core.losses import DEFAULT_TEMPERATURE, info_nce
 from bge_core.model import Encoder
 from bge_core.optim import build_adamw, linear_warmup_decay, warmup_steps
+from bge_core.presets import resolve_instruction
 from pipelines import train_common as tc
 from pipelines.cli import config_from_dict, config_to_dict, run_main
 
@@ -215,11 +216,26 @@ def _load_encoder(model: Any, folder: Path) -> None:
 ENCODER_IO = tc.ModelIO(save=_save_encoder, load=_load_encoder)
 
 
-def epoch_groups(shard: Any, cfg: FinetuneConfig, epoch: int, skip: int,
-                 steps: int) -> Iterator[list]:
+def load_encoder(cfg: FinetuneConfig, device: Any = "cpu") -> Encoder:
+    """The model to train, carrying the query instruction it will be trained with.
+
+    The instruction follows `resolve_instruction` (flag left out: the model's own; ``""``:
+    none; else the flag's), and is the one `Encoder.save` writes beside the weights, so
+    a finetuned model's `encode_queries` adds exactly what training added.
+    """
+    encoder = Encoder.from_pretrained(cfg.model_name_or_path, device=device)
+    instruction = resolve_instruction(encoder.config.query_instruction,
+                                      cfg.query_instruction_for_retrieval)
+    encoder.config = encoder.config.replace(query_instruction=instruction)
+    return encoder
+
+
+def epoch_groups(shard: Any, cfg: FinetuneConfig, epoch: int, skip: int, steps: int,
+                 instruction: str | None) -> Iterator[list]:
     """This worker's batches of sampled groups for `epoch`, after skipping `skip` batches.
 
-    Exactly `steps` batches come out on every worker (collectives need equal counts).
+    Exactly `steps` batches come out on every worker (collectives need equal counts);
+    queries carry `instruction` (the model's, see `load_encoder`).
     """
     batches = shard.iter_batches(
         batch_size=cfg.per_device_train_batch_size, batch_format="pyarrow", drop_last=True,
@@ -230,8 +246,8 @@ def epoch_groups(shard: Any, cfg: FinetuneConfig, epoch: int, skip: int,
             return
         if index < skip:  # resuming mid-epoch: these were trained before the failure
             continue
-        yield [sample_group(row, cfg.train_group_size, cfg.seed, epoch,
-                            cfg.query_instruction_for_retrieval) for row in batch.to_pylist()]
+        yield [sample_group(row, cfg.train_group_size, cfg.seed, epoch, instruction)
+               for row in batch.to_pylist()]
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -243,9 +259,7 @@ def train_loop(config: dict[str, Any]) -> None:
     tc.setup_worker_logging()
     tc.seed_everything(cfg.seed)
     device = tc.worker_device()
-    overrides = ({"query_instruction": cfg.query_instruction_for_retrieval}
-                 if cfg.query_instruction_for_retrieval else {})
-    encoder = Encoder.from_pretrained(cfg.model_name_or_path, device=device, **overrides)
+    encoder = load_encoder(cfg, device)
     encoder.train()
     tc.enable_gradient_checkpointing(encoder, cfg.gradient_checkpointing)
     optimizer = build_adamw(encoder, cfg.learning_rate, cfg.weight_decay)
@@ -264,7 +278,7 @@ def train_loop(config: dict[str, Any]) -> None:
     pad_id = encoder.tokenizer.pad_token_id or 0
     while state.step < total:
         for groups in epoch_groups(shard, cfg, state.epoch, state.step_in_epoch,
-                                   steps_per_epoch):
+                                   steps_per_epoch, encoder.config.query_instruction):
             queries, passages = collate(encoder.tokenize, groups, cfg.query_max_len,
                                         cfg.passage_max_len, pad_id)
             loss = contrastive_step(model, queries.to(device), passages.to(device), loss_fn,
