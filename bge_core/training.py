@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -172,6 +173,25 @@ class ProgressMeter:
             log.info("step %d/%d loss %.4f %.1f examples/s ETA %.0fs", metrics["step"],
                      metrics["total_steps"], metrics.get("loss", float("nan")),
                      metrics["examples_per_s"], metrics["eta_s"])
+
+
+def largest_even_share(node_cpus: Sequence[float], free: float, workers: int) -> float:
+    """The most CPUs each of `workers` can hold: every worker on one node, the same share
+    for all, within `free` CPUs in total (whole CPUs when there is one or more each).
+
+    Args:
+        node_cpus: CPUs of each alive node.
+        free: CPUs free in the cluster now.
+        workers: training workers to place.
+    """
+    candidates = sorted({c / k for c in node_cpus for k in range(1, workers + 1) if c > 0},
+                        reverse=True)
+    for share in candidates:
+        share = min(share, free / workers)
+        share = math.floor(share) if share >= 1 else share
+        if share > 0 and sum(math.floor(c / share + 1e-9) for c in node_cpus) >= workers:
+            return float(share)
+    raise ValueError(f"no CPUs free for {workers} training workers; pass --cpus_per_worker")
 
 
 @dataclass(frozen=True, kw_only=True)

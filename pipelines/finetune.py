@@ -18,6 +18,7 @@ sentence-transformers); Ray Train's checkpoints sit under ``output_dir/<run_name
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import sys
 from collections.abc import Iterator
@@ -46,6 +47,7 @@ from bge_core.training import Fault, enable_gradient_checkpointing, freeze_posit
 from pipelines import train_common as tc
 from pipelines.cli import config_from_dict, config_to_dict, run_main, start_ray
 from pipelines.train_args import TrainArgs
+from pipelines.train_session import open_session
 
 log = logging.getLogger("bge.finetune")
 
@@ -237,7 +239,7 @@ def train_loop(config: dict[str, Any]) -> None:
     encoder = load_encoder(cfg, device)
     encoder.train()
     enable_gradient_checkpointing(encoder, cfg.gradient_checkpointing)
-    session = tc.open_session(encoder, cfg, total, device, ENCODER_IO, tc.fault_from(config))
+    session = open_session(encoder, cfg, total, device, ENCODER_IO, tc.fault_from(config))
     model = tc.prepare_model(encoder)
     loss_fn = session.amp.scale_loss_fn(functools.partial(
         info_nce, group_size=cfg.train_group_size, temperature=train_temperature(cfg, encoder),
@@ -278,4 +280,6 @@ def _checked_run(cfg: FinetuneConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable module, not __main__: Ray then pickles the training loop and its
+    # config class by reference, and workers can resolve the config's annotations.
+    sys.exit(importlib.import_module("pipelines.finetune").main())

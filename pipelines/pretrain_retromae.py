@@ -22,6 +22,7 @@ machinery.
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import sys
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from pipelines import train_common as tc
 from pipelines.cli import config_from_dict, config_to_dict, run_main, start_ray
 from pipelines.corpus_io import InputError, list_input_files, plan_file, read_chunk_rows
 from pipelines.train_args import TrainArgs
+from pipelines.train_session import Session, open_session
 
 log = logging.getLogger("bge.retromae")
 
@@ -137,7 +139,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                     cfg.max_steps)
     io = tc.ModelIO(save=lambda m, folder: save_checkpoint(m, tokenizer, folder / "model"),
                     load=lambda m, folder: load_checkpoint(m, folder / "model"))
-    session = tc.open_session(model, cfg, plan.total_steps, device, io,
+    session = open_session(model, cfg, plan.total_steps, device, io,
                               tc.fault_from(loop_config))
     ddp_model = tc.prepare_model(model)
     collator = RetroMAECollator(tokenizer, cfg.max_seq_length, cfg.encoder_mlm_probability,
@@ -168,7 +170,7 @@ def _tokenize(tokenizer: Any, max_seq_length: int, texts: list[str]) -> list[lis
                      max_length=max_seq_length - 2)["input_ids"]
 
 
-def _losses(out: Any, tokens: int, session: tc.Session) -> dict[str, float]:
+def _losses(out: Any, tokens: int, session: Session) -> dict[str, float]:
     """Losses (mean over ranks) and token throughput: a collective at reporting steps."""
     world = get_world_size()
     return {"loss": all_reduce_mean(out.loss.detach().float()),
@@ -227,4 +229,6 @@ def _checked_run(cfg: RetroMAEConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable module, not __main__: Ray then pickles the training loop and its
+    # config class by reference, and workers can resolve the config's annotations.
+    sys.exit(importlib.import_module("pipelines.pretrain_retromae").main())

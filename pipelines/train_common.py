@@ -10,7 +10,7 @@ the worker group from the latest checkpoint up to `max_failures` times (re-runni
 same command with the same `output_dir` resumes too), checks the result and exports the
 last checkpoint's model to `output_dir`.
 
-Worker side, inside ``train_loop(config)``::
+Worker side, inside ``train_loop(config)`` (`open_session`: `pipelines.train_session`)::
 
     cfg = config_from_dict(MyConfig, config["cfg"])      # rebuild the frozen config first
     device = start_worker(cfg)
@@ -45,15 +45,7 @@ import torch
 from torch import nn
 
 from bge_core.distributed import get_rank, get_world_size
-from bge_core.optim import build_adamw, build_scheduler, warmup_steps
-from bge_core.training import (
-    Fault,
-    Precision,
-    ProgressMeter,
-    TrainState,
-    resolve_precision,
-    seed_everything,
-)
+from bge_core.training import Fault, Precision, TrainState, largest_even_share, seed_everything
 
 if TYPE_CHECKING:
     from pipelines.train_args import TrainArgs
@@ -115,25 +107,6 @@ def scaling_config(settings: RunSettings) -> Any:
     return ray.train.ScalingConfig(
         num_workers=settings.num_workers, use_gpu=settings.use_gpu,
         resources_per_worker=resources, accelerator_type=settings.accelerator_type)
-
-
-def largest_even_share(node_cpus: Sequence[float], free: float, workers: int) -> float:
-    """The most CPUs each of `workers` can hold: every worker on one node, the same share
-    for all, within `free` CPUs in total (whole CPUs when there is one or more each).
-
-    Args:
-        node_cpus: CPUs of each alive node.
-        free: CPUs free in the cluster now.
-        workers: training workers to place.
-    """
-    candidates = sorted({c / k for c in node_cpus for k in range(1, workers + 1) if c > 0},
-                        reverse=True)
-    for share in candidates:
-        share = min(share, free / workers)
-        share = math.floor(share) if share >= 1 else share
-        if share > 0 and sum(math.floor(c / share + 1e-9) for c in node_cpus) >= workers:
-            return float(share)
-    raise ValueError(f"no CPUs free for {workers} training workers; pass --cpus_per_worker")
 
 
 def default_cpus_per_worker(num_workers: int, use_gpu: bool) -> float:
@@ -403,67 +376,3 @@ def report(metrics: dict[str, Any]) -> None:
     import ray.train
 
     ray.train.report(metrics)
-
-
-@dataclass
-class Session:
-    """One worker's optimisation state and its log / report / checkpoint schedule."""
-
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    amp: Precision
-    io: ModelIO
-    state: TrainState
-    meter: ProgressMeter
-    args: TrainArgs
-    fault: Fault | None = None
-    constants: dict[str, Any] = field(default_factory=dict)  # reported with every metric
-
-    @property
-    def total(self) -> int:
-        return self.meter.total_steps
-
-    def step(self) -> None:
-        """Clip, step the optimizer and the schedule, zero the gradients."""
-        self.amp.step(self.optimizer, self.scheduler, self.args.max_grad_norm)
-
-    def finish_step(self, examples: int, losses: Callable[[], dict[str, Any]]) -> None:
-        """Count a finished step; log, report and checkpoint when one is due.
-
-        Args:
-            examples: examples of the step over all ranks.
-            losses: the losses to report (mean over ranks): called on every rank at
-                logging and saving steps only, so it may hold collectives.
-        """
-        self.state.advance(examples)
-        self.meter.count(examples)
-        if self.fault:
-            self.fault.maybe_fail(self.state.step)
-        step = self.state.step
-        save = step >= self.total or step % self.args.save_steps == 0
-        if not (save or step % self.args.logging_steps == 0):
-            return
-        metrics = self.meter.metrics(
-            step, epoch=self.state.epoch, lr=self.scheduler.get_last_lr()[0],
-            resumed_from=list(self.state.resumed_from), **self.constants, **losses())
-        ProgressMeter.log_line(metrics)
-        if save:
-            save_and_report(metrics, self.state, self.model, self.optimizer, self.scheduler,
-                            self.amp, self.io)
-        else:
-            report(metrics)
-
-
-def open_session(model: nn.Module, args: TrainArgs, total: int, device: torch.device,
-                 io: ModelIO, fault: Fault | None = None) -> Session:
-    """AdamW, warm-up schedule and precision for `model`; restored from the latest
-    checkpoint when there is one (the returned `state` says where training stands)."""
-    optimizer = build_adamw(model, args.learning_rate, args.weight_decay)
-    scheduler = build_scheduler(optimizer, args.lr_scheduler_type,
-                                warmup_steps(total, args.warmup_ratio), total)
-    amp = Precision.create(resolve_precision(args.fp16, args.bf16, device.type), device)
-    state = restore_checkpoint(model, optimizer, scheduler, amp, io)
-    meter = ProgressMeter(total, start_step=state.step)
-    return Session(model, optimizer, scheduler, amp, io, state, meter, args, fault,
-                   constants={"cpu_threads": torch.get_num_threads()})

@@ -12,12 +12,12 @@ from bge_core.training import (
     ProgressMeter,
     TrainState,
     enable_gradient_checkpointing,
+    largest_even_share,
     resolve_precision,
 )
 from pipelines.train_common import (
     RunSettings,
     export_model,
-    largest_even_share,
     scaling_config,
     storage_path,
 )
