@@ -183,9 +183,13 @@ def _losses(out: Any, tokens: int, session: Session) -> dict[str, float]:
 def run(cfg: RetroMAEConfig, *, fault: Fault | None = None) -> tc.TrainResult:
     """Read the corpus, pretrain on Ray Train (Ray already started), write the encoder
     (without the resume-only heads) to ``output_dir``; `fault` is a drill for tests."""
+    return _train(cfg, *_checked_texts(cfg), fault=fault)
+
+
+def _train(cfg: RetroMAEConfig, texts: list[str], skipped: int,
+           fault: Fault | None = None) -> tc.TrainResult:
     import ray
 
-    texts, skipped = _checked_texts(cfg)
     loop_config = {"cfg": config_to_dict(cfg), "texts": ray.put(texts)}
     return tc.run_training("RetroMAE pretraining", train_loop, loop_config, cfg,
                            examples=len(texts), skipped=skipped, fault=fault,
@@ -220,10 +224,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _checked_run(cfg: RetroMAEConfig) -> None:
-    _check_model(cfg)  # a bad model or a missing corpus fails before Ray starts
-    list_input_files(cfg.train_data)
+    texts, skipped = _checked_texts(cfg)  # bad model or data fail before Ray starts
     start_ray()
-    result = run(cfg)
+    result = _train(cfg, texts, skipped)
     print(f"RetroMAE done: {result.metrics.get('step')} steps on {result.examples} texts "
           f"({result.skipped} empty skipped); encoder at {result.output_dir}")
 

@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -53,6 +54,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("bge.train")
 
 STATE_FILE = "training_state.pt"
+FREE_CPU_READINGS = 6  # 0.5 s apart
 
 
 # ------------------------------------------------------------------------ driver side
@@ -117,7 +119,14 @@ def default_cpus_per_worker(num_workers: int, use_gpu: bool) -> float:
     import ray
 
     nodes = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
-    free = ray.available_resources().get("CPU", 0.0)
+    # Tasks that just finished (reading the data) give their CPUs back with a lag: take
+    # the most seen free over a moment.
+    free = 0.0
+    for _ in range(FREE_CPU_READINGS):
+        free = max(free, ray.available_resources().get("CPU", 0.0))
+        if free >= sum(nodes):
+            break
+        time.sleep(0.5)
     return largest_even_share(nodes, free, num_workers)
 
 

@@ -41,15 +41,14 @@ TWO_NODES = textwrap.dedent("""
     ray.init(address=cluster.address, runtime_env={"env_vars": env}, log_to_driver=False)
     try:
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-        # --cpus_per_worker left out: the free CPUs shared, one per worker on one-CPU
-        # nodes, so the two workers must use both raylets.
+        # One CPU per worker on one-CPU nodes: the two workers must use both raylets.
         # FlagEmbedding's README command, the launcher swapped for --num_workers 2; the
         # rest sizes it for a test (4 steps, checkpoints every 2, a learning rate that moves
         # a tiny model).
         argv = finetune_readme(str(model_dir), str(tmp / "train.jsonl"), str(tmp / "out"),
                                batch=2)
         cfg = parse_config(FinetuneConfig, argv + [
-            "--num_workers", "2", "--max_steps", "4",
+            "--num_workers", "2", "--cpus_per_worker", "1", "--max_steps", "4",
             "--save_steps", "2", "--logging_steps", "1", "--learning_rate", "1e-3",
             "--query_max_len", "16", "--passage_max_len", "24", "--shuffle_buffer_size", "0",
             "--max_failures", "1"])
@@ -102,7 +101,7 @@ def test_workers_on_two_raylets_train_and_save_a_loadable_model(two_node_run, ti
     assert result["examples"] == 16 and result["bad"] == 0
     first_attempt = result["checkpoints"][0]  # step 2, reported before the failure
     assert first_attempt["step"] == 2 and first_attempt["resumed_from"] == []
-    assert first_attempt["num_nodes"] == 2  # the two workers ran on different raylets
+    assert first_attempt["num_nodes"] == metrics["num_nodes"] == 2  # both raylets, each time
     assert metrics["cpu_threads"] == 1  # as many torch threads as the worker's CPUs
     assert np.isfinite(metrics["loss"]) and metrics["examples_per_s"] > 0
     assert metrics["eta_s"] == 0
