@@ -131,6 +131,15 @@ def parse_file(path: str, data: bytes, file_index: int, group_size: int = 1) -> 
     return rows
 
 
+def cap_examples(rows: list[dict], limit: int | None, seed: int, file_index: int) -> list[dict]:
+    """At most `limit` rows of one file, a seeded random sample kept in file order
+    (FlagEmbedding's ``--max_example_num_per_dataset``; None keeps all)."""
+    if limit is None or len(rows) <= limit:
+        return rows
+    keep = np.random.default_rng([seed, file_index]).choice(len(rows), size=limit, replace=False)
+    return [rows[i] for i in sorted(keep)]
+
+
 def split_bad(rows: Sequence[dict[str, Any]], skip_bad_examples: bool) -> list[dict[str, Any]]:
     """The good rows; raise on the first bad one unless `skip_bad_examples`."""
     bad = [r["error"] for r in rows if r["error"] is not None]

@@ -1,4 +1,4 @@
-"""AdamW with the usual no-decay groups, and a linear warm-up then linear decay schedule."""
+"""AdamW with the usual no-decay groups, and warm-up schedules (Hugging Face's names)."""
 
 from __future__ import annotations
 
@@ -37,5 +37,33 @@ def linear_warmup_decay(
         if step < warmup:
             return (step + 1) / (warmup + 1)
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, kind: str, warmup: int, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A schedule by Hugging Face's `lr_scheduler_type` name.
+
+    ``linear``: warm-up then linear decay to 0; ``cosine``: warm-up then half a cosine to 0;
+    ``constant_with_warmup``: warm-up then flat; ``constant``: flat (no warm-up).
+    """
+    if kind == "linear":
+        return linear_warmup_decay(optimizer, warmup, total_steps)
+    if kind not in ("cosine", "constant", "constant_with_warmup"):
+        raise ValueError(f"lr_scheduler_type {kind!r} is not one of linear, cosine, "
+                         "constant, constant_with_warmup")
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    ramp = 0 if kind == "constant" else warmup
+
+    def factor(step: int) -> float:
+        if step < ramp:
+            return (step + 1) / (ramp + 1)
+        if kind != "cosine":
+            return 1.0
+        progress = (step - ramp) / max(1, total_steps - ramp)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

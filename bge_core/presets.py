@@ -66,6 +66,21 @@ PRESETS[OFFLINE_MINILM] = Preset(
 _ORGS = ("BAAI/", "sentence-transformers/")
 
 
+def resolve_instruction(own: str | None, flag: str | None) -> str | None:
+    """The query instruction a job uses: the one rule for mining, finetuning and evaluation.
+
+    Args:
+        own: the model's own instruction (saved with it, or its preset's); None for none.
+        flag: ``--query_instruction_for_retrieval`` as given: None when the flag is left
+            out (the model's own is used), ``""`` for none, else the instruction itself.
+
+    Returns:
+        The instruction, or None for none (never ``""``).
+    """
+    chosen = own if flag is None else flag
+    return chosen or None
+
+
 def find_preset(name: str) -> Preset | None:
     """The preset for `name` (``bge-base-en-v1.5`` or ``BAAI/bge-base-en-v1.5``), or None."""
     for org in _ORGS:

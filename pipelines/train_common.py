@@ -1,74 +1,60 @@
 """Ray Train machinery shared by the training jobs (finetuning, RetroMAE pretraining).
 
-Driver side, one call::
+Driver side, one call from a job's ``run(cfg)`` (Ray already started)::
 
-    settings = RunSettings(name="finetune", output_dir=cfg.output_dir,
-                           num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                           cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures)
-    result = launch(train_loop, config_to_dict(cfg), settings, datasets={"train": ds})
+    result = run_training("finetune", train_loop, loop_config, cfg, datasets={"train": ds})
 
-`launch` builds a `TorchTrainer` (gloo on CPU, nccl on GPU), stores checkpoints under
-``<output_dir>/<name>/`` (local or any fsspec/pyarrow URI, e.g. ``s3://``) and restarts the
-worker group from the latest checkpoint up to `max_failures` times. Re-running the same
-command with the same `output_dir` resumes that run too.
+`run_training` launches a `TorchTrainer` (gloo on CPU, nccl on GPU) with checkpoints under
+``<output_dir>/<run_name>/`` (local or any fsspec/pyarrow URI, e.g. ``s3://``), restarts
+the worker group from the latest checkpoint up to `max_failures` times (re-running the
+same command with the same `output_dir` resumes too), checks the result and exports the
+last checkpoint's model to `output_dir`.
 
-Worker side, inside ``train_loop(config)``::
+Worker side, inside ``train_loop(config)`` (`open_session`: `pipelines.train_session`)::
 
-    cfg = config_from_dict(MyConfig, config)          # rebuild the frozen config first
-    setup_worker_logging()
-    device = worker_device()
+    cfg = config_from_dict(MyConfig, config["cfg"])      # rebuild the frozen config first
+    device = start_worker(cfg)
     model = MyModel(...).to(device)
-    enable_gradient_checkpointing(model, cfg.gradient_checkpointing)
-    optimizer = build_adamw(model, lr, wd)             # bge_core.optim
-    scheduler = linear_warmup_decay(optimizer, warmup, total)
-    amp = Precision.create(resolve_precision(cfg.fp16, cfg.bf16), device)
-    state = restore_checkpoint(model, optimizer, scheduler, amp, io)  # TrainState(step=0) fresh
-    ddp_model = prepare_model(model)                    # DDP when world > 1
-    meter = ProgressMeter(total, start_step=state.step)
-    for batch in ...:
-        with amp.autocast(): loss = ...; amp.backward(loss)   # or bge_core.grad_cache
-        amp.step(optimizer, scheduler); state.advance(examples)
-        metrics = meter.update(state.step, loss, examples)
-        maybe_inject_failure(state.step)
-        if state.step % save_steps == 0 or last:
-            save_and_report(metrics, state, model, optimizer, scheduler, amp, io)
-        elif state.step % logging_steps == 0:
-            report(metrics)
+    session = open_session(model, cfg, total, device, io, fault_from(config))
+    ddp_model = prepare_model(model)                     # DDP when world > 1
+    while session.state.step < total:
+        with session.amp.autocast(): loss = ...
+        session.amp.backward(loss)                       # or bge_core.grad_cache
+        session.step()
+        session.finish_step(examples, lambda: {"loss": all_reduce_mean(loss)})
 
-Every rank calls `save_and_report` / `report` at the same steps (they are barriers); only
-rank 0 writes the checkpoint. A checkpoint folder holds the model (written by `ModelIO`,
-e.g. ``Encoder.save`` so every checkpoint is a loadable model) and ``training_state.pt``
-(optimizer, scheduler, grad scaler, step counters, RNG states).
+`finish_step` logs, reports and checkpoints at the same steps on every rank (reports are
+barriers; the losses callable may hold collectives); only rank 0 writes. A checkpoint
+folder holds the model (written by `ModelIO`, so every checkpoint is a loadable model) and
+``training_state.pt`` (optimizer, scheduler, grad scaler, step counters, RNG state).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import math
 import os
-import random
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+import fsspec
 import torch
 from torch import nn
 
-from bge_core.config import DType
 from bge_core.distributed import get_rank, get_world_size
-from bge_core.precision import autocast_context, check_dtype
+from bge_core.training import Fault, Precision, TrainState, largest_even_share, seed_everything
+
+if TYPE_CHECKING:
+    from pipelines.train_args import TrainArgs
 
 log = logging.getLogger("bge.train")
 
 STATE_FILE = "training_state.pt"
-# Fault-injection hook for tests and chaos drills: "STEP:MARKER_FILE" makes rank 1 (rank 0
-# when alone) exit abruptly after STEP, once: the marker file records that it happened.
-FAULT_ENV = "BGE_FAULT_INJECT"
-FAULT_DELAY_S = 6.0
+FREE_CPU_READINGS = 6  # 0.5 s apart
 
 
 # ------------------------------------------------------------------------ driver side
@@ -125,6 +111,34 @@ def scaling_config(settings: RunSettings) -> Any:
         resources_per_worker=resources, accelerator_type=settings.accelerator_type)
 
 
+def default_cpus_per_worker(num_workers: int, use_gpu: bool) -> float:
+    """CPUs per worker when the flag is left out: 1 beside a GPU; on a CPU cluster the
+    free CPUs shared evenly, so a one-worker run on a 2-core box computes on both."""
+    if use_gpu:
+        return 1.0
+    import ray
+
+    nodes = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    # Tasks that just finished (reading the data) give their CPUs back with a lag: take
+    # the most seen free over a moment.
+    free = 0.0
+    for _ in range(FREE_CPU_READINGS):
+        free = max(free, ray.available_resources().get("CPU", 0.0))
+        if free >= sum(nodes):
+            break
+        time.sleep(0.5)
+    return largest_even_share(nodes, free, num_workers)
+
+
+def run_settings(args: TrainArgs) -> RunSettings:
+    """The Ray Train settings of a job's config (needs Ray when `cpus_per_worker` is unset)."""
+    cpus = args.cpus_per_worker or default_cpus_per_worker(args.num_workers, args.use_gpu)
+    return RunSettings(
+        name=args.run_name, output_dir=args.output_dir, num_workers=args.num_workers,
+        use_gpu=args.use_gpu, accelerator_type=args.accelerator_type, cpus_per_worker=cpus,
+        max_failures=args.max_failures, num_to_keep=args.save_total_limit)
+
+
 def launch(
     train_loop: Callable[[dict[str, Any]], None],
     loop_config: dict[str, Any],
@@ -139,7 +153,7 @@ def launch(
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    env = {k: os.environ[k] for k in (FAULT_ENV, "HF_HUB_OFFLINE") if k in os.environ}
+    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE",) if k in os.environ}
     run_config = ray.train.RunConfig(
         name=settings.name,
         storage_path=storage_path(settings.output_dir),
@@ -158,6 +172,81 @@ def launch(
     return trainer.fit()
 
 
+@dataclass(frozen=True)
+class TrainResult:
+    """Where the model went and how training ended (rank 0's last reported metrics).
+
+    Args:
+        output_dir: the exported final model (local path or URI).
+        metrics: the last reported metrics (``step``, ``loss``, ``resumed_from``...).
+        examples: training examples (finetuning) or texts (RetroMAE) used.
+        skipped: invalid examples or empty texts skipped.
+        checkpoints: the metrics reported with each kept checkpoint, oldest first (a
+            run that restarted has some from before the failure).
+    """
+
+    output_dir: str
+    metrics: dict[str, Any]
+    examples: int
+    skipped: int
+    checkpoints: list[dict[str, Any]] = field(default_factory=list)
+
+
+def run_training(
+    job: str, train_loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any],
+    args: TrainArgs, *, examples: int, skipped: int = 0,
+    datasets: dict[str, Any] | None = None, fault: Fault | None = None,
+    export_skip: Sequence[str] = (),
+) -> TrainResult:
+    """Launch `train_loop` on Ray Train, check the result, export the final model.
+
+    Args:
+        job: the job's name, for messages.
+        loop_config: what every worker gets (the config dict under ``"cfg"`` and more).
+        args: the job's config (placement, output, run name).
+        examples / skipped: data counts for the result.
+        fault: a fault drill for tests, handed to the workers (see `fault_from`).
+        export_skip: file names of the checkpoint's model folder not to export.
+
+    Raises:
+        RuntimeError: training failed after `max_failures` restarts.
+    """
+    for note in args.compat_notes():
+        log.info("%s", note)
+    settings = run_settings(args)
+    log.info("%s: %d worker(s), %s CPU(s) each%s", job, settings.num_workers,
+             settings.cpus_per_worker, " and a GPU" if settings.use_gpu else "")
+    config = {**loop_config, "fault": asdict(fault) if fault else None}
+    result = launch(train_loop, config, settings, datasets)
+    if result.error:
+        raise RuntimeError(f"{job} failed: {result.error}") from result.error
+    metrics = dict(result.metrics)
+    log.info("%s finished at step %s: loss %.4f, %.1f examples/s, resumed from %s", job,
+             metrics.get("step"), metrics.get("loss", float("nan")),
+             metrics.get("examples_per_s", 0.0), metrics.get("resumed_from"))
+    with result.checkpoint.as_directory() as folder:
+        out = export_model(Path(folder) / "model", args.output_dir, export_skip)
+    kept = sorted((dict(m) for _, m in result.best_checkpoints or []),
+                  key=lambda m: m.get("step", 0))
+    return TrainResult(out, metrics, examples, skipped, kept)
+
+
+def export_model(model_dir: Path, output_dir: str, skip: Sequence[str] = ()) -> str:
+    """Copy a checkpoint's model folder (less the `skip` names) to `output_dir`.
+
+    Returns:
+        `output_dir` (a local path or any fsspec URI).
+    """
+    fs, root = fsspec.core.url_to_fs(output_dir)
+    for path in sorted(model_dir.rglob("*")):
+        if path.is_file() and path.name not in skip:
+            target = f"{root.rstrip('/')}/{path.relative_to(model_dir).as_posix()}"
+            fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+            fs.put_file(str(path), target)
+    log.info("final model written to %s", output_dir)
+    return output_dir
+
+
 # ------------------------------------------------------------------------ worker side
 def setup_worker_logging(level: int = logging.INFO) -> None:
     """Send this package's log lines to the worker's stderr (Ray forwards it)."""
@@ -173,6 +262,34 @@ def worker_device() -> torch.device:
     return ray.train.torch.get_device()
 
 
+def start_worker(args: TrainArgs) -> torch.device:
+    """First lines of a training loop: logging, seeds, torch threads; returns the device.
+
+    A CPU worker computes on as many threads as Ray gave it CPUs (at least one).
+    """
+    import ray
+
+    setup_worker_logging()
+    seed_everything(args.seed)
+    device = worker_device()
+    if device.type == "cpu":
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+        torch.set_num_threads(max(1, math.floor(cpus)))
+        log.info("rank %d computes on %d CPU thread(s)", get_rank(), torch.get_num_threads())
+    return device
+
+
+def tokenizer_override(args: TrainArgs) -> Any | None:
+    """The tokenizer `--tokenizer_name` asks for (None: use the model's own)."""
+    if not args.tokenizer_name:
+        return None
+    from transformers import AutoTokenizer
+
+    from bge_core.loading import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model(args.tokenizer_name).folder)
+
+
 def prepare_model(model: nn.Module) -> nn.Module:
     """Move to the worker's device and wrap in DDP when the world has > 1 process."""
     import ray.train.torch
@@ -180,99 +297,10 @@ def prepare_model(model: nn.Module) -> nn.Module:
     return ray.train.torch.prepare_model(model)
 
 
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (CPU and CUDA) the same on every rank."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def enable_gradient_checkpointing(model: nn.Module, enabled: bool) -> None:
-    """Turn on activation checkpointing in the (Hugging Face) backbone(s) of `model`."""
-    if not enabled:
-        return
-    found = False
-    for module in model.modules():
-        if hasattr(module, "gradient_checkpointing_enable"):
-            module.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False})
-            found = True
-    if not found:
-        raise ValueError(f"{type(model).__name__} has no Hugging Face backbone to checkpoint")
-
-
-def resolve_precision(fp16: bool, bf16: bool) -> DType:
-    """The autocast dtype for the FlagEmbedding-style ``--fp16`` / ``--bf16`` flags."""
-    if fp16 and bf16:
-        raise ValueError("--fp16 and --bf16 are mutually exclusive")
-    return "fp16" if fp16 else "bf16" if bf16 else "fp32"
-
-
-@dataclass
-class Precision:
-    """Autocast and (for fp16) loss scaling for one device."""
-
-    dtype: DType
-    device: torch.device
-    scaler: torch.amp.GradScaler | None = None
-
-    @classmethod
-    def create(cls, dtype: DType, device: torch.device) -> Precision:
-        check_dtype(dtype, device)  # fp16 needs CUDA; bf16 on CPU warns when emulated
-        scaler = torch.amp.GradScaler(device.type) if dtype == "fp16" else None
-        return cls(dtype, device, scaler)
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        return autocast_context(self.dtype, self.device)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        (self.scaler.scale(loss) if self.scaler else loss).backward()
-
-    def scale_loss_fn(self, loss_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        """Wrap a loss so its backward is scaled (for `bge_core.grad_cache` steps)."""
-        if self.scaler is None:
-            return loss_fn
-        return lambda *args: self.scaler.scale(loss_fn(*args))
-
-    def unscaled(self, loss: torch.Tensor) -> torch.Tensor:
-        """The loss as the model sees it (undo fp16 loss scaling, for logging)."""
-        return loss / self.scaler.get_scale() if self.scaler else loss
-
-    def step(self, optimizer: torch.optim.Optimizer, scheduler: Any,
-             max_grad_norm: float | None = None) -> None:
-        """Unscale, clip, step the optimizer and scheduler, zero the gradients."""
-        if self.scaler:
-            self.scaler.unscale_(optimizer)
-        if max_grad_norm:
-            params = [p for g in optimizer.param_groups for p in g["params"]]
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        if self.scaler:
-            self.scaler.step(optimizer)
-            self.scaler.update()
-        else:
-            optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-
-
-@dataclass
-class TrainState:
-    """Counters saved in every checkpoint: where training stands."""
-
-    step: int = 0
-    epoch: int = 0
-    step_in_epoch: int = 0
-    examples: int = 0
-    resumed_from: list[int] = field(default_factory=list)  # steps restarted from
-
-    def advance(self, examples: int) -> None:
-        self.step += 1
-        self.step_in_epoch += 1
-        self.examples += examples
-
-    def next_epoch(self) -> None:
-        self.epoch += 1
-        self.step_in_epoch = 0
+def fault_from(loop_config: dict[str, Any]) -> Fault | None:
+    """The fault drill `run_training` handed to the workers (None in real runs)."""
+    spec = loop_config.get("fault")
+    return Fault(**spec) if spec else None
 
 
 @dataclass(frozen=True)
@@ -283,24 +311,13 @@ class ModelIO:
     load: Callable[[nn.Module, Path], None]
 
 
-def _save_state_dict(model: nn.Module, folder: Path) -> None:
-    torch.save(model.state_dict(), folder / "model.pt")
-
-
-def _load_state_dict(model: nn.Module, folder: Path) -> None:
-    model.load_state_dict(torch.load(folder / "model.pt", map_location="cpu"))
-
-
-STATE_DICT_IO = ModelIO(save=_save_state_dict, load=_load_state_dict)
-
-
 def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
 def restore_checkpoint(
     model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, amp: Precision,
-    io: ModelIO = STATE_DICT_IO,
+    io: ModelIO,
 ) -> TrainState:
     """Load the latest reported checkpoint (after a failure or a re-run), if there is one.
 
@@ -330,8 +347,7 @@ def restore_checkpoint(
 
 def save_and_report(
     metrics: dict[str, Any], state: TrainState, model: nn.Module,
-    optimizer: torch.optim.Optimizer, scheduler: Any, amp: Precision,
-    io: ModelIO = STATE_DICT_IO,
+    optimizer: torch.optim.Optimizer, scheduler: Any, amp: Precision, io: ModelIO,
 ) -> None:
     """Rank 0 writes a checkpoint and reports it; the other ranks report the metrics only."""
     import ray.train
@@ -369,47 +385,3 @@ def report(metrics: dict[str, Any]) -> None:
     import ray.train
 
     ray.train.report(metrics)
-
-
-def maybe_inject_failure(step: int) -> None:
-    """Exit abruptly after `step` once, when ``BGE_FAULT_INJECT=STEP:MARKER`` says so."""
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    at, marker = spec.split(":", 1)
-    victim = 1 if get_world_size() > 1 else 0
-    if step == int(at) and get_rank() == victim and not Path(marker).exists():
-        Path(marker).write_text(f"rank {victim} killed after step {step}\n")
-        # Ray Train's controller collects reports by polling (every 2 s): wait so the
-        # checkpoints reported before the failure are registered, as in a real crash
-        # that comes later than a poll after the last checkpoint.
-        time.sleep(FAULT_DELAY_S)
-        log.warning("fault injection: rank %d exits after step %d", victim, step)
-        os._exit(1)
-
-
-@dataclass
-class ProgressMeter:
-    """Step, loss, examples/s and ETA for the log and the reported metrics."""
-
-    total_steps: int
-    start_step: int = 0
-    started: float = field(default_factory=time.perf_counter)
-    examples: int = 0
-
-    def update(self, step: int, loss: float, examples: int, **extra: Any) -> dict[str, Any]:
-        """Count `examples` (global, this step) and return the metrics dict at `step`."""
-        self.examples += examples
-        elapsed = max(time.perf_counter() - self.started, 1e-9)
-        steps_done = max(step - self.start_step, 1)
-        eta = (self.total_steps - step) * elapsed / steps_done
-        return {"step": step, "loss": float(loss), "examples_per_s": self.examples / elapsed,
-                "eta_s": eta, **extra}
-
-    @staticmethod
-    def log_line(metrics: dict[str, Any]) -> None:
-        """Log one progress line (rank 0 only)."""
-        if get_rank() == 0:
-            log.info("step %d/%s loss %.4f %.1f examples/s ETA %.0fs", metrics["step"],
-                     metrics.get("total_steps", "?"), metrics["loss"],
-                     metrics["examples_per_s"], metrics["eta_s"])

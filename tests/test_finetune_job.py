@@ -94,7 +94,7 @@ def test_bad_examples_stop_the_job_or_are_counted(ray_session, tiny_bert_dir, tm
 def test_final_model_export_to_an_fsspec_uri(tiny_bert_dir, tmp_path):
     import fsspec
 
-    from pipelines.finetune import export_model
+    from pipelines.train_common import export_model
 
     saved = Encoder.from_pretrained(str(tiny_bert_dir), device="cpu").save(tmp_path / "m")
     assert export_model(saved, "memory://bge-ft/out") == "memory://bge-ft/out"

@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from safetensors.torch import load_file
 
+from bge_core.data import collate, sample_group
+from bge_core.grad_cache import contrastive_step
+from bge_core.losses import info_nce
 from bge_core.model import Encoder
+from bge_core.retromae import HEADS_FILE
+from bge_core.training import Fault
 from pipelines.cli import ConfigError, parse_config
 from pipelines.corpus_io import InputError
+from pipelines.finetune import FinetuneConfig, load_encoder
 from pipelines.pretrain_retromae import RetroMAEConfig, StepPlan, main, read_texts, run, step_seed
+from tests.test_flagembedding_commands import retromae_readme
 from tests.tiny_models import WORDS
 
 EMPTY_ROWS = [{"text": ""}, {"text": "   "}, {"text": None}]
@@ -88,13 +98,14 @@ def test_cli_exits_nonzero_with_one_message(tiny_bert_dir, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------- Ray Train (slow)
-def job_config(tiny_bert_dir, data, out, **overrides):
-    values = dict(model_name_or_path=str(tiny_bert_dir), train_data=str(data),
-                  output_dir=str(out), max_seq_length=32, per_device_train_batch_size=4,
-                  max_steps=3, save_steps=2, logging_steps=1, learning_rate=1e-3,
-                  warmup_ratio=0.0, num_workers=2, cpus_per_worker=0.5, max_failures=1)
-    values.update(overrides)
-    return RetroMAEConfig(**values)
+def job_config(tiny_bert_dir, data, out):
+    """FlagEmbedding's README command, the launcher swapped for --num_workers 2, sized for
+    a test (3 steps, checkpoints every 2, 32 tokens, a learning rate that moves a tiny model)."""
+    argv = retromae_readme(str(tiny_bert_dir), str(data), str(out), batch=4)
+    return parse_config(RetroMAEConfig, argv + [
+        "--num_workers", "2", "--cpus_per_worker", "0.5", "--max_seq_length", "32",
+        "--max_steps", "3", "--save_steps", "2", "--logging_steps", "1",
+        "--learning_rate", "1e-3", "--warmup_ratio", "0", "--max_failures", "1"])
 
 
 @pytest.fixture(scope="module")
@@ -110,11 +121,11 @@ def plain_run(ray_session, tiny_bert_dir, tmp_path_factory):
 def test_two_workers_pretrain_a_loadable_encoder_that_finetune_starts_from(
         plain_run, tiny_bert_dir, tmp_path):
     summary, _, root = plain_run
-    assert (summary["steps"], summary["texts"], summary["skipped_empty"]) == (3, 24, 3)
-    metrics = summary["metrics"]
+    metrics = summary.metrics
+    assert (metrics["step"], summary.examples, summary.skipped) == (3, 24, 3)
     assert np.isfinite([metrics["encoder_loss"], metrics["decoder_loss"]]).all()
-    assert metrics["tokens_per_s"] > 0 and metrics["resumed_from"] == 0
-    encoder = Encoder.from_pretrained(summary["encoder"], device="cpu")
+    assert metrics["tokens_per_s"] > 0 and metrics["resumed_from"] == []
+    encoder = Encoder.from_pretrained(summary.output_dir, device="cpu")
     assert (encoder.config.pooling, encoder.config.normalize) == ("cls", True)
     texts = ["the cat is on the road", "blood and heart disease"]
     before = Encoder.from_pretrained(str(tiny_bert_dir), device="cpu").encode(texts)
@@ -122,31 +133,34 @@ def test_two_workers_pretrain_a_loadable_encoder_that_finetune_starts_from(
     checkpoints = sorted(p.name for p in (root / "out" / "retromae").glob("checkpoint_*"))
     assert checkpoints[-1] == "checkpoint_step_00000003"
 
-    finetune = pytest.importorskip("pipelines.finetune")
-    rows = [{"query": t, "pos": [t + " road"], "neg": ["heart disease"]} for t in WORDS[:8]]
-    (tmp_path / "ft.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    finetune.run(finetune.FinetuneConfig(
-        model_name_or_path=summary["encoder"], train_data=str(tmp_path / "ft.jsonl"),
-        output_dir=str(tmp_path / "ft"), train_group_size=2, query_max_len=16,
-        passage_max_len=16, per_device_train_batch_size=4, max_steps=1, save_steps=1,
-        logging_steps=1, num_workers=1, cpus_per_worker=0.5, max_failures=0,
-        shuffle_buffer_size=0))
-    tuned = Encoder.from_pretrained(str(tmp_path / "ft"), device="cpu")  # final model
+    assert not (Path(summary.output_dir) / HEADS_FILE).exists()  # resume-only heads stay
+    # Finetuning starts from it: its model loader and one contrastive step (no second run).
+    cfg = FinetuneConfig(model_name_or_path=summary.output_dir, train_data="unused",
+                         output_dir=str(tmp_path / "ft"), train_group_size=2)
+    tuned = load_encoder(cfg)
     assert tuned.config.pooling == "cls"
+    tuned.train()
+    groups = [sample_group({"key": i, "query": w, "pos": [w + " road"], "neg": ["heart"]},
+                           2, 0, 0) for i, w in enumerate(WORDS[:4])]
+    queries, passages = collate(tuned.tokenize, groups, 16, 16, tuned.tokenizer.pad_token_id)
+    loss = contrastive_step(tuned, queries, passages,
+                            functools.partial(info_nce, group_size=2, temperature=0.02))
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for p in tuned.backbone.encoder.parameters())
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # a Ray Train start is ~30 s idle, minutes on a busy box
 def test_resume_after_a_killed_worker_matches_the_uninterrupted_run(
-        plain_run, tiny_bert_dir, tmp_path, monkeypatch):
+        plain_run, tiny_bert_dir, tmp_path):
     summary, data, _ = plain_run
     marker = tmp_path / "killed"
-    monkeypatch.setenv("BGE_FAULT_INJECT", f"3:{marker}")  # rank 1 dies after step 3
-    resumed = run(job_config(tiny_bert_dir, data, tmp_path / "out"))
-    assert marker.exists() and resumed["steps"] == 3
-    assert resumed["metrics"]["resumed_from"] == 2  # killed before step 3's checkpoint
-    reference = load_file(f"{summary['encoder']}/model.safetensors")
-    weights = load_file(f"{resumed['encoder']}/model.safetensors")
+    resumed = run(job_config(tiny_bert_dir, data, tmp_path / "out"),
+                  fault=Fault(step=3, marker=str(marker)))  # rank 1 dies after step 3
+    assert marker.exists() and resumed.metrics["step"] == 3
+    assert resumed.metrics["resumed_from"] == [2]  # killed before step 3's checkpoint
+    reference = load_file(f"{summary.output_dir}/model.safetensors")
+    weights = load_file(f"{resumed.output_dir}/model.safetensors")
     assert reference.keys() == weights.keys()
     for key, value in reference.items():  # steps 3 redone from step 2: same data, masks
         np.testing.assert_allclose(weights[key].numpy(), value.numpy(), atol=1e-6, err_msg=key)

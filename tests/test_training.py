@@ -1,4 +1,5 @@
-"""Pure pieces of the training machinery: optimizer groups, schedule, precision, progress."""
+"""Pure pieces of the training machinery: optimizer groups, schedule, precision, progress,
+fault drills, Ray Train settings (no cluster needed)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,17 @@ import pytest
 import torch
 
 from bge_core.optim import build_adamw, linear_warmup_decay, warmup_steps
-from pipelines.train_common import (
+from bge_core.training import (
+    Fault,
     ProgressMeter,
-    RunSettings,
     TrainState,
-    maybe_inject_failure,
+    enable_gradient_checkpointing,
+    largest_even_share,
     resolve_precision,
+)
+from pipelines.train_common import (
+    RunSettings,
+    export_model,
     scaling_config,
     storage_path,
 )
@@ -44,6 +50,9 @@ def test_precision_flags():
     assert resolve_precision(False, False) == "fp32"
     assert resolve_precision(True, False) == "fp16"
     assert resolve_precision(False, True) == "bf16"
+    assert resolve_precision(True, False, "cuda") == "fp16"
+    assert resolve_precision(True, False, "cpu") == "fp32"  # a GPU command runs on CPU
+    assert resolve_precision(False, True, "cpu") == "bf16"
     with pytest.raises(ValueError, match="exclusive"):
         resolve_precision(True, True)
 
@@ -52,9 +61,11 @@ def test_progress_meter_reports_rate_and_eta():
     meter = ProgressMeter(total_steps=10, start_step=2, started=0.0)
     state = TrainState(step=2)
     state.advance(8)
-    metrics = meter.update(state.step, 1.5, 8)
-    assert metrics["step"] == 3 and metrics["loss"] == 1.5
-    assert metrics["examples_per_s"] > 0 and metrics["eta_s"] >= 0
+    meter.count(8)
+    metrics = meter.metrics(state.step, loss=1.5)
+    assert (metrics["step"], metrics["total_steps"], metrics["loss"]) == (3, 10, 1.5)
+    seconds_per_step = 8 / metrics["examples_per_s"]  # one step of 8 examples so far
+    assert metrics["eta_s"] == pytest.approx(7 * seconds_per_step, rel=1e-3)  # 7 steps left
     assert state.examples == 8 and state.step_in_epoch == 1
 
 
@@ -63,14 +74,40 @@ def test_storage_path_keeps_uris_and_resolves_local(tmp_path):
     assert storage_path(str(tmp_path / "x")) == str((tmp_path / "x").resolve())
 
 
-def test_fault_injection_is_off_without_the_variable(monkeypatch):
-    monkeypatch.delenv("BGE_FAULT_INJECT", raising=False)
-    maybe_inject_failure(1)  # returns: nothing to inject
+def test_fault_drill_kills_the_chosen_rank_once(tmp_path, monkeypatch):
+    exits = []
+    monkeypatch.setattr("bge_core.training.time.sleep", lambda s: None)
+    monkeypatch.setattr("bge_core.training.os._exit", exits.append)
+    marker = tmp_path / "killed"
+    fault = Fault(step=3, marker=str(marker))  # alone: rank 0 is the victim
+    fault.maybe_fail(2)
+    assert exits == [] and not marker.exists()
+    fault.maybe_fail(3)
+    assert exits == [1] and marker.read_text().startswith("rank 0 killed after step 3")
+    fault.maybe_fail(3)  # the restarted run goes on
+    assert exits == [1]
+    Fault(step=3, marker=str(tmp_path / "other"), rank=1).maybe_fail(3)  # not this rank
+    assert exits == [1]
+
+
+def test_export_model_skips_resume_only_files(tmp_path):
+    import fsspec
+
+    model = tmp_path / "model"
+    (model / "sub").mkdir(parents=True)
+    for name in ("config.json", "heads.pt", "sub/tok.json"):
+        (model / name).write_text(name)
+    assert export_model(model, "memory://exported/run", skip=("heads.pt",)) == \
+        "memory://exported/run"
+    fs = fsspec.filesystem("memory")
+    assert sorted(p.split("/run/")[1] for p in fs.find("/exported/run")) == [
+        "config.json", "sub/tok.json"]
+    assert export_model(model, str(tmp_path / "local")) == str(tmp_path / "local")
+    assert (tmp_path / "local" / "heads.pt").read_text() == "heads.pt"
 
 
 def test_gradient_checkpointing_keeps_gradients(tiny_bert_dir):
     from bge_core.model import Encoder
-    from pipelines.train_common import enable_gradient_checkpointing
 
     def grads(checkpointing):
         encoder = Encoder.from_pretrained(str(tiny_bert_dir), device="cpu", pooling="mean")
@@ -94,11 +131,10 @@ def test_gradient_checkpointing_keeps_gradients(tiny_bert_dir):
 def test_scaling_config_asks_for_one_gpu_of_the_given_type():
     gpu = scaling_config(RunSettings(name="r", output_dir="o", num_workers=48, use_gpu=True,
                                      accelerator_type="A100", cpus_per_worker=8))
-    resources = gpu._resources_per_worker_not_none  # what each worker's actor requests
-    assert resources["CPU"] == 8 and resources["GPU"] == 1
-    assert resources["accelerator_type:A100"] > 0 and gpu.num_workers == 48
+    assert gpu.resources_per_worker == {"CPU": 8, "GPU": 1}
+    assert gpu.accelerator_type == "A100" and gpu.num_workers == 48 and gpu.use_gpu
     cpu = scaling_config(RunSettings(name="r", output_dir="o", cpus_per_worker=0.5))
-    assert cpu._resources_per_worker_not_none == {"CPU": 0.5}
+    assert cpu.resources_per_worker == {"CPU": 0.5} and not cpu.use_gpu
     with pytest.raises(ValueError, match="accelerator_type needs --use_gpu"):
         scaling_config(RunSettings(name="r", output_dir="o", accelerator_type="A100"))
 
@@ -112,3 +148,21 @@ def test_training_configs_refuse_a_gpu_type_without_gpus(tmp_path):
         with pytest.raises(ValueError, match="accelerator_type needs --use_gpu"):
             cls(**base, accelerator_type="A100")
         assert cls(**base, accelerator_type="A100", use_gpu=True).accelerator_type == "A100"
+
+
+@pytest.mark.parametrize("nodes, free, workers, share", [
+    ([2.0], 2.0, 1, 2.0),  # one worker on a 2-core box computes on both cores
+    ([2.0], 2.0, 2, 1.0),
+    ([1.0, 1.0], 2.0, 2, 1.0),  # one per node
+    ([4.0, 1.0], 5.0, 2, 2.0),  # both fit only at 2 (2.5 each would not fit a node)
+    ([2.0], 1.5, 1, 1.0),  # whole CPUs when there is one or more each
+    ([2.0], 2.0, 3, 2 / 3),  # fractions below one
+    ([16.0, 16.0], 32.0, 4, 8.0),
+])
+def test_default_cpus_share_what_is_free(nodes, free, workers, share):
+    assert largest_even_share(nodes, free, workers) == pytest.approx(share)
+
+
+def test_no_free_cpus_asks_for_the_flag():
+    with pytest.raises(ValueError, match="--cpus_per_worker"):
+        largest_even_share([2.0], 0.0, 1)
