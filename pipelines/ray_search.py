@@ -17,16 +17,17 @@ import pyarrow as pa
 import ray
 
 from bge_core.loading import resolve_model
+from bge_core.presets import resolve_instruction
 from bge_core.search import RunningTopK, search_shards
 from pipelines.encode_options import EncodeOptions, SearchOptions
 from pipelines.ray_encode import arrow_to_vectors, encode_dataset
 
 
 def query_instruction(model: str, override: str | None) -> str:
-    """The flag's instruction if given (``""`` = none), else the model's own, else none."""
-    if override is not None:
-        return override
-    return resolve_model(model).settings.get("query_instruction") or ""
+    """The instruction queries get: `bge_core.presets.resolve_instruction`'s rule (flag left
+    out: the model's own; ``""``: none), as finetuning trains with; ``""`` for none."""
+    own = resolve_model(model).settings.get("query_instruction")
+    return resolve_instruction(own, override) or ""
 
 
 def text_dataset(texts: Sequence[str], block_rows: int) -> ray.data.Dataset:

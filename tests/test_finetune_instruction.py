@@ -51,3 +51,13 @@ def test_trained_instruction_is_the_saved_one(instructed_model, tmp_path, flag, 
     reloaded = Encoder.from_pretrained(str(tmp_path / "saved"), device="cpu")
     np.testing.assert_allclose(reloaded.encode_queries([EXAMPLE["query"]]),
                                reloaded.encode([group.query]), atol=1e-6)
+
+
+@pytest.mark.parametrize("flag, expected", [(None, OWN), ("", ""), ("Q: ", "Q: ")],
+                         ids=["flag-omitted", "flag-empty", "flag-given"])
+def test_mining_and_evaluation_instruct_queries_by_the_same_rule(instructed_model, flag,
+                                                                 expected):
+    """What evaluate.py and mine_hard_negatives.py prefix to queries (`""` for none)."""
+    from pipelines.ray_search import query_instruction
+
+    assert query_instruction(str(instructed_model), flag) == expected
