@@ -1,7 +1,8 @@
 """End-to-end rows/s of the Ray Data embedding job vs in-process encoding, and memory.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/embed_speed.py [--rows 20000] [--growth 5] \
-        [--bf16-rows N] [--st-rows N] [--json out.json]
+        [--bf16-rows N | --skip-bf16] [--st-rows N | --skip-st] [--ray-cpus N] \
+        [--cpus-per-actor N] [--json out.json]
 
 Builds passages from NFCorpus text (64-word windows, cycled to --rows), writes them as
 Parquet, then measures on the same texts and settings: the job (fp32 and bf16; wall time of
@@ -12,7 +13,8 @@ sentence-transformers fp32 `encode`. Peak RSS of the driver and of each encode a
 sampled; the job is repeated on a corpus `--growth` times smaller to show memory does not
 grow with the corpus. `--bf16-rows` runs the bf16 job on the first N rows only, `--st-rows`
 times sentence-transformers on the first N (rows/s are rates and the passages are all
-64-word windows; useful where bf16 is emulated and slow).
+64-word windows; useful where bf16 is emulated and slow). The job runs at its defaults on
+a local Ray with the machine's CPUs unless `--ray-cpus` / `--cpus-per-actor` say otherwise.
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ class ActorMemory(threading.Thread):
                 self.peaks[proc.pid] = max(self.peaks.get(proc.pid, 0), rss)
 
 
-def run_job(source: Path, out: Path, dtype: str) -> dict:
+def run_job(source: Path, out: Path, dtype: str, cpus_per_actor: float | None) -> dict:
     from pipelines.cli import make_config
     from pipelines.embed_corpus import EmbedConfig, run
 
@@ -92,7 +94,7 @@ def run_job(source: Path, out: Path, dtype: str) -> dict:
     sampler.start()
     start = time.perf_counter()
     manifest = run(make_config(EmbedConfig, input=str(source), output=str(out), dtype=dtype,
-                               cpus_per_actor=2, log_every_s=30))
+                               cpus_per_actor=cpus_per_actor, log_every_s=30))
     wall = time.perf_counter() - start
     sampler.stop.set()
     sampler.join()
@@ -118,6 +120,11 @@ def main() -> None:
     parser.add_argument("--bf16-rows", type=int, default=None)
     parser.add_argument("--st-rows", type=int, default=None)
     parser.add_argument("--skip-st", action="store_true")
+    parser.add_argument("--skip-bf16", action="store_true")
+    parser.add_argument("--ray-cpus", type=int, default=None,
+                        help="logical CPUs of the local Ray (default: the machine's)")
+    parser.add_argument("--cpus-per-actor", type=float, default=None,
+                        help="the job's flag (default: the job's default)")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--in-process-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -132,9 +139,11 @@ def main() -> None:
         return
     import ray
 
-    # 3 logical CPUs: a 2-thread actor (as many threads as in-process torch uses) plus the
-    # fractional read/tokenise/write tasks; the machine has 2 physical cores.
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    # Runs A-D (BENCHMARKS.md) used --ray-cpus 3 --cpus-per-actor 2: a 2-thread actor plus
+    # the fractional tasks on 2 physical cores. Since the job's CPU default takes the cores
+    # the tasks leave, it runs as it is on a plain local Ray.
+    ray.init(address="local", num_cpus=args.ray_cpus, include_dashboard=False,
+             log_to_driver=False)
 
     work = Path(tempfile.mkdtemp(prefix="embed_speed_"))
     passages = build_passages(args.rows)
@@ -142,14 +151,17 @@ def main() -> None:
     write_parquet(passages, work / "full")
     bf16_rows = min(args.bf16_rows or args.rows, args.rows)
     write_parquet(passages[:bf16_rows], work / "bf16")
-    results: dict = {"rows": args.rows, "cpu_count": os.cpu_count()}
+    results: dict = {"rows": args.rows, "cpu_count": os.cpu_count(),
+                     "ray_cpus": args.ray_cpus, "cpus_per_actor": args.cpus_per_actor}
     results["in_process_fp32_rows_s_before"] = in_process_rows_s(args.rows)
-    results["job_small_fp32"] = run_job(work / "small", work / "out_small", "fp32")
-    results["job_fp32"] = run_job(work / "full", work / "out_fp32", "fp32")
+    cpus = args.cpus_per_actor
+    results["job_small_fp32"] = run_job(work / "small", work / "out_small", "fp32", cpus)
+    results["job_fp32"] = run_job(work / "full", work / "out_fp32", "fp32", cpus)
     results["in_process_fp32_rows_s_after"] = in_process_rows_s(args.rows)
     results["in_process_fp32_rows_s"] = (results["in_process_fp32_rows_s_before"]
                                          + results["in_process_fp32_rows_s_after"]) / 2
-    results["job_bf16"] = run_job(work / "bf16", work / "out_bf16", "bf16")
+    if not args.skip_bf16:
+        results["job_bf16"] = run_job(work / "bf16", work / "out_bf16", "bf16", cpus)
     if not args.skip_st:
         from sentence_transformers import SentenceTransformer
 
@@ -165,7 +177,7 @@ def main() -> None:
     for key in ("", "_before", "_after"):
         results[f"job_vs_in_process{key}"] = results["job_fp32"]["rows_s"] / results[
             f"in_process_fp32_rows_s{key}"]
-    if "st_fp32_rows_s" in results:
+    if "st_fp32_rows_s" in results and "job_bf16" in results:
         results["job_bf16_vs_st_fp32"] = results["job_bf16"]["rows_s"] / results[
             "st_fp32_rows_s"]
     small, full = results["job_small_fp32"], results["job_fp32"]
