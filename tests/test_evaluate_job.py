@@ -90,6 +90,17 @@ def _reference_encoder(model_dir: Path, instruction: str):
     return Encoder.from_pretrained(str(model_dir), device="cpu", query_instruction=instruction)
 
 
+def _assert_metrics_of(scores: np.ndarray, data, qids: list[str], result: dict) -> np.ndarray:
+    """The job's metrics equal those of the (Q, N) reference scores' top 10; returns it."""
+    top = np.argsort(-scores, axis=1)[:, :10]
+    reference = {q: {data.corpus_ids[j]: float(scores[i, j]) for j in top[i]}
+                 for i, q in enumerate(qids)}
+    expected, _ = evaluate_run(reference, data.qrels, [1, 3, 10])
+    for name, value in expected.items():
+        assert result["metrics"][name] == pytest.approx(value, abs=1e-6), name
+    return top
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_beir_job_on_s3_equals_in_process_reference(ray_session, mean_bert_dir: Path,
@@ -113,12 +124,7 @@ def test_beir_job_on_s3_equals_in_process_reference(ray_session, mean_bert_dir: 
     qids = list(data.queries)
     scores = encoder.encode_queries([data.queries[q] for q in qids]) @ \
         encoder.encode_corpus(data.corpus_texts).T  # (Q, N) full matrix
-    top = np.argsort(-scores, axis=1)[:, :10]
-    reference = {q: {data.corpus_ids[j]: float(scores[i, j]) for j in top[i]}
-                 for i, q in enumerate(qids)}
-    expected, _ = evaluate_run(reference, data.qrels, [1, 3, 10])
-    for name, value in expected.items():
-        assert result["metrics"][name] == pytest.approx(value, abs=1e-6), name
+    top = _assert_metrics_of(scores, data, qids, result)
     assert result["num_queries"] == 6 and result["query_instruction"] == "query: "
     assert json.loads(s3.cat("bucket/out/m.json"))["metrics"] == result["metrics"]
     lines = s3.cat("bucket/out/run.trec").decode().splitlines()
@@ -155,12 +161,7 @@ def test_chunked_corpus_scores_a_document_by_its_best_chunk(ray_session, mean_be
     owner = np.array([d for d, _ in chunks])
     doc_scores = np.full((len(qids), len(data.corpus_ids)), -np.inf)
     np.maximum.at(doc_scores, (slice(None), owner), chunk_scores)  # best chunk per doc
-    top = np.argsort(-doc_scores, axis=1)[:, :10]
-    reference = {q: {data.corpus_ids[j]: float(doc_scores[i, j]) for j in top[i]}
-                 for i, q in enumerate(qids)}
-    expected, _ = evaluate_run(reference, data.qrels, [1, 3, 10])
-    for name, value in expected.items():
-        assert result["metrics"][name] == pytest.approx(value, abs=1e-6), name
+    _assert_metrics_of(doc_scores, data, qids, result)
     assert result["timings"]["chunks"] == len(chunks) and result["chunk_tokens"] == 12
 
 
