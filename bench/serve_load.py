@@ -1,15 +1,18 @@
 """Bounded load test of the served endpoint on loopback vs in-process `Encoder.encode`.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/serve_load.py [--requests 256] [--levels 1,8,32] \
-        [--time-cap-s 120] [--peer-url http://127.0.0.1:7997 --peer-model NAME] [--json out.json]
+        [--threads 1] [--time-cap-s 120] [--json out.json] \
+        [--peer-url http://127.0.0.1:7997/embeddings --peer-model NAME]
 
 STS-B test sentences, 8 per request, sent by 1, 8 and 32 concurrent clients (asyncio +
 aiohttp, one process) to `pipelines/serve_embeddings.py` running in this process's local Ray
-(one replica holding every CPU, as the in-process encoder does). Each level sends a fixed
-number of requests (`--requests`, at least 4 per client) or stops at `--time-cap-s`.
-In-process `Encoder.encode` is timed on the same texts right before and right after the
-served runs (a shared host's speed drifts; the ratio uses their mean). `--peer-url` runs the
-same load against another OpenAI-compatible server (e.g. infinity) already running.
+(one replica with `--threads` CPUs and torch threads, as many as the in-process encoder).
+Each level sends a fixed number of requests (`--requests`, at least 4 per client) or stops
+at `--time-cap-s`.
+Every level is bracketed by in-process `Encoder.encode` on the same texts (one call right
+before and one right after it, in this process): a shared host's speed drifts, and the
+level's ratio uses the mean of its two. `--peer-url` runs the same load, bracketed the same
+way, against another OpenAI-compatible server (e.g. infinity) already running.
 """
 
 from __future__ import annotations
@@ -78,27 +81,30 @@ async def _load(url: str, model: str, batches: list[list[str]], clients: int,
 
 
 def run_levels(url: str, model: str, texts: list[str], args: argparse.Namespace,
-               key: str | None = None) -> list[dict]:
+               encoder=None, key: str | None = None) -> list[dict]:
+    """Each level's load; with `encoder`, bracketed by in-process runs on the same texts."""
     results = []
     per = args.texts_per_request
     asyncio.run(_load(url, model, requests_for(texts, 8, per), 4, 60, key))  # warm-up
     for clients in args.levels:
         batches = requests_for(texts, max(args.requests, 4 * clients), per)
+        flat = [t for batch in batches for t in batch]
+        before = in_process_rate(encoder, flat) if encoder is not None else None
         result = asyncio.run(_load(url, model, batches, clients, args.time_cap_s, key))
+        if encoder is not None:
+            after = in_process_rate(encoder, flat)
+            result["in_process"] = [before, after]
+            result["vs_in_process"] = round(2 * result["texts_per_s"] / (before + after), 2)
         print(json.dumps(result), flush=True)
         results.append(result)
     return results
 
 
-def in_process_rate(encoder, texts: list[str], repeats: int = 2) -> float:
-    """Texts/s of `Encoder.encode` on `texts` (best of `repeats`, after a warm-up call)."""
-    encoder.encode(texts[:64])
-    best = 0.0
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        encoder.encode(texts)
-        best = max(best, len(texts) / (time.perf_counter() - t0))
-    return round(best, 1)
+def in_process_rate(encoder, texts: list[str]) -> float:
+    """Texts/s of one `Encoder.encode` call on `texts` (the level's own texts)."""
+    t0 = time.perf_counter()
+    encoder.encode(texts)
+    return round(len(texts) / (time.perf_counter() - t0), 1)
 
 
 def _free_port() -> int:
@@ -116,54 +122,51 @@ def main() -> None:
     parser.add_argument("--time-cap-s", type=float, default=120.0, help="per level")
     parser.add_argument("--peer-url", help="another OpenAI-compatible /v1/embeddings URL")
     parser.add_argument("--peer-model", default="", help="`model` value the peer expects")
-    parser.add_argument("--skip-ours", action="store_true", help="only the peer server")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads in process and in the replica (its CPUs); on a "
+                             "shared, oversubscribed box 2 threads ran 4x slower than 1")
     parser.add_argument("--json", help="write all results here")
     args = parser.parse_args()
     args.levels = [int(x) for x in args.levels.split(",")]
+    import torch
+
+    from bge_core.model import Encoder
+
+    torch.set_num_threads(args.threads)
     texts = sentences()
-    total = max(args.requests, 4 * max(args.levels)) * args.texts_per_request
-    sample = [t for batch in requests_for(texts, total // args.texts_per_request,
-                                          args.texts_per_request) for t in batch]
+    encoder = Encoder.from_pretrained(args.model, device="cpu")
+    encoder.encode(texts[:64])  # warm-up
     report: dict = {"model": args.model, "texts_per_request": args.texts_per_request,
-                    "cpus": os.cpu_count(), "load_before": os.getloadavg()}
+                    "cpus": os.cpu_count(), "threads": args.threads,
+                    "load_before": os.getloadavg()}
     if args.peer_url:
-        report["peer"] = run_levels(args.peer_url, args.peer_model, texts, args)
-    if not args.skip_ours:
-        report.update(ours(args, texts, sample))
-    if args.peer_url and not args.skip_ours:
-        mean = (report["in_process_before"] + report["in_process_after"]) / 2
-        for level in report["peer"]:
-            level["vs_in_process"] = round(level["texts_per_s"] / mean, 2)
+        report["peer"] = run_levels(args.peer_url, args.peer_model, texts, args, encoder)
+    report["served"] = ours(args, texts, encoder)
     report["load_after"] = os.getloadavg()
     print(json.dumps(report, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
 
 
-def ours(args: argparse.Namespace, texts: list[str], sample: list[str]) -> dict:
-    """In-process rate, then the served levels, then the in-process rate again."""
+def ours(args: argparse.Namespace, texts: list[str], encoder) -> list[dict]:
+    """The served levels: one replica with `--threads` CPUs (Ray sets its torch threads)."""
     import ray
     from ray import serve
 
-    from bge_core.model import Encoder
     from pipelines.serve_embeddings import ServeConfig, start
 
-    encoder = Encoder.from_pretrained(args.model, device="cpu")
-    before = in_process_rate(encoder, sample)
-    print(f"in-process before: {before} texts/s", flush=True)
     cpus = os.cpu_count() or 1
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": str(args.threads)}})
     port = _free_port()
-    start(ServeConfig(model=args.model, port=port, cpus_per_replica=float(cpus)), api_key="")
-    served = run_levels(f"http://127.0.0.1:{port}/v1/embeddings", args.model, texts, args)
-    serve.shutdown()
-    ray.shutdown()
-    after = in_process_rate(encoder, sample)
-    print(f"in-process after: {after} texts/s", flush=True)
-    mean = (before + after) / 2
-    for level in served:
-        level["vs_in_process"] = round(level["texts_per_s"] / mean, 2)
-    return {"in_process_before": before, "in_process_after": after, "served": served}
+    try:
+        start(ServeConfig(model=args.model, port=port, cpus_per_replica=float(args.threads)),
+              api_key="")
+        return run_levels(f"http://127.0.0.1:{port}/v1/embeddings", args.model, texts, args,
+                          encoder)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 if __name__ == "__main__":

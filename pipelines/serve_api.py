@@ -80,6 +80,16 @@ def check_auth(authorization: str | None, api_key: str | None) -> None:
         raise ApiError(401, "invalid API key")
 
 
+def check_declared_size(content_length: str | None, max_bytes: int) -> None:
+    """Refuse a body by its ``Content-Length`` header before reading it (413)."""
+    try:
+        declared = int(content_length or 0)
+    except ValueError:
+        raise ApiError(400, f"bad Content-Length header {content_length!r}") from None
+    if declared > max_bytes:
+        raise ApiError(413, f"request body is {declared} bytes; the limit is {max_bytes}")
+
+
 def parse_request(
     body: bytes, *, max_inputs: int, max_bytes: int, dim: int | None = None
 ) -> EmbeddingRequest:
@@ -132,6 +142,10 @@ def _texts(payload: Mapping[str, Any], max_inputs: int) -> list[str]:
                     "check_embedding_ctx_length=False)" if isinstance(item, (int, list)) else "")
             raise ApiError(400, f"input[{i}] is {type(item).__name__}, expected a string{hint}",
                            "input")
+        try:
+            item.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate such as "\ud800" from JSON escapes
+            raise ApiError(400, f"input[{i}] is not valid Unicode text", "input") from None
     return items
 
 

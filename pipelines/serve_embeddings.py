@@ -37,6 +37,7 @@ from pipelines.cli import config_from_dict, run_main
 from pipelines.serve_api import (
     ApiError,
     check_auth,
+    check_declared_size,
     embedding_response,
     models_response,
     parse_request,
@@ -138,10 +139,7 @@ class Embedder:
     async def embeddings(self, request: Request) -> JSONResponse:
         try:
             check_auth(request.headers.get("authorization"), self.api_key)
-            declared = int(request.headers.get("content-length") or 0)
-            if declared > self.cfg.max_request_bytes:  # refuse before reading the body
-                raise ApiError(413, f"request body is {declared} bytes; the limit is "
-                                    f"{self.cfg.max_request_bytes}")
+            check_declared_size(request.headers.get("content-length"), self.cfg.max_request_bytes)
             req = parse_request(await request.body(), max_inputs=self.cfg.max_inputs_per_request,
                                 max_bytes=self.cfg.max_request_bytes, dim=self.encoder.dim)
             tokens = tokenize_request(self.encoder, req)

@@ -21,6 +21,7 @@ from pipelines.serve_api import (
     ApiError,
     EmbeddingRequest,
     check_auth,
+    check_declared_size,
     embedding_response,
     parse_request,
     resolve_api_key,
@@ -88,6 +89,7 @@ def test_api_key_comes_from_the_environment_unless_given(monkeypatch: pytest.Mon
     ({"input": ["ok", None]}, 400, r"input\[1\] is NoneType"),
     ({"input": ["ok", "fine", 3]}, 400, r"input\[2\] is int.*check_embedding_ctx_length"),
     ({"input": [[101, 102]]}, 400, r"input\[0\] is list.*token ids"),
+    (b'{"input": ["ok", "a\\ud800"]}', 400, r"input\[1\] is not valid Unicode"),
     ({"input": ["a"] * 5}, 413, "has 5 items; the limit is 4"),
     ({"input": "a", "encoding_format": "int8"}, 400, "'encoding_format' must be one of"),
     ({"input": "a", "input_type": "document"}, 400, "'input_type' must be one of"),
@@ -101,9 +103,15 @@ def test_bad_requests_name_the_problem(payload: object, status: int, message: st
     assert re.search(message, error.message), error.message
 
 
-def test_a_body_over_the_byte_limit_is_413():
+def test_a_body_over_the_byte_limit_is_413_declared_or_not():
     error = _refusal({"input": "x" * 200}, max_bytes=100)
     assert error.status == 413 and "limit is 100" in error.message
+    check_declared_size(None, 100)
+    check_declared_size("100", 100)
+    for header, status in [("101", 413), ("lots", 400)]:
+        with pytest.raises(ApiError) as caught:
+            check_declared_size(header, 100)
+        assert caught.value.status == status
 
 
 def test_good_requests_and_defaults():

@@ -143,6 +143,7 @@ def test_missing_or_wrong_key_is_401(server: Server):
     (b'{"input": ["a",', 400, "not valid JSON"),
     (b'{"model": "tiny-bert"}', 400, "missing 'input'"),
     (b'{"input": ["a", 5]}', 400, "input[1] is int"),
+    (b'{"input": ["a\\ud800"]}', 400, "input[0] is not valid Unicode"),
     (b'{"input": ' + json.dumps(["a"] * 17).encode() + b"}", 413, "limit is 16"),
 ])
 def test_bad_input_is_a_4xx_naming_the_problem_and_serving_goes_on(
