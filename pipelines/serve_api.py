@@ -14,7 +14,7 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 
@@ -105,7 +105,7 @@ def parse_request(
         raise ApiError(413, f"request body is {len(body)} bytes; the limit is {max_bytes}")
     try:
         payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:  # deep nesting
         raise ApiError(400, f"request body is not valid JSON: {err}") from None
     if not isinstance(payload, Mapping):
         raise ApiError(400, f"request body must be a JSON object, got {type(payload).__name__}")
@@ -119,8 +119,8 @@ def parse_request(
     if dimensions is not None and dim is not None and dimensions != dim:
         raise ApiError(400, f"'dimensions' must be {dim} (this model's size) or left out, "
                             f"got {dimensions!r}", "dimensions")
-    return EmbeddingRequest(texts=texts, input_type=input_type,  # type: ignore[arg-type]
-                            encoding_format=encoding_format, model=model)  # type: ignore[arg-type]
+    return EmbeddingRequest(texts=texts, input_type=cast(InputType, input_type),
+                            encoding_format=cast(EncodingFormat, encoding_format), model=model)
 
 
 def _texts(payload: Mapping[str, Any], max_inputs: int) -> list[str]:

@@ -81,6 +81,7 @@ def test_api_key_comes_from_the_environment_unless_given(monkeypatch: pytest.Mon
 @pytest.mark.parametrize(("payload", "status", "message"), [
     (b"{not json", 400, "not valid JSON"),
     (b"\xff\xfe", 400, "not valid JSON"),
+    (b"[" * 4_000 + b"]" * 4_000, 400, "not valid JSON"),
     ([1, 2], 400, "must be a JSON object, got list"),
     ({"model": "m"}, 400, "missing 'input'"),
     ({"input": None}, 400, "must be a string or a list of strings, got NoneType"),
