@@ -125,6 +125,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads in process and in the replica (its CPUs); on a "
                              "shared, oversubscribed box 2 threads ran 4x slower than 1")
+    parser.add_argument("--max-batch-requests", type=int, default=32,
+                        help="the server's --max-batch-requests")
+    parser.add_argument("--skip-ours", action="store_true", help="only the peer server")
     parser.add_argument("--json", help="write all results here")
     args = parser.parse_args()
     args.levels = [int(x) for x in args.levels.split(",")]
@@ -138,10 +141,12 @@ def main() -> None:
     encoder.encode(texts[:64])  # warm-up
     report: dict = {"model": args.model, "texts_per_request": args.texts_per_request,
                     "cpus": os.cpu_count(), "threads": args.threads,
+                    "max_batch_requests": args.max_batch_requests,
                     "load_before": os.getloadavg()}
     if args.peer_url:
         report["peer"] = run_levels(args.peer_url, args.peer_model, texts, args, encoder)
-    report["served"] = ours(args, texts, encoder)
+    if not args.skip_ours:
+        report["served"] = ours(args, texts, encoder)
     report["load_after"] = os.getloadavg()
     print(json.dumps(report, indent=1))
     if args.json:
@@ -160,8 +165,8 @@ def ours(args: argparse.Namespace, texts: list[str], encoder) -> list[dict]:
              runtime_env={"env_vars": {"OMP_NUM_THREADS": str(args.threads)}})
     port = _free_port()
     try:
-        start(ServeConfig(model=args.model, port=port, cpus_per_replica=float(args.threads)),
-              api_key="")
+        start(ServeConfig(model=args.model, port=port, cpus_per_replica=float(args.threads),
+                          max_batch_requests=args.max_batch_requests), api_key="")
         return run_levels(f"http://127.0.0.1:{port}/v1/embeddings", args.model, texts, args,
                           encoder)
     finally:
