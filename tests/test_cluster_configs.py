@@ -48,6 +48,8 @@ def _by_kind(kind: str) -> list[tuple[str, dict[str, Any]]]:
 
 
 def _cluster_spec(doc: dict[str, Any]) -> dict[str, Any]:
+    if doc["kind"] == "RayService":
+        return doc["spec"]["rayClusterConfig"]
     return doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]
 
 
@@ -150,14 +152,15 @@ def test_aws_yaml_has_one_comment_per_key():
 
 def test_kuberay_manifests_parse_with_known_kinds():
     kinds = sorted(doc["kind"] for _, doc in _kuberay_docs())
-    assert kinds == ["CronJob", "RayCluster", "RayJob", "RayJob", "ServiceAccount"]
+    assert kinds == ["CronJob", "RayCluster", "RayJob", "RayJob", "RayService", "ServiceAccount"]
     for name, doc in _kuberay_docs():
         assert doc["metadata"]["name"], name
-        expected = {"RayCluster": "ray.io/v1", "RayJob": "ray.io/v1", "CronJob": "batch/v1"}
+        expected = {"RayCluster": "ray.io/v1", "RayJob": "ray.io/v1", "RayService": "ray.io/v1",
+                    "CronJob": "batch/v1"}
         assert doc["apiVersion"] == expected.get(doc["kind"], "v1"), name
 
 
-@pytest.mark.parametrize("kind", ["RayCluster", "RayJob"])
+@pytest.mark.parametrize("kind", ["RayCluster", "RayJob", "RayService"])
 def test_kuberay_cluster_specs_carry_the_crd_fields(kind: str):
     for name, doc in _by_kind(kind):
         spec = _cluster_spec(doc)
@@ -216,7 +219,7 @@ def test_each_job_asks_for_the_gpu_type_only_its_pool_offers():
     aws = _load(AWS_YAML)["available_node_types"]
     kuberay: dict[str, list[dict[str, int]]] = {}
     for name, doc in _kuberay_docs():
-        if doc["kind"] in ("RayCluster", "RayJob"):
+        if doc["kind"] in ("RayCluster", "RayJob", "RayService"):
             for group in _cluster_spec(doc)["workerGroupSpecs"]:
                 kuberay.setdefault(group["groupName"], []).append(_get_custom_resources(
                     {}, group["rayStartParams"], f"{name}/{group['groupName']}"))

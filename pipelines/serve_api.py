@@ -1,0 +1,196 @@
+"""The OpenAI-compatible embeddings API without Ray: request checks, tokens, responses.
+
+`pipelines/serve_embeddings.py` wires these into a Ray Serve deployment; everything here is
+plain Python (plus the `Encoder`'s tokenizer), so bad-input handling is tested without a
+cluster. Every rejection is an `ApiError` carrying its HTTP status and a message naming
+the problem, answered in OpenAI's error shape.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, cast
+
+import numpy as np
+
+from bge_core.model import Encoder
+
+API_KEY_ENV = "BGE_SERVE_API_KEY"
+EncodingFormat = Literal["float", "base64"]
+InputType = Literal["query", "passage"]
+ENCODING_FORMATS: tuple[str, ...] = ("float", "base64")
+INPUT_TYPES: tuple[str, ...] = ("query", "passage")
+
+
+class ApiError(Exception):
+    """A request the server refuses: HTTP `status` and a message for the caller."""
+
+    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+
+    def body(self) -> dict[str, Any]:
+        """OpenAI's error shape, so its clients raise the matching exception class."""
+        kind = {401: "authentication_error", 413: "invalid_request_error",
+                429: "rate_limit_error"}.get(self.status, "invalid_request_error")
+        return {"error": {"message": self.message, "type": kind, "param": self.param,
+                          "code": self.status}}
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmbeddingRequest:
+    """A checked `POST /v1/embeddings` body."""
+
+    texts: list[str]
+    input_type: InputType = "passage"
+    encoding_format: EncodingFormat = "float"
+    model: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenizedRequest:
+    """Token ids ready for the encoder, and what the response reports about them."""
+
+    rows: list[list[int]]
+    prompt_tokens: int
+    truncated: int
+
+
+def resolve_api_key(explicit: str | None = None) -> str | None:
+    """The key requests must present: `explicit`, else ``$BGE_SERVE_API_KEY``; None = open."""
+    key = explicit if explicit is not None else os.environ.get(API_KEY_ENV)
+    return key or None
+
+
+def check_auth(authorization: str | None, api_key: str | None) -> None:
+    """Raise 401 unless `api_key` is unset or the header is ``Bearer <api_key>``."""
+    if api_key is None:
+        return
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise ApiError(401, "missing 'Authorization: Bearer <key>' header")
+    if not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        raise ApiError(401, "invalid API key")
+
+
+def check_declared_size(content_length: str | None, max_bytes: int) -> None:
+    """Refuse a body by its ``Content-Length`` header before reading it (413)."""
+    try:
+        declared = int(content_length or 0)
+    except ValueError:
+        raise ApiError(400, f"bad Content-Length header {content_length!r}") from None
+    if declared > max_bytes:
+        raise ApiError(413, f"request body is {declared} bytes; the limit is {max_bytes}")
+
+
+def parse_request(
+    body: bytes, *, max_inputs: int, max_bytes: int, dim: int | None = None
+) -> EmbeddingRequest:
+    """Check a request body; raise `ApiError` (400, or 413 when too large) naming the problem.
+
+    Args:
+        body: the raw HTTP body.
+        max_inputs: most strings one request may carry (413 beyond).
+        max_bytes: largest body accepted (413 beyond).
+        dim: the model's dimension; a `dimensions` field must equal it.
+    """
+    if len(body) > max_bytes:
+        raise ApiError(413, f"request body is {len(body)} bytes; the limit is {max_bytes}")
+    try:
+        payload = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:  # deep nesting
+        raise ApiError(400, f"request body is not valid JSON: {err}") from None
+    if not isinstance(payload, Mapping):
+        raise ApiError(400, f"request body must be a JSON object, got {type(payload).__name__}")
+    texts = _texts(payload, max_inputs)
+    encoding_format = _choice(payload, "encoding_format", ENCODING_FORMATS, "float")
+    input_type = _choice(payload, "input_type", INPUT_TYPES, "passage")
+    model = payload.get("model")
+    if model is not None and not isinstance(model, str):
+        raise ApiError(400, "'model' must be a string", "model")
+    dimensions = payload.get("dimensions")
+    if dimensions is not None and dim is not None and dimensions != dim:
+        raise ApiError(400, f"'dimensions' must be {dim} (this model's size) or left out, "
+                            f"got {dimensions!r}", "dimensions")
+    return EmbeddingRequest(texts=texts, input_type=cast(InputType, input_type),
+                            encoding_format=cast(EncodingFormat, encoding_format), model=model)
+
+
+def _texts(payload: Mapping[str, Any], max_inputs: int) -> list[str]:
+    if "input" not in payload:
+        raise ApiError(400, "missing 'input': a string or a list of strings", "input")
+    raw = payload["input"]
+    items = [raw] if isinstance(raw, str) else raw
+    if not isinstance(items, list):
+        raise ApiError(400, f"'input' must be a string or a list of strings, got "
+                            f"{type(raw).__name__}", "input")
+    if not items:
+        raise ApiError(400, "'input' is an empty list", "input")
+    if len(items) > max_inputs:
+        raise ApiError(413, f"'input' has {len(items)} items; the limit is {max_inputs} per "
+                            "request (split it into several requests)", "input")
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            hint = (" (token ids are not accepted; send text — LangChain: "
+                    "check_embedding_ctx_length=False)" if isinstance(item, (int, list)) else "")
+            raise ApiError(400, f"input[{i}] is {type(item).__name__}, expected a string{hint}",
+                           "input")
+        try:
+            item.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate such as "\ud800" from JSON escapes
+            raise ApiError(400, f"input[{i}] is not valid Unicode text", "input") from None
+    return items
+
+
+def _choice(payload: Mapping[str, Any], key: str, allowed: tuple[str, ...], default: str) -> str:
+    value = payload.get(key)
+    if value is None:
+        return default
+    if value not in allowed:
+        raise ApiError(400, f"'{key}' must be one of {list(allowed)}, got {value!r}", key)
+    return value
+
+
+def tokenize_request(encoder: Encoder, request: EmbeddingRequest) -> TokenizedRequest:
+    """Token ids exactly as `encode` (passages) / `encode_queries` (queries) make them."""
+    if request.input_type == "query":
+        prefix = encoder.config.query_instruction or ""
+        texts = [prefix + t for t in request.texts]
+        rows, truncated = encoder.tokenize(texts, encoder.config.effective_query_max_length)
+    else:
+        rows, truncated = encoder.tokenize(request.texts)
+    return TokenizedRequest(rows=rows, prompt_tokens=sum(len(r) for r in rows),
+                            truncated=int(truncated.sum()))
+
+
+def embedding_response(
+    vectors: np.ndarray, tokens: TokenizedRequest, *, model: str, encoding_format: str
+) -> dict[str, Any]:
+    """OpenAI's embeddings response for (n, D) float32 `vectors`.
+
+    ``base64`` is the little-endian float32 bytes of each vector, as OpenAI sends it.
+    ``usage.truncated_inputs`` (ours) counts inputs cut at the token limit.
+    """
+    vectors = np.ascontiguousarray(vectors, dtype="<f4")  # (n, D)
+    if encoding_format == "base64":
+        items: list[Any] = [base64.b64encode(v.tobytes()).decode("ascii") for v in vectors]
+    else:
+        items = vectors.tolist()
+    data = [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(items)]
+    usage = {"prompt_tokens": tokens.prompt_tokens, "total_tokens": tokens.prompt_tokens,
+             "truncated_inputs": tokens.truncated}
+    return {"object": "list", "data": data, "model": model, "usage": usage}
+
+
+def models_response(model: str, created: int, dim: int) -> dict[str, Any]:
+    """`GET /v1/models`: the one model this server embeds with."""
+    entry = {"id": model, "object": "model", "created": created, "owned_by": "bge-ray",
+             "dimensions": dim}
+    return {"object": "list", "data": [entry]}

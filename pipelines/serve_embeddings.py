@@ -1,0 +1,225 @@
+"""Online embeddings on Ray Serve: OpenAI-compatible ``/v1/embeddings`` with the bulk job's model.
+
+    python pipelines/serve_embeddings.py --model bge-base-en-v1.5 --host 0.0.0.0 --port 8000
+    serve run pipelines/configs/serve.yaml          # or `serve deploy` to a running cluster
+
+Starts a local Ray unless ``RAY_ADDRESS`` names a cluster, and serves until stopped.
+Requests from concurrent callers are gathered (`@serve.batch`) and encoded together in the
+encoder's length-sorted token-budget micro-batches. ``input_type: query`` adds the model's
+query instruction (`Encoder.encode_queries`); ``passage`` (default) embeds text as given.
+Set ``BGE_SERVE_API_KEY`` to require ``Authorization: Bearer <key>`` on every request.
+Past ``--max-queued-requests`` waiting requests, callers get 429 at once.
+"""
+
+# No `from __future__ import annotations` here: Serve's class-based FastAPI routes resolve
+# parameter annotations at run time, and a string "Request" would turn into a query field.
+import asyncio
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # `python pipelines/serve_embeddings.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve import Application
+
+from bge_core.config import DType
+from bge_core.model import Encoder
+from bge_core.presets import OFFLINE_MINILM
+from pipelines.cli import config_from_dict, run_main
+from pipelines.serve_api import (
+    ApiError,
+    check_auth,
+    check_declared_size,
+    embedding_response,
+    models_response,
+    parse_request,
+    resolve_api_key,
+    tokenize_request,
+)
+
+log = logging.getLogger("serve_embeddings")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeConfig:
+    """Serve an encoder as an OpenAI-compatible embeddings endpoint on Ray Serve."""
+
+    model: str = OFFLINE_MINILM
+    served_model_name: str | None = None  # the `model` id reported; default --model
+    host: str = "127.0.0.1"  # CLI only (`serve run` reads http_options from its config)
+    port: int = 8000
+    route_prefix: str = "/"
+    app_name: str = "bge-embeddings"
+    dtype: DType = "fp32"
+    max_length: int | None = None  # tokens per input (truncated beyond); default the model's
+    query_instruction_for_retrieval: str | None = None  # "" = none; default the model's own
+    max_tokens_per_batch: int | None = None  # padded tokens per forward pass
+    replicas: str = "1"  # "N" or "MIN,MAX" (autoscaling)
+    cpus_per_replica: float = 1.0
+    gpus_per_replica: float = 0.0
+    accelerator_type: str | None = None  # e.g. "L4": replicas only on that GPU type
+    max_inputs_per_request: int = 512
+    max_request_bytes: int = 8_000_000
+    max_batch_requests: int = 32  # requests gathered into one encoder call
+    batch_wait_timeout_s: float = 0.005  # how long a batch waits to fill after its first request
+    max_ongoing_requests: int = 64  # per replica: batching + in-flight requests
+    max_queued_requests: int = 128  # waiting at the proxy beyond that; then 429
+
+    def __post_init__(self) -> None:
+        self.replica_range()
+        if self.accelerator_type and self.gpus_per_replica <= 0:
+            raise ValueError("accelerator_type needs gpus_per_replica > 0")
+        for name in ("max_inputs_per_request", "max_request_bytes", "max_batch_requests",
+                     "max_ongoing_requests", "port"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_queued_requests < 0:
+            raise ValueError(f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
+        if self.max_ongoing_requests < self.max_batch_requests:
+            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= "
+                             f"max_batch_requests ({self.max_batch_requests}), or batches "
+                             "never fill")
+
+    def replica_range(self) -> tuple[int, int]:
+        """(min, max) replicas from ``N`` or ``MIN,MAX``."""
+        try:
+            sizes = [int(p) for p in str(self.replicas).split(",")]
+        except ValueError:
+            sizes = []
+        if len(sizes) not in (1, 2) or min(sizes) < 1 or sizes[0] > sizes[-1]:
+            raise ValueError(f"replicas must be 'N' or 'MIN,MAX' with 1 <= MIN <= MAX, "
+                             f"got {self.replicas!r}")
+        return sizes[0], sizes[-1]
+
+    def encoder_overrides(self) -> dict[str, Any]:
+        """`Encoder.from_pretrained` overrides: only what was set, so the model's own stay."""
+        values = {"dtype": self.dtype, "max_length": self.max_length,
+                  "query_instruction": self.query_instruction_for_retrieval,
+                  "max_tokens_per_batch": self.max_tokens_per_batch}
+        return {k: v for k, v in values.items() if v is not None}
+
+
+api = FastAPI(title="bge-ray embeddings", docs_url=None, redoc_url=None)
+
+
+@serve.deployment
+@serve.ingress(api)
+class Embedder:
+    """One replica: an `Encoder`, the HTTP routes, and the cross-request batcher."""
+
+    def __init__(self, settings: dict[str, Any], api_key: str | None) -> None:
+        self.cfg = config_from_dict(ServeConfig, settings, source="serve settings")
+        device = "cuda" if self.cfg.gpus_per_replica > 0 else "cpu"
+        self.encoder = Encoder.from_pretrained(self.cfg.model, device=device,
+                                               **self.cfg.encoder_overrides())
+        self.api_key = api_key
+        self.model_name = self.cfg.served_model_name or self.cfg.model
+        self.created = int(time.time())
+        self.encode_rows.set_max_batch_size(self.cfg.max_batch_requests)
+        self.encode_rows.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+
+    @api.get("/health")
+    async def health(self, request: Request) -> JSONResponse:
+        return self._answer(request, lambda: {"status": "ok", "model": self.model_name})
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> JSONResponse:
+        return self._answer(
+            request, lambda: models_response(self.model_name, self.created, self.encoder.dim))
+
+    @api.post("/v1/embeddings")
+    async def embeddings(self, request: Request) -> JSONResponse:
+        try:
+            check_auth(request.headers.get("authorization"), self.api_key)
+            check_declared_size(request.headers.get("content-length"), self.cfg.max_request_bytes)
+            req = parse_request(await request.body(), max_inputs=self.cfg.max_inputs_per_request,
+                                max_bytes=self.cfg.max_request_bytes, dim=self.encoder.dim)
+            tokens = tokenize_request(self.encoder, req)
+        except ApiError as err:
+            return JSONResponse(err.body(), status_code=err.status)
+        vectors = await self.encode_rows(tokens.rows)
+        return JSONResponse(embedding_response(vectors, tokens, model=self.model_name,
+                                               encoding_format=req.encoding_format))
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def encode_rows(self, requests: list[list[list[int]]]) -> list[np.ndarray]:
+        """Token rows of many requests → one `encode_tokenized` call → vectors per request."""
+        flat = [row for rows in requests for row in rows]
+        # off the event loop, so requests keep arriving (and queueing) while this batch runs
+        vectors = await asyncio.to_thread(self.encoder.encode_tokenized, flat)  # (sum n, D)
+        return np.split(vectors, np.cumsum([len(rows) for rows in requests])[:-1])
+
+    def _answer(self, request: Request, make: Any) -> JSONResponse:
+        try:
+            check_auth(request.headers.get("authorization"), self.api_key)
+        except ApiError as err:
+            return JSONResponse(err.body(), status_code=err.status)
+        return JSONResponse(make())
+
+
+def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
+    """`Deployment.options` for `cfg`: resources, replica count or autoscaling, backpressure."""
+    low, high = cfg.replica_range()
+    scaling: dict[str, Any] = (
+        {"num_replicas": low} if low == high else
+        {"autoscaling_config": {"min_replicas": low, "max_replicas": high,
+                                # scale out once a replica holds a full batch
+                                "target_ongoing_requests": cfg.max_batch_requests}})
+    actor: dict[str, Any] = {"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica}
+    if cfg.accelerator_type:
+        actor["accelerator_type"] = cfg.accelerator_type
+    return {
+        "ray_actor_options": actor,
+        "max_ongoing_requests": cfg.max_ongoing_requests,
+        "max_queued_requests": cfg.max_queued_requests,
+        # over the queue limit the proxy answers 429 at once (Serve's default is 503)
+        "backpressure_config": {"status_code": 429, "retry_after_s": 1},
+        **scaling,
+    }
+
+
+def build_app(cfg: ServeConfig, api_key: str | None = None) -> Application:
+    """The Serve application for `cfg`; `api_key` defaults to ``$BGE_SERVE_API_KEY``."""
+    deployment = Embedder.options(**deployment_options(cfg))
+    return deployment.bind(asdict(cfg), resolve_api_key(api_key))
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """Entry for ``serve run`` / ``serve deploy``: the application's `args` are ServeConfig."""
+    return build_app(config_from_dict(ServeConfig, dict(args), source="serve application args"))
+
+
+def start(cfg: ServeConfig, api_key: str | None = None) -> None:
+    """Deploy on the connected Ray cluster (HTTP on cfg.host:cfg.port) and return."""
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.run(build_app(cfg, api_key), name=cfg.app_name, route_prefix=cfg.route_prefix)
+
+
+def run(cfg: ServeConfig) -> None:
+    """Deploy, then serve until Ctrl-C (which deletes the application)."""
+    try:
+        start(cfg)
+        log.info("serving %s at http://%s:%d%sv1/embeddings", cfg.model, cfg.host, cfg.port,
+                 cfg.route_prefix.rstrip("/") + "/")
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        log.info("stopping: deleting application %s", cfg.app_name)
+        serve.delete(cfg.app_name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry: exit 2 with one clear line on bad flags or config."""
+    return run_main("serve_embeddings", ServeConfig, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

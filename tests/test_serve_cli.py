@@ -1,0 +1,71 @@
+"""`python pipelines/serve_embeddings.py ...` starts a local Ray, serves, and stops on Ctrl-C.
+
+Runs the script as a user would (its own Ray, `BGE_SERVE_API_KEY` from the environment).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bge_core.model import Encoder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _post(url: str, body: dict | None, key: str) -> tuple[int, dict]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Authorization": f"Bearer {key}"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, {}
+    except (urllib.error.URLError, ConnectionError):
+        return 0, {}
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_script_serves_with_the_key_from_the_environment_until_ctrl_c(tiny_bert_dir: Path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "RAY_ADDRESS": "local", "BGE_SERVE_API_KEY": "k3y",
+           "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "pipelines/serve_embeddings.py", "--model", str(tiny_bert_dir),
+               "--host", "127.0.0.1", "--port", str(port), "--cpus-per-replica", "0.5"]
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 200
+        while _post(f"{base}/health", None, "k3y")[0] != 200:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(1)
+        assert _post(f"{base}/health", None, "wrong")[0] == 401
+        status, body = _post(f"{base}/v1/embeddings", {"input": ["the cat", "blue sky"]}, "k3y")
+        assert status == 200
+        got = np.array([d["embedding"] for d in body["data"]], dtype=np.float32)
+        expected = Encoder.from_pretrained(tiny_bert_dir, device="cpu").encode(
+            ["the cat", "blue sky"])
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

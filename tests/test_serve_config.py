@@ -1,0 +1,135 @@
+"""Serving settings: the CLI config, Serve deployment options, serve.yaml and the RayService.
+
+`pipelines/configs/serve.yaml` is validated with Ray Serve's own `ServeDeploySchema` (what
+`serve deploy` checks) and its application args with `ServeConfig`; the RayService in
+`cluster/kuberay/rayservice.yaml` must carry the same applications (the generic KubeRay
+checks are in test_cluster_configs.py). No Ray cluster is started here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from pipelines.cli import ConfigError, config_from_dict, parse_config
+from pipelines.serve_embeddings import (
+    Embedder,
+    ServeConfig,
+    app_builder,
+    deployment_options,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVE_YAML = ROOT / "pipelines" / "configs" / "serve.yaml"
+RAYSERVICE_YAML = ROOT / "cluster" / "kuberay" / "rayservice.yaml"
+AWS_YAML = ROOT / "cluster" / "aws.yaml"
+
+
+def _rayservice() -> dict[str, Any]:
+    return yaml.safe_load(RAYSERVICE_YAML.read_text())
+
+
+def test_cli_flags_parse_into_the_config():
+    cfg = parse_config(ServeConfig, [
+        "--model", "/ckpt/finetuned", "--host", "0.0.0.0", "--port", "9000",
+        "--replicas", "2,6", "--gpus-per-replica", "1", "--dtype", "fp16",
+        "--max_inputs_per_request", "64", "--query-instruction-for-retrieval", ""])
+    assert (cfg.model, cfg.host, cfg.port, cfg.dtype) == ("/ckpt/finetuned", "0.0.0.0", 9000,
+                                                          "fp16")
+    assert cfg.replica_range() == (2, 6) and cfg.gpus_per_replica == 1.0
+    assert cfg.max_inputs_per_request == 64
+    # "" means no instruction (not the model's): it must reach the encoder
+    assert cfg.encoder_overrides() == {"dtype": "fp16", "query_instruction": ""}
+    assert ServeConfig().encoder_overrides() == {"dtype": "fp32"}  # the model's own settings
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--replicas", "0"], "replicas"),
+    (["--replicas", "4,2"], "replicas"),
+    (["--replicas", "two"], "replicas"),
+    (["--max-batch-requests", "64", "--max-ongoing-requests", "8"], "max_ongoing_requests"),
+    (["--max-inputs-per-request", "0"], "max_inputs_per_request"),
+    (["--accelerator-type", "L4"], "accelerator_type needs gpus_per_replica"),
+    (["--max_queued_requests", "-1"], "max_queued_requests"),
+])
+def test_bad_settings_are_errors_naming_the_flag(flags: list[str], message: str):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(ServeConfig, flags)
+
+
+def test_fixed_replicas_and_autoscaling_bounds():
+    fixed = deployment_options(ServeConfig(replicas="3"))
+    assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
+    scaled = deployment_options(ServeConfig(replicas="1,8", max_batch_requests=16))
+    assert "num_replicas" not in scaled
+    assert scaled["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 8,
+                                            "target_ongoing_requests": 16}
+
+
+def test_deployment_takes_gpus_limits_and_answers_429_when_the_queue_is_full():
+    cfg = ServeConfig(gpus_per_replica=1, cpus_per_replica=2, accelerator_type="L4",
+                      max_ongoing_requests=40, max_queued_requests=7)
+    deployment = Embedder.options(**deployment_options(cfg))  # Serve validates the options
+    assert deployment.ray_actor_options == {"num_cpus": 2.0, "num_gpus": 1.0,
+                                            "accelerator_type": "L4"}
+    assert (deployment.max_ongoing_requests, deployment.max_queued_requests) == (40, 7)
+    assert deployment.backpressure_config.status_code == 429
+    cpu_only = Embedder.options(**deployment_options(ServeConfig()))
+    assert cpu_only.ray_actor_options["num_gpus"] == 0
+
+
+# ----------------------------------------------------------------------------- serve.yaml
+
+
+def test_serve_yaml_passes_serves_own_schema_and_builds_the_app():
+    config = ServeDeploySchema.model_validate(yaml.safe_load(SERVE_YAML.read_text()))
+    (app,) = config.applications
+    assert app.import_path == "pipelines.serve_embeddings:app_builder"
+    settings = config_from_dict(ServeConfig, app.args, source=SERVE_YAML.name)
+    assert settings.gpus_per_replica >= 1 and settings.accelerator_type
+    assert app_builder(app.args) is not None  # builds without loading the model
+    with pytest.raises(ConfigError, match="max_batch_requets"):
+        app_builder({**app.args, "max_batch_requets": 8})
+
+
+def test_rayservice_serves_the_same_applications_as_serve_yaml():
+    serve_config = yaml.safe_load(_rayservice()["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(serve_config)
+    assert serve_config["applications"] == yaml.safe_load(SERVE_YAML.read_text())["applications"]
+
+
+def test_rayservice_pods_take_the_api_key_from_a_secret_and_expose_port_8000():
+    spec = _rayservice()["spec"]["rayClusterConfig"]
+    pods = [spec["headGroupSpec"]] + spec["workerGroupSpecs"]
+    for pod in pods:
+        (container,) = pod["template"]["spec"]["containers"]
+        env = {e["name"]: e for e in container["env"]}
+        secret = env["BGE_SERVE_API_KEY"]["valueFrom"]["secretKeyRef"]
+        assert secret == {"name": "bge-serve-api-key", "key": "api_key"}
+        assert {"name": "serve", "containerPort": 8000} in container["ports"]
+
+
+def test_serving_replicas_fit_the_pools_that_offer_their_gpu():
+    """The accelerator type serve.yaml asks for exists on the RayService's pool (and in
+    aws.yaml only on the inference pool), with room for the autoscaling maximum."""
+    (app,) = yaml.safe_load(SERVE_YAML.read_text())["applications"]
+    cfg = config_from_dict(ServeConfig, app["args"])
+    wanted = f"accelerator_type:{cfg.accelerator_type}"
+    (group,) = _rayservice()["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert wanted in group["rayStartParams"]["resources"]
+    gpus = int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    assert group["maxReplicas"] * gpus >= cfg.replica_range()[1] * cfg.gpus_per_replica
+    aws = yaml.safe_load(AWS_YAML.read_text())["available_node_types"]
+    assert {name for name, t in aws.items() if wanted in t["resources"]} == {"gpu-inference"}
+
+
+def test_cli_bad_flag_exits_2_with_one_line_before_starting_ray(capsys: pytest.CaptureFixture):
+    from pipelines.serve_embeddings import main
+
+    assert main(["--replicas", "3,1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("serve_embeddings: error:") and "replicas" in err[0]
