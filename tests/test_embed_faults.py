@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from tests.embed_helpers import (
     read_output,
     write_corpus,
 )
+from tests.tiny_models import WORDS, make_tiny_bert
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(420)]
@@ -156,16 +158,28 @@ def test_s3_input_and_output_match_the_encoder(tiny_bert_dir, encoder, tmp_path,
     assert manifest["rows_written"] == 24 and manifest["input"] == "s3://corpus-bucket/in/"
 
 
-def test_actors_on_two_raylets_both_encode(tiny_bert_dir, tmp_path) -> None:
-    expected_rows = 8 * 32  # 32 batches of 8 rows: enough that both actors get work
-    write_corpus(tmp_path / "c", files=8, rows=32)
+def test_actors_on_two_raylets_both_encode(tmp_path) -> None:
+    """The pool spans both raylets and both actors encode. Ray Data hands a block to an idle
+    actor beside the data first, so the actors only share work when it queues: a model and
+    texts big enough that encoding, not reading, is the slow stage."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = random.Random(0)
+    (tmp_path / "c").mkdir()
+    for f in range(8):  # 32 batches of 8 rows of 100 words
+        ids = list(range(f * 32, (f + 1) * 32))
+        texts = [" ".join(rng.choice(WORDS) for _ in range(100)) for _ in ids]
+        pq.write_table(pa.table({"id": ids, "title": [None] * 32, "text": texts}),
+                       tmp_path / "c" / f"part-{f}.parquet", row_group_size=16)
+    model = make_tiny_bert(tmp_path / "model", hidden=256, layers=4)
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "scripts" / "two_raylets_embed.py"),
-         str(tmp_path / "c"), str(tmp_path / "out"), str(tiny_bert_dir)],
+         str(tmp_path / "c"), str(tmp_path / "out"), str(model)],
         env={**_job_env(), "RAY_ADDRESS": ""}, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("MANIFEST "))
     manifest = json.loads(line[len("MANIFEST "):])
     by_node = manifest["rows_encoded_by_node_this_attempt"]
     assert len(by_node) == 2 and all(rows > 0 for rows in by_node.values())
-    assert sum(by_node.values()) == manifest["rows_written"] == expected_rows
+    assert sum(by_node.values()) == manifest["rows_written"] == 8 * 32

@@ -28,7 +28,11 @@ def main() -> None:
     ray.init(address=cluster.address, log_to_driver=False)
     # Ray Data starts pool actors asynchronously: on a busy machine the first actor up
     # could encode everything before the second is ready. Wait for both.
-    ray.data.DataContext.get_current().wait_for_min_actors_s = 300
+    context = ray.data.DataContext.get_current()
+    context.wait_for_min_actors_s = 300
+    # One batch at a time per actor: an actor that is given a batch while busy is skipped,
+    # so the actor beside the blocks cannot take a small corpus alone.
+    context.max_tasks_in_flight_per_actor = 1
     try:
         # 2.5 of a node's 4 logical CPUs per actor: one actor fits per node, so the pool
         # spans both raylets, and 1.5 CPUs per node stay free for read/write tasks.
