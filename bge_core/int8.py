@@ -99,6 +99,7 @@ def quantized_model_path(backbone: nn.Module, fingerprint: str,
         scratch = Path(tempfile.mkdtemp(prefix=".build-", dir=folder.parent))
         try:
             build_quantized(backbone, scratch / MODEL_FILE, reduce_range=not cpu_has_vnni())
+            scratch.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
             scratch.rename(folder)  # atomic: readers never see a half-written model
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
