@@ -5,7 +5,7 @@
 
 In process, no Ray: `Encoder.encode` (STS-B pairs: cosine vs gold), `encode_queries` /
 `encode_corpus` and exact search (`bge_core.search.exact_topk`) for NFCorpus (323 test
-queries, 3,633 documents as ``title + " " + text``), scored with `bge_core.metrics`.
+queries, 3,395 documents as ``title + " " + text``), scored with `bge_core.metrics`.
 """
 
 from __future__ import annotations
