@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 Pooling = Literal["cls", "mean", "last_token"]
-DType = Literal["fp32", "bf16", "fp16"]
+DType = Literal["fp32", "bf16", "fp16", "int8"]
 
 # Fields that describe the model (written beside the weights by `Encoder.save`). The rest
 # are run-time knobs (precision, batch sizes) that a checkpoint should not pin.
@@ -30,7 +30,8 @@ class EncoderConfig:
             short-query→passage retrieval instruction); never added to passages.
         max_length: token limit for passages and plain `encode` (truncated beyond).
         query_max_length: token limit for queries; ``None`` means ``max_length``.
-        dtype: compute precision for encoding: ``fp32``, ``bf16`` or ``fp16`` (GPU only).
+        dtype: compute precision for encoding: ``fp32``, ``bf16``, ``fp16`` (GPU only) or
+            ``int8`` (CPU only: ONNX Runtime with per-channel int8 weights, `bge_core.int8`).
         batch_size: most rows in one micro-batch (default: 64 on CPU, 256 on GPU).
         max_tokens_per_batch: most padded tokens (rows × longest row) in one micro-batch
             (default: 2,048 on CPU, where smaller batches stay in cache and measured

@@ -22,6 +22,8 @@ from transformers.utils import logging as hf_logging
 
 from bge_core.batching import pad_batch, plan_batches
 from bge_core.config import EncoderConfig
+from bge_core.int8 import PRECISION as INT8_PRECISION
+from bge_core.int8 import Int8Backbone, load_int8_backbone
 from bge_core.loading import BGE_CONFIG_FILE, FORMAT_VERSION, resolve_model
 from bge_core.pooling import embed_from_hidden
 from bge_core.precision import autocast_context, check_dtype
@@ -47,6 +49,7 @@ class Encoder(nn.Module):
         self.tokenizer = tokenizer
         self.config = config
         self.name = name or getattr(backbone, "name_or_path", "")
+        self._int8: Int8Backbone | None = None
 
     @classmethod
     def from_pretrained(
@@ -57,7 +60,8 @@ class Encoder(nn.Module):
         Args:
             name_or_path: folder (ours, sentence-transformers' or plain HF), preset
                 (``bge-base-en-v1.5``, ``all-MiniLM-L6-v2``) or hub id.
-            device: ``cpu``, ``cuda``, ``cuda:1``...; default CUDA when available.
+            device: ``cpu``, ``cuda``, ``cuda:1``...; default CUDA when available
+                (``dtype="int8"`` is CPU only, so it defaults to ``cpu`` there).
             **overrides: `EncoderConfig` fields (pooling, normalize, query_instruction,
                 max_length, query_max_length, dtype, batch_size, max_tokens_per_batch).
         """
@@ -70,10 +74,13 @@ class Encoder(nn.Module):
             log.warning("max_length %d exceeds the model's %d positions; using %d",
                         config.max_length, limit, limit)
             config = config.replace(max_length=limit)
-        target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        gpu = torch.cuda.is_available() and config.dtype != "int8"
+        target = torch.device(device or ("cuda" if gpu else "cpu"))
         check_dtype(config.dtype, target)
-        encoder = cls(backbone, tokenizer, config, name=resolved.name)
-        return encoder.to(target).eval()
+        encoder = cls(backbone, tokenizer, config, name=resolved.name).to(target).eval()
+        if config.dtype == "int8":
+            encoder.int8_backbone()  # build or load the quantised model now, not mid-stream
+        return encoder
 
     # ----------------------------------------------------------------- properties
     @property
@@ -83,6 +90,12 @@ class Encoder(nn.Module):
     @property
     def dim(self) -> int:
         return int(self.backbone.config.hidden_size)
+
+    @property
+    def precision(self) -> str:
+        """What the vectors are computed in, as a manifest records it: ``fp32``, ``bf16``,
+        ``fp16``, or the int8 recipe (`bge_core.int8.PRECISION`)."""
+        return INT8_PRECISION if self.config.dtype == "int8" else self.config.dtype
 
     # ------------------------------------------------------------------ training
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -119,6 +132,29 @@ class Encoder(nn.Module):
         finally:
             self.train(was_training)
 
+    def int8_backbone(self) -> Int8Backbone:
+        """The int8 ONNX Runtime model of these weights (built or loaded on first use).
+
+        It is built from the weights as they are at that moment and kept; after changing the
+        weights in place (training), call `reset_int8` before encoding in int8 again.
+        """
+        if self._int8 is None:
+            check_dtype("int8", self.device)
+            self._int8 = load_int8_backbone(self.backbone, self.fingerprint())
+        return self._int8
+
+    def reset_int8(self) -> None:
+        """Forget the int8 model, so the next int8 encode uses the current weights."""
+        self._int8 = None
+
+    def _embed_batch(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids and mask → (B, D) embeddings in the configured precision."""
+        if self.config.dtype != "int8":
+            device = self.device
+            return self(ids.to(device, non_blocking=True), mask.to(device, non_blocking=True))
+        hidden = self.int8_backbone()(ids, mask)  # (B, T, H) float32 from int8 matmuls
+        return embed_from_hidden(hidden, mask, self.config.pooling, self.config.normalize)
+
     def encode_tokenized(
         self, rows: Sequence[Sequence[int]], batch_size: int | None = None
     ) -> np.ndarray:
@@ -130,9 +166,7 @@ class Encoder(nn.Module):
         with self._inference():
             for idx in batches:
                 ids, mask = pad_batch([rows[i] for i in idx], pad_id)
-                device = self.device
-                emb = self(ids.to(device, non_blocking=True), mask.to(device, non_blocking=True))
-                out[idx] = emb.float().cpu().numpy()
+                out[idx] = self._embed_batch(ids, mask).float().cpu().numpy()
         return out
 
     def encode(
@@ -187,7 +221,8 @@ class Encoder(nn.Module):
         return folder
 
     def fingerprint(self) -> str:
-        """sha256 of weights, vocabulary and saved settings: equal iff the vectors are."""
+        """sha256 of weights, vocabulary, saved settings and precision (unless fp32, so fp32
+        fingerprints stay what they were): equal iff the vectors are."""
         digest = hashlib.sha256()
         for key, tensor in sorted(self.backbone.state_dict().items()):
             flat = tensor.detach().cpu().contiguous().reshape(-1)
@@ -196,6 +231,8 @@ class Encoder(nn.Module):
         vocab = sorted(self.tokenizer.get_vocab().items())
         digest.update(json.dumps(vocab, ensure_ascii=False).encode())
         digest.update(json.dumps(self.config.saved_dict(), sort_keys=True).encode())
+        if self.precision != "fp32":
+            digest.update(f"precision:{self.precision}".encode())
         return digest.hexdigest()[:16]
 
 

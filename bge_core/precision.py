@@ -23,16 +23,19 @@ def cpu_has_native_bf16() -> bool:
 
 
 def check_dtype(dtype: DType, device: torch.device) -> None:
-    """Reject fp16 on CPU; warn when bf16 on this CPU is emulated (slower than fp32)."""
+    """Reject fp16 on CPU and int8 on GPU; warn when bf16 on this CPU is emulated."""
     if dtype == "fp16" and device.type != "cuda":
         raise ValueError("dtype 'fp16' needs a CUDA GPU; on CPU use 'bf16' or 'fp32'")
+    if dtype == "int8" and device.type != "cpu":
+        raise ValueError(f"dtype 'int8' runs on CPU only (ONNX Runtime int8 kernels), not on "
+                         f"{device}; on a GPU use 'fp16' or 'bf16', or load with device='cpu'")
     if dtype == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
         log.warning("this CPU has no native bf16 (AVX512-BF16/AMX): bf16 is emulated and "
                     "usually slower than fp32 here")
 
 
 def autocast_context(dtype: DType, device: torch.device) -> contextlib.AbstractContextManager:
-    """`torch.autocast` for bf16/fp16 on `device`; a no-op for fp32."""
-    if dtype == "fp32":
+    """`torch.autocast` for bf16/fp16 on `device`; a no-op for fp32 and int8 (not torch's)."""
+    if dtype in ("fp32", "int8"):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=TORCH_DTYPES[dtype])
