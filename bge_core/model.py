@@ -21,7 +21,7 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTo
 from transformers.utils import logging as hf_logging
 
 from bge_core.batching import pad_batch, plan_batches
-from bge_core.config import EncoderConfig
+from bge_core.config import DType, EncoderConfig
 from bge_core.int8 import PRECISION as INT8_PRECISION
 from bge_core.int8 import Int8Backbone, load_int8_backbone
 from bge_core.loading import BGE_CONFIG_FILE, FORMAT_VERSION, resolve_model
@@ -220,9 +220,16 @@ class Encoder(nn.Module):
         write_st_files(folder, self.config, self.dim)
         return folder
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, dtype: DType | None = None) -> str:
         """sha256 of weights, vocabulary, saved settings and precision (unless fp32, so fp32
-        fingerprints stay what they were): equal iff the vectors are."""
+        fingerprints stay what they were): equal iff the vectors are.
+
+        Args:
+            dtype: the precision the vectors are computed in (default: this encoder's); a
+                driver that runs on CPU names its GPU actors' fp16 this way.
+        """
+        precision = self.precision if dtype is None else (
+            INT8_PRECISION if dtype == "int8" else dtype)
         digest = hashlib.sha256()
         for key, tensor in sorted(self.backbone.state_dict().items()):
             flat = tensor.detach().cpu().contiguous().reshape(-1)
@@ -231,8 +238,8 @@ class Encoder(nn.Module):
         vocab = sorted(self.tokenizer.get_vocab().items())
         digest.update(json.dumps(vocab, ensure_ascii=False).encode())
         digest.update(json.dumps(self.config.saved_dict(), sort_keys=True).encode())
-        if self.precision != "fp32":
-            digest.update(f"precision:{self.precision}".encode())
+        if precision != "fp32":
+            digest.update(f"precision:{precision}".encode())
         return digest.hexdigest()[:16]
 
 

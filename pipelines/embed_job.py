@@ -15,6 +15,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from bge_core.int8 import PRECISION as INT8_PRECISION
 from pipelines.corpus_io import Chunk, InputError, file_key, list_input_files, plan_file
 from pipelines.embed_config import EmbedConfig
 from pipelines.embed_output import MANIFEST, OutputState, list_parts, read_table, write_table
@@ -80,12 +81,14 @@ class EmbedJob:
         enc = self.cfg.encode
         overrides = {"max_length": enc.max_length} if enc.max_length else {}
         encoder = Encoder.from_pretrained(enc.model, device="cpu", **overrides)
-        info = {"model": enc.model, "model_fingerprint": encoder.fingerprint(),
+        # the actors' precision is part of the fingerprint: vectors differ with it
+        info = {"model": enc.model, "model_fingerprint": encoder.fingerprint(enc.dtype),
                 "pooling": encoder.config.pooling, "normalize": encoder.config.normalize,
                 "max_length": encoder.config.max_length, "dim": encoder.dim}
         self._check_chunk_size(encoder)
         log.info("model %s (fingerprint %s): %s pooling, normalize=%s, max %d tokens, dim %d",
                  *info.values())
+        info["precision"] = INT8_PRECISION if enc.dtype == "int8" else enc.dtype
         return info
 
     def _check_chunk_size(self, encoder: Any) -> None:

@@ -42,7 +42,8 @@ class EncodeOptions:
     Args:
         model: preset name, local folder, hub id or a saved checkpoint's URI
             (`Encoder.from_pretrained`).
-        dtype: compute precision on the actors (``fp16`` needs GPUs).
+        dtype: compute precision on the actors (``fp16`` needs GPUs; ``int8`` runs on CPU
+            actors only, with the `int8` extra installed on the workers).
         max_length: token limit (default: the model's); longer text is truncated.
         num_actors: actor pool size, ``"N"`` or autoscaling ``"MIN,MAX"``.
         gpus_per_actor: GPUs per actor; > 0 places the model on CUDA.
@@ -89,6 +90,9 @@ class EncodeOptions:
         if self.accelerator_type and not self.gpus_per_actor:
             raise ValueError(f"--accelerator-type {self.accelerator_type} needs "
                              f"--gpus-per-actor > 0 (it selects a GPU type)")
+        if self.dtype == "int8" and self.gpus_per_actor:
+            raise ValueError("--dtype int8 runs on CPU actors only (ONNX Runtime int8): drop "
+                             "--gpus-per-actor, or use fp16 / bf16 on GPUs")
         if self.dtype == "fp16" and not self.gpus_per_actor:
             raise ValueError("--dtype fp16 needs --gpus-per-actor > 0 (fp16 runs on GPUs only; "
                              "use fp32 on CPU)")

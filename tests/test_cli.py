@@ -45,6 +45,7 @@ def test_every_job_has_the_encode_flags_with_the_same_defaults(cls: type) -> Non
     (["--num_actors", "x"], "--num-actors must be 'N' or 'MIN,MAX'"),
     (["--accelerator-type", "L4"], "needs --gpus-per-actor > 0"),
     (["--dtype", "fp16"], "fp16 runs on GPUs only"),
+    (["--dtype", "int8", "--gpus-per-actor", "1"], "int8 runs on CPU actors only"),
     (["--batch-rows", "0"], "--batch-rows must be >= 1"),
     (["--cpus-per-actor", "0"], "--cpus-per-actor > 0"),
 ])

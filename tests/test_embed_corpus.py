@@ -222,3 +222,18 @@ def test_chunk_size_must_fit_the_model(ray_session, tiny_bert_dir, tmp_path) -> 
     write_jsonl(tmp_path / "c.jsonl", [{"id": 1, "text": "a cat"}])
     with pytest.raises(InputError, match="--chunk-tokens 200 does not fit the model"):
         run(_cfg(tiny_bert_dir, tmp_path / "c.jsonl", tmp_path / "o", chunk_tokens=200))
+
+
+def test_int8_actors_match_the_int8_encoder_and_the_manifest_says_so(
+        ray_session, tiny_bert_dir, tmp_path) -> None:
+    """`--dtype int8`: the actors run the cached ONNX Runtime int8 model (bge_core.int8),
+    and the precision is in the manifest and the fingerprint."""
+    from bge_core.int8 import PRECISION
+
+    expected = write_corpus(tmp_path / "c", files=1, rows=12)
+    result = run(_cfg(tiny_bert_dir, tmp_path / "c", tmp_path / "o", dtype="int8"))
+    int8 = Encoder.from_pretrained(str(tiny_bert_dir), device="cpu", dtype="int8")
+    fp32 = Encoder.from_pretrained(str(tiny_bert_dir), device="cpu")
+    assert (result["dtype"], result["precision"]) == ("int8", PRECISION)
+    assert result["model_fingerprint"] == int8.fingerprint() != fp32.fingerprint()
+    assert_matches_encoder(read_output(tmp_path / "o"), expected, int8)
