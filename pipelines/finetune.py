@@ -46,6 +46,7 @@ from bge_core.presets import resolve_instruction
 from bge_core.training import Fault, enable_gradient_checkpointing, freeze_position_embeddings
 from pipelines import train_common as tc
 from pipelines.cli import config_from_dict, config_to_dict, run_main, start_ray
+from pipelines.lease import LeaseHeld
 from pipelines.train_args import TrainArgs
 from pipelines.train_session import open_session
 
@@ -270,7 +271,7 @@ def train_loop(config: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: parse flags / YAML, run, exit non-zero with one clear message."""
     return run_main("finetune", FinetuneConfig, _checked_run, argv,
-                    errors=(TrainingDataError,), uses_ray=False)
+                    errors=(TrainingDataError, LeaseHeld), uses_ray=False)
 
 
 def _checked_run(cfg: FinetuneConfig) -> None:

@@ -13,6 +13,7 @@ remaining window.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -105,6 +106,10 @@ class OutputLease:
             self._thread.join(timeout=10)
         if (self.read() or {}).get("id") == self.owner["id"]:
             self.fs.rm(self.path)
+            folder = self.path.rsplit("/", 1)[0]
+            with contextlib.suppress(OSError):  # leave no empty _state/ in a model folder
+                if not self.fs.ls(folder):
+                    self.fs.rmdir(folder)
 
     def __enter__(self) -> OutputLease:
         self.acquire()

@@ -40,6 +40,7 @@ from bge_core.training import Fault, enable_gradient_checkpointing
 from pipelines import train_common as tc
 from pipelines.cli import config_from_dict, config_to_dict, run_main, start_ray
 from pipelines.corpus_io import InputError, list_input_files, plan_file, read_chunk_rows
+from pipelines.lease import LeaseHeld
 from pipelines.train_args import TrainArgs
 from pipelines.train_session import Session, open_session
 
@@ -220,7 +221,8 @@ def _check_model(cfg: RetroMAEConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry: exit 2 with one clear line on bad flags, config or input."""
-    return run_main("pretrain_retromae", RetroMAEConfig, _checked_run, argv, uses_ray=False)
+    return run_main("pretrain_retromae", RetroMAEConfig, _checked_run, argv,
+                    errors=(LeaseHeld,), uses_ray=False)
 
 
 def _checked_run(cfg: RetroMAEConfig) -> None:

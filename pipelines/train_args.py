@@ -44,6 +44,8 @@ class TrainArgs:
             (one log line each says why).
         gradient_accumulation_steps, deepspeed: refused above 1 / when set (the message
             names the alternative).
+        lease_timeout_s: a second run on this `output_dir` refuses while the first one's
+            heartbeat is younger than this; after, it takes over (`pipelines.lease`).
     """
 
     model_name_or_path: str
@@ -79,6 +81,7 @@ class TrainArgs:
     overwrite_output_dir: bool = False
     gradient_accumulation_steps: int = 1
     deepspeed: str | None = None
+    lease_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         for name in ("per_device_train_batch_size", "num_train_epochs", "num_workers",

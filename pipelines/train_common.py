@@ -47,6 +47,7 @@ from torch import nn
 
 from bge_core.distributed import get_rank, get_world_size
 from bge_core.training import Fault, Precision, TrainState, largest_even_share, seed_everything
+from pipelines.lease import OutputLease
 
 if TYPE_CHECKING:
     from pipelines.train_args import TrainArgs
@@ -213,6 +214,19 @@ def run_training(
     """
     for note in args.compat_notes():
         log.info("%s", note)
+    # one live run per output_dir: a second one refuses at once (LeaseHeld), a dead one's
+    # stale lease is taken over and its checkpoints resumed
+    with OutputLease(args.output_dir, stale_after_s=args.lease_timeout_s):
+        return _train_and_export(job, train_loop, loop_config, args, examples=examples,
+                                 skipped=skipped, datasets=datasets, fault=fault,
+                                 export_skip=export_skip)
+
+
+def _train_and_export(
+    job: str, train_loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any],
+    args: TrainArgs, *, examples: int, skipped: int, datasets: dict[str, Any] | None,
+    fault: Fault | None, export_skip: Sequence[str],
+) -> TrainResult:
     settings = run_settings(args)
     log.info("%s: %d worker(s), %s CPU(s) each%s", job, settings.num_workers,
              settings.cpus_per_worker, " and a GPU" if settings.use_gpu else "")

@@ -20,6 +20,7 @@ def test_a_live_lease_refuses_a_second_run_until_released(tmp_path: Path) -> Non
         with pytest.raises(LeaseHeld, match=f"{tmp_path} is being written by another run"):
             OutputLease(str(tmp_path), stale_after_s=2.0, settle_s=0).acquire()
     assert not (tmp_path / LEASE_FILE).exists()  # released
+    assert not (tmp_path / "_state").exists()  # and no empty folder left behind
     with OutputLease(str(tmp_path), stale_after_s=2.0, settle_s=0):
         pass
 
@@ -45,3 +46,20 @@ def test_the_embed_job_refuses_an_output_another_run_is_writing(tmp_path: Path,
     with pytest.raises(LeaseHeld, match="pid 7 on h"):
         run(cfg)  # refused before any work: no Ray needed
     assert not (tmp_path / "out" / "_state" / "run.json").exists()
+
+
+def test_training_refuses_an_output_dir_another_run_is_writing(tmp_path: Path) -> None:
+    from pipelines.finetune import FinetuneConfig
+    from pipelines.train_common import run_training
+
+    (tmp_path / "ft" / "_state").mkdir(parents=True)
+    live = {"id": "other", "host": "h", "pid": 9, "heartbeat": time.time()}
+    (tmp_path / "ft" / LEASE_FILE).write_text(json.dumps(live))
+    cfg = make_config(FinetuneConfig, model_name_or_path="m", train_data="t.jsonl",
+                      output_dir=str(tmp_path / "ft"))
+
+    def never(config: dict) -> None:
+        raise AssertionError("no training may start")
+
+    with pytest.raises(LeaseHeld, match="pid 9 on h"):
+        run_training("finetune", never, {}, cfg, examples=0)  # refused before Ray is asked
