@@ -14,19 +14,17 @@ normalisation stay in torch (`bge_core.pooling`), so int8 and fp32 share that co
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
 import os
 import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -92,7 +90,7 @@ def quantized_model_path(backbone: nn.Module, fingerprint: str,
     if target.is_file():
         return target
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(folder.with_suffix(".lock")):
+    with FileLock(str(folder.with_suffix(".lock"))):  # as bge_core.remote fetches: one per node
         if target.is_file():  # another process built it while we waited
             return target
         start = time.perf_counter()
@@ -161,16 +159,6 @@ class _HiddenStates(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.backbone(input_ids=input_ids, attention_mask=attention_mask)[0]
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _import_ort():  # noqa: ANN202 - the module object
