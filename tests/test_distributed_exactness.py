@@ -8,6 +8,7 @@ gradients on the whole batch. Dropout is off (eval mode) so both sides are deter
 
 from __future__ import annotations
 
+import datetime
 import functools
 import random
 from pathlib import Path
@@ -53,8 +54,9 @@ def _loss_and_grads(model, encoder: Encoder, rows: slice, inbatch: bool, chunk: 
 
 
 def _worker(rank: int, model_dir: str, store: str, out_dir: str) -> None:
+    # a bounded wait: a stuck rendezvous or collective raises instead of hanging the suite
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
-                            world_size=WORLD)
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=45))
     torch.manual_seed(0)
     encoder = Encoder.from_pretrained(model_dir, device="cpu", pooling="mean")  # eval()
     model = torch.nn.parallel.DistributedDataParallel(encoder)
@@ -67,8 +69,17 @@ def _worker(rank: int, model_dir: str, store: str, out_dir: str) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_two_gloo_ranks_equal_one_process_on_global_batch(tiny_bert_dir, tmp_path):
-    mp.spawn(_worker, args=(str(tiny_bert_dir), str(tmp_path / "store"), str(tmp_path)),
-             nprocs=WORLD, join=True)
+    # Once in ~10 full-suite runs on the 2-core VM a gloo process stalled (never alone, in
+    # dozens of runs; no wrong result was ever seen). A stall times out above and the two
+    # processes run once more on a fresh store; the equivalence checks below are unchanged.
+    for attempt in range(2):
+        try:
+            mp.spawn(_worker, args=(str(tiny_bert_dir), str(tmp_path / f"store{attempt}"),
+                                    str(tmp_path)), nprocs=WORLD, join=True)
+            break
+        except mp.ProcessRaisedException:
+            if attempt:
+                raise
     per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     encoder = Encoder.from_pretrained(str(tiny_bert_dir), device="cpu", pooling="mean")
     for case_index, (inbatch, chunk) in enumerate(CASES):
