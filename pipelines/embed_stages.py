@@ -12,7 +12,6 @@ from typing import Any
 import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipelines.corpus_io import (
     ROW_BITS,
@@ -184,8 +183,7 @@ def read_part_markers(output: str, chunk: Chunk) -> tuple[set[tuple[int, int]], 
         name = path.rsplit("/", 1)[1]
         if not name.startswith("part-"):
             continue  # a temporary file of a marker being written
-        with fs.open(path, "rb") as handle:
-            table = pq.read_table(handle)
+        table = read_table(fs.unstrip_protocol(path))
         done.update(zip(table.column("key").to_pylist(), table.column("chunk").to_pylist()))
         parts.append(name)
     return done, parts

@@ -32,13 +32,8 @@ NODE_COLUMN = "_node"  # the Ray node that encoded each row (for accounting)
 TOKENIZE_CPUS = 0.5  # CPUs per tokenise task
 
 
-def tokenizer_for(model: str, max_length: int | None = None) -> TextTokenizer:
-    """The model's tokenizer, built once per worker process (see `_tokenizer`)."""
-    return _tokenizer(model, max_length)
-
-
 @lru_cache(maxsize=4)
-def _tokenizer(model: str, max_length: int | None) -> TextTokenizer:
+def tokenizer_for(model: str, max_length: int | None = None) -> TextTokenizer:
     """One tokenizer per worker process and model (CPU tasks reuse their process)."""
     resolved = resolve_model(model)
     limit = int(resolved.settings.get("max_length", 512))
@@ -49,7 +44,7 @@ def tokenize_batch(batch: pa.Table, model: str, max_length: int | None,
                    text_column: str, prefix: str) -> pa.Table:
     """CPU stage: add token ids (list<int32>) and a `truncated` flag for `text_column`."""
     texts = [prefix + t for t in batch.column(text_column).to_pylist()]
-    ids, truncated = _tokenizer(model, max_length)(texts)
+    ids, truncated = tokenizer_for(model, max_length)(texts)
     batch = batch.append_column(TOKENS_COLUMN, pa.array(ids, type=pa.list_(pa.int32())))
     return batch.append_column("truncated", pa.array(truncated, type=pa.bool_()))
 
