@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup run test test-fast lint bench clean
+.PHONY: setup run test test-fast test-long lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,14 +23,19 @@ setup: $(BIN)/.installed
 run: setup
 	RAY_ADDRESS=$${RAY_ADDRESS:-local} $(BIN)/python pipelines/embed_corpus.py $(ARGS)
 
+# The suite CI runs: everything but the `long` fault drills (see `make test-long`).
 test: setup
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not long" $(PYTEST_ARGS)
+
+# The fault drills (node loss, flaky object store): minutes, run before a release.
+test-long: setup
+	$(BIN)/python -m pytest -q -m long $(PYTEST_ARGS)
 
 # Every test that needs no Ray cluster (marker `ray`, see pyproject.toml): the quick loop.
 test-fast: setup
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -m "not ray" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not ray and not long" $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .
