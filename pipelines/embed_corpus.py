@@ -18,6 +18,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python pipelines/embed_corpus.py` (ray job submit)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bge_core.storage import StorageError
 from pipelines.cli import run_main
 from pipelines.corpus_io import InputError
 from pipelines.embed_config import SAMPLE_CORPUS, EmbedConfig
@@ -38,7 +39,7 @@ def run(cfg: EmbedConfig) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry: exit 2 with one clear line on bad flags, config or input."""
     return run_main("embed_corpus", EmbedConfig, _announce_and_run, argv,
-                    errors=(InputError, LeaseHeld))
+                    errors=(InputError, LeaseHeld, StorageError))
 
 
 def _announce_and_run(cfg: EmbedConfig) -> None:

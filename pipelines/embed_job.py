@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from bge_core.int8 import PRECISION as INT8_PRECISION
+from bge_core.storage import StorageError, check_reachable, find_storage_error, naming
 from pipelines.corpus_io import Chunk, InputError, file_key, list_input_files, plan_file
 from pipelines.embed_config import EmbedConfig
 from pipelines.embed_output import MANIFEST, OutputState, list_parts, read_table, write_table
@@ -44,9 +45,27 @@ class EmbedJob:
         self.seconds: dict[str, float] = {}  # wall time of the plan and encode stages
 
     def run(self) -> dict[str, Any]:
-        """Hold the output's lease (one live run per output) and run the job."""
-        with OutputLease(self.cfg.output, stale_after_s=self.cfg.lease_timeout_s):
+        """Hold the output's lease (one live run per output) and run the job.
+
+        Raises:
+            StorageError: a read or write failed for good (a store that stays down, a full
+                disk), naming the URI; work already recorded is kept for the rerun.
+        """
+        for uri in (self.cfg.input, self.cfg.output, self.cfg.previous):
+            if uri:
+                check_reachable(uri)
+        lease = OutputLease(self.cfg.output, stale_after_s=self.cfg.lease_timeout_s)
+        with naming(self.cfg.output, "take the lease on"):
+            lease.acquire()
+        try:
             return self._run()
+        except Exception as err:
+            cause = find_storage_error(err)
+            if cause is None or cause is err:
+                raise
+            raise StorageError(str(cause)) from err  # one line, not a Ray task's traceback
+        finally:
+            lease.release()
 
     def _run(self) -> dict[str, Any]:
         started = _now()

@@ -17,14 +17,18 @@ starting with ``_`` are skipped by Parquet dataset readers)::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from bge_core.storage import naming
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +60,9 @@ class OutputState:
     def write_json(self, data: dict[str, Any], *parts: str) -> None:
         """Write via a temporary name then move, so a marker is never half-written."""
         path = self.path(*parts)
-        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with self.fs.open(tmp, "w") as handle:
-            json.dump(data, handle, indent=2, default=str)
-        self.fs.mv(tmp, path)
+        with naming(self.uri(*parts), "write"), _cleaned(self.fs, path) as tmp:
+            with self.fs.open(tmp, "w") as handle:
+                json.dump(data, handle, indent=2, default=str)
 
     def done_markers(self, kind: str = "done") -> dict[str, dict[str, Any]]:
         """Finished units (input files or previous parts): key → marker contents."""
@@ -99,19 +101,38 @@ class OutputState:
         return removed
 
 
+@contextlib.contextmanager
+def _cleaned(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[str]:
+    """A temporary name beside `path`, moved onto `path` on success and deleted on failure
+    (a full disk or a dropped connection leaves no half-written file under a real name)."""
+    folder = path.rsplit("/", 1)[0]
+    fs.makedirs(folder, exist_ok=True)
+    tmp = f"{folder}/.tmp-{uuid.uuid4().hex}"
+    try:
+        yield tmp
+        fs.mv(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            fs.rm(tmp)
+        raise
+
+
 def write_table(table: pa.Table, uri: str) -> None:
-    """Write one Parquet file to a local path or fsspec URI (temp name, then move)."""
+    """Write one Parquet file to a local path or fsspec URI (temp name, then move).
+
+    Raises:
+        StorageError: the write failed for good (disk full, permission denied, a store
+            that stays down), naming `uri` and the cause.
+    """
     fs, path = fsspec.core.url_to_fs(uri)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    tmp = f"{path.rsplit('/', 1)[0]}/.tmp-{uuid.uuid4().hex}"
-    with fs.open(tmp, "wb") as handle:
-        pq.write_table(table, handle)
-    fs.mv(tmp, path)
+    with naming(uri, "write"), _cleaned(fs, path) as tmp:
+        with fs.open(tmp, "wb") as handle:
+            pq.write_table(table, handle)
 
 
 def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
     fs, path = fsspec.core.url_to_fs(uri)
-    with fs.open(path, "rb") as handle:
+    with naming(uri, "read"), fs.open(path, "rb") as handle:
         return pq.read_table(handle, columns=columns)
 
 

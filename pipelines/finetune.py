@@ -43,6 +43,7 @@ from bge_core.grad_cache import contrastive_step
 from bge_core.losses import DEFAULT_TEMPERATURE, info_nce
 from bge_core.model import Encoder
 from bge_core.presets import resolve_instruction
+from bge_core.storage import StorageError
 from bge_core.training import Fault, enable_gradient_checkpointing, freeze_position_embeddings
 from pipelines import train_common as tc
 from pipelines.cli import config_from_dict, config_to_dict, run_main, start_ray
@@ -271,7 +272,7 @@ def train_loop(config: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: parse flags / YAML, run, exit non-zero with one clear message."""
     return run_main("finetune", FinetuneConfig, _checked_run, argv,
-                    errors=(TrainingDataError, LeaseHeld), uses_ray=False)
+                    errors=(TrainingDataError, LeaseHeld, StorageError), uses_ray=False)
 
 
 def _checked_run(cfg: FinetuneConfig) -> None:

@@ -36,6 +36,7 @@ from bge_core.distributed import all_reduce_mean, get_rank, get_world_size
 from bge_core.loading import resolve_model
 from bge_core.retromae import HEADS_FILE, load_checkpoint, load_retromae, save_checkpoint
 from bge_core.retromae_masking import RetroMAECollator
+from bge_core.storage import StorageError
 from bge_core.training import Fault, enable_gradient_checkpointing
 from pipelines import train_common as tc
 from pipelines.cli import config_from_dict, config_to_dict, run_main, start_ray
@@ -222,7 +223,7 @@ def _check_model(cfg: RetroMAEConfig) -> None:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry: exit 2 with one clear line on bad flags, config or input."""
     return run_main("pretrain_retromae", RetroMAEConfig, _checked_run, argv,
-                    errors=(LeaseHeld,), uses_ray=False)
+                    errors=(LeaseHeld, StorageError), uses_ray=False)
 
 
 def _checked_run(cfg: RetroMAEConfig) -> None:

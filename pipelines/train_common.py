@@ -46,6 +46,13 @@ import torch
 from torch import nn
 
 from bge_core.distributed import get_rank, get_world_size
+from bge_core.storage import (
+    StorageError,
+    arrow_filesystem,
+    check_reachable,
+    find_storage_error,
+    naming,
+)
 from bge_core.training import Fault, Precision, TrainState, largest_even_share, seed_everything
 from pipelines.lease import OutputLease
 
@@ -91,6 +98,16 @@ def storage_path(output_dir: str) -> str:
     if "://" in output_dir:
         return output_dir.rstrip("/")
     return str(Path(output_dir).expanduser().resolve())
+
+
+def storage(output_dir: str) -> dict[str, Any]:
+    """Ray Train's `storage_path` and `storage_filesystem` for `output_dir`.
+
+    A URI gets our fsspec filesystem wrapped for pyarrow (`bge_core.storage`), so
+    checkpoints are written with the same retry settings as every other request.
+    """
+    filesystem, path = arrow_filesystem(storage_path(output_dir))
+    return {"storage_path": path, "storage_filesystem": filesystem}
 
 
 def check_accelerator(use_gpu: bool, accelerator_type: str | None) -> None:
@@ -157,7 +174,7 @@ def launch(
     env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE",) if k in os.environ}
     run_config = ray.train.RunConfig(
         name=settings.name,
-        storage_path=storage_path(settings.output_dir),
+        **storage(settings.output_dir),
         failure_config=ray.train.FailureConfig(max_failures=settings.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=settings.num_to_keep),
         worker_runtime_env={"env_vars": env} if env else None,
@@ -216,10 +233,16 @@ def run_training(
         log.info("%s", note)
     # one live run per output_dir: a second one refuses at once (LeaseHeld), a dead one's
     # stale lease is taken over and its checkpoints resumed
-    with OutputLease(args.output_dir, stale_after_s=args.lease_timeout_s):
+    check_reachable(args.output_dir)
+    lease = OutputLease(args.output_dir, stale_after_s=args.lease_timeout_s)
+    with naming(args.output_dir, "take the lease on"):
+        lease.acquire()
+    try:
         return _train_and_export(job, train_loop, loop_config, args, examples=examples,
                                  skipped=skipped, datasets=datasets, fault=fault,
                                  export_skip=export_skip)
+    finally:
+        lease.release()
 
 
 def _train_and_export(
@@ -233,6 +256,9 @@ def _train_and_export(
     config = {**loop_config, "fault": asdict(fault) if fault else None}
     result = launch(train_loop, config, settings, datasets)
     if result.error:
+        cause = find_storage_error(result.error)
+        if cause is not None:  # the store stayed down: say which URI, not a traceback
+            raise StorageError(f"{job} failed: {cause}") from result.error
         raise RuntimeError(f"{job} failed: {result.error}") from result.error
     metrics = dict(result.metrics)
     log.info("%s finished at step %s: loss %.4f, %.1f examples/s, resumed from %s", job,
@@ -252,11 +278,12 @@ def export_model(model_dir: Path, output_dir: str, skip: Sequence[str] = ()) -> 
         `output_dir` (a local path or any fsspec URI).
     """
     fs, root = fsspec.core.url_to_fs(output_dir)
-    for path in sorted(model_dir.rglob("*")):
-        if path.is_file() and path.name not in skip:
-            target = f"{root.rstrip('/')}/{path.relative_to(model_dir).as_posix()}"
-            fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-            fs.put_file(str(path), target)
+    with naming(output_dir, "write the final model to"):
+        for path in sorted(model_dir.rglob("*")):
+            if path.is_file() and path.name not in skip:
+                target = f"{root.rstrip('/')}/{path.relative_to(model_dir).as_posix()}"
+                fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+                fs.put_file(str(path), target)
     log.info("final model written to %s", output_dir)
     return output_dir
 

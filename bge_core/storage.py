@@ -1,0 +1,136 @@
+"""How every job talks to object stores: one place for retry settings and storage errors.
+
+All our I/O goes through fsspec, so ``s3://`` is s3fs (aiobotocore) everywhere: the embed
+job's read/write tasks, the lease, the model fetch, and Ray Train's checkpoints (handed to
+Ray Train as a pyarrow filesystem wrapping the same s3fs, `arrow_filesystem`). The retry
+settings below therefore cover every request a job makes. Two layers retry:
+
+- botocore, per HTTP request: ``S3_ATTEMPTS`` attempts in its ``standard`` mode (503
+  SlowDown and other throttling, 500/502/504, dropped connections), exponential backoff
+  with jitter;
+- s3fs, around each call: ``S3FS_RETRIES`` tries with 0.1 × 1.7^i s pauses on SlowDown,
+  timeouts and bodies cut off mid-read (`s3fs.core._error_wrapper`).
+
+A store that stays down therefore fails a call after at most ``S3_ATTEMPTS`` ×
+``S3FS_RETRIES`` requests (about a minute at worst, seconds when nothing listens), and the
+job stops with a `StorageError` naming the URI, never hangs. Settings a user passed
+(``fsspec.config.conf["s3"]``, ``FSSPEC_S3_*`` variables) win over these defaults.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from typing import Any
+
+import fsspec
+import fsspec.config
+
+S3_ATTEMPTS = 4  # botocore: attempts per HTTP request (standard retry mode)
+S3FS_RETRIES = 4  # s3fs: tries per call, on SlowDown / timeouts / cut-off bodies
+CONNECT_TIMEOUT_S = 5.0
+READ_TIMEOUT_S = 30.0
+
+S3_SETTINGS: dict[str, Any] = {  # s3fs.S3FileSystem keyword arguments
+    "config_kwargs": {"retries": {"max_attempts": S3_ATTEMPTS, "mode": "standard"},
+                      "connect_timeout": CONNECT_TIMEOUT_S, "read_timeout": READ_TIMEOUT_S},
+}
+
+
+def configure() -> None:
+    """Make `S3_SETTINGS` the defaults of every s3fs filesystem this process creates.
+
+    Runs on import (modules doing I/O import this one, so Ray workers get it too). s3fs
+    takes its own retry count only as a class attribute, set here.
+    """
+    try:
+        import s3fs
+    except ImportError:  # no S3 support installed: nothing to configure
+        return
+    s3fs.S3FileSystem.retries = S3FS_RETRIES
+    for protocol in ("s3", "s3a"):
+        current = fsspec.config.conf.setdefault(protocol, {})
+        for key, value in S3_SETTINGS.items():
+            current.setdefault(key, value)
+
+
+configure()
+
+
+class StorageError(OSError):
+    """A read or write that failed for good; the message names the URI and the cause."""
+
+
+def describe(err: BaseException) -> str:
+    """The cause of a failed storage call in words a user can act on."""
+    code = getattr(err, "errno", None)
+    if code == errno.ENOSPC:
+        return "no space left on the device; free space, then rerun (finished work is kept)"
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return ("permission denied; make it writable for this user, then rerun "
+                "(finished work is kept)")
+    text = f"{type(err).__name__}: {err}".splitlines()[0]
+    return (f"{text} (after {S3_ATTEMPTS} attempts per request x {S3FS_RETRIES} tries on an "
+            "object store); check the endpoint, credentials and network, then rerun "
+            "(finished work is kept)")
+
+
+@contextmanager
+def naming(uri: str, action: str) -> Iterator[None]:
+    """Re-raise a failed storage call as a `StorageError` naming `uri` and the cause."""
+    try:
+        yield
+    except (StorageError, FileNotFoundError):  # a missing file names itself
+        raise
+    except (OSError, *_boto_errors()) as err:
+        raise StorageError(f"cannot {action} {uri}: {describe(err)}") from err
+
+
+def _boto_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:  # no S3 support installed: only OSError can happen
+        return ()
+    return (BotoCoreError, ClientError)
+
+
+def check_reachable(uri: str) -> None:
+    """Fail fast, naming `uri`, when the store holding it does not answer.
+
+    Local paths are not checked (their errors name themselves).
+    """
+    fs, path = fsspec.core.url_to_fs(uri)
+    if "file" in fs.protocol:
+        return
+    with naming(uri, "reach"), suppress(FileNotFoundError):  # absent is fine: not written yet
+        fs.info(path)
+
+
+def find_storage_error(err: BaseException) -> StorageError | None:
+    """The `StorageError` behind `err` (raised in a Ray task and wrapped on the way)."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [err]
+    while todo:
+        item = todo.pop()
+        if item is None or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, StorageError) and getattr(item, "cause", None) is None:
+            return item  # the original, not Ray's wrapper of it (which has `.cause`)
+        todo += [item.__cause__, item.__context__, getattr(item, "cause", None)]
+    return None
+
+
+def arrow_filesystem(uri: str) -> tuple[Any, str]:
+    """(pyarrow filesystem or None, path) for Ray Train's storage at `uri`.
+
+    Remote URIs get s3fs (or their fsspec filesystem) wrapped for pyarrow, so checkpoints
+    use the same retry settings as everything else; local paths get (None, path).
+    """
+    fs, path = fsspec.core.url_to_fs(uri)
+    if "file" in fs.protocol:
+        return None, uri
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    return PyFileSystem(FSSpecHandler(fs)), path.rstrip("/")

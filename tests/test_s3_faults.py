@@ -1,0 +1,138 @@
+"""A flaky object store: the fault proxy (`tests/s3_fault_proxy.py`) in front of moto.
+
+In the main suite (seconds, no Ray): the fault stream is seeded, and a store that stays
+down ends a job in bounded time with one line naming the URI. `long`: our reads and
+writes ride out throttling and dropped connections with the retry settings of
+`bge_core.storage`, the CLI's one-line answer, and whole jobs against a flaky store
+(embed S3 → S3; finetune checkpoints on S3 is in `tests/test_node_loss.py`'s neighbour,
+`test_finetune_s3_faults.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from bge_core.storage import S3_ATTEMPTS, S3FS_RETRIES, StorageError
+from pipelines.cli import make_config
+from pipelines.embed_config import EmbedConfig
+from pipelines.embed_output import OutputState, read_table, write_table
+from tests.embed_helpers import assert_matches_encoder, read_output, write_corpus
+from tests.s3_fault_proxy import FaultProxy
+
+ROOT = Path(__file__).resolve().parents[1]
+DOWN_WITHIN_S = 90  # S3_ATTEMPTS x S3FS_RETRIES backed-off requests, on a busy box
+
+
+@pytest.fixture()
+def flaky(s3, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch):
+    """The loopback S3 behind a proxy that throttles 20% of requests and cuts 10% of
+    responses off mid-body; this process's clients talk to the proxy."""
+    import s3fs
+
+    with FaultProxy(s3_endpoint, slowdown=0.2, reset=0.1, seed=0) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        s3fs.S3FileSystem.clear_instance_cache()
+        yield proxy
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_the_same_seed_gives_the_same_faults(s3_endpoint: str) -> None:
+    def draws(seed: int) -> list[str]:
+        proxy = FaultProxy(s3_endpoint, slowdown=0.3, reset=0.2, seed=seed)
+        return [proxy.draw() for _ in range(200)]
+
+    first = draws(7)
+    assert first == draws(7) and first != draws(8)
+    assert {"forward", "slowdown", "reset"} <= set(first)
+
+
+@pytest.mark.long
+def test_reads_and_writes_ride_out_a_flaky_store(flaky: FaultProxy) -> None:
+    state = OutputState("s3://bucket/out")
+    tables = [pa.table({"id": list(range(i, i + 500)), "x": [float(i)] * 500})
+              for i in range(0, 2000, 500)]
+    for n, table in enumerate(tables):
+        write_table(table, f"s3://bucket/out/part-{n}.parquet")
+        state.write_json({"n": n}, "_state", "done", f"{n}.json")
+    assert [read_table(f"s3://bucket/out/part-{n}.parquet") for n in range(len(tables))] \
+        == tables
+    assert sorted(m["n"] for m in state.done_markers().values()) == list(range(len(tables)))
+    assert flaky.counts["slowdown"] > 0 and flaky.counts["reset"] > 0  # faults did happen
+
+
+def test_a_store_that_stays_down_ends_the_embed_job_naming_the_uri(
+        flaky: FaultProxy, tmp_path: Path) -> None:
+    from pipelines.embed_job import EmbedJob
+
+    flaky.down = True  # every request: 503 SlowDown
+    cfg = make_config(EmbedConfig, input="s3://bucket/in/", output="s3://bucket/emb/",
+                      model=str(tmp_path / "unused"))
+    start = time.monotonic()
+    with pytest.raises(StorageError, match=r"^cannot reach s3://bucket/in/: ") as caught:
+        EmbedJob(cfg).run()  # fails before Ray or the model are needed
+    assert time.monotonic() - start < DOWN_WITHIN_S
+    message = str(caught.value)
+    assert f"after {S3_ATTEMPTS} attempts per request x {S3FS_RETRIES} tries" in message
+    assert "\n" not in message
+
+
+@pytest.mark.long  # 15 s: the CLI imports Ray Data before the job starts
+def test_the_cli_says_which_uri_is_unreachable_in_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """Nothing listens at the endpoint: exit 2, one line naming the output, in seconds."""
+    from pipelines import cli, embed_corpus
+
+    for key, value in _aws("http://127.0.0.1:9").items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(cli, "start_ray", lambda: None)  # the job fails before using Ray
+    write_corpus(tmp_path / "c", files=1, rows=4)
+    start = time.monotonic()
+    status = embed_corpus.main(["--input", str(tmp_path / "c"), "--output", "s3://bucket/emb/"])
+    assert status == 2 and time.monotonic() - start < DOWN_WITHIN_S
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("embed_corpus: error: cannot reach s3://bucket/emb/: "
+                           "EndpointConnectionError")
+
+
+# --------------------------------------------------------------------- long drills
+def _aws(endpoint: str) -> dict[str, str]:
+    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.mark.long
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_embed_job_s3_to_s3_through_a_flaky_store(flaky: FaultProxy, s3: object,
+                                                  tiny_bert_dir: Path, tmp_path: Path) -> None:
+    from bge_core import Encoder
+
+    expected = write_corpus(tmp_path / "c", files=4, rows=30)
+    s3.put(str(tmp_path / "c") + "/", "bucket/in/", recursive=True)  # type: ignore[attr-defined]
+    before = flaky.counts.copy()
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "pipelines" / "embed_corpus.py"), "--input",
+         "s3://bucket/in/", "--output", "s3://bucket/emb/", "--model", str(tiny_bert_dir),
+         "--cpus-per-actor", "0.5", "--title-column", "title", "--chunk-rows", "10"],
+        env={**os.environ, **_aws(flaky.url), "PYTHONPATH": str(ROOT), "RAY_ADDRESS": "local",
+             "HF_HUB_OFFLINE": "1"},
+        capture_output=True, text=True, timeout=540)
+    seconds = time.monotonic() - start
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    faults = {k: flaky.counts[k] - before[k] for k in ("requests", "slowdown", "reset")}
+    assert faults["slowdown"] > 0 and faults["reset"] > 0
+    manifest = json.loads(s3.cat("bucket/emb/_manifest.json"))  # type: ignore[attr-defined]
+    assert manifest["rows_in"] == manifest["rows_written"] == 120
+    s3.get("bucket/emb/", str(tmp_path / "back") + "/", recursive=True)  # type: ignore
+    assert_matches_encoder(read_output(tmp_path / "back"), expected,
+                           Encoder.from_pretrained(str(tiny_bert_dir), device="cpu"))
+    print(f"FAULTS embed-s3 {json.dumps({**faults, 'seconds': round(seconds, 1)})}")
