@@ -4,8 +4,7 @@ In the main suite (seconds, no Ray): the fault stream is seeded, and a store tha
 down ends a job in bounded time with one line naming the URI. `long`: our reads and
 writes ride out throttling and dropped connections with the retry settings of
 `bge_core.storage`, the CLI's one-line answer, and whole jobs against a flaky store
-(embed S3 → S3; finetune checkpoints on S3 is in `tests/test_node_loss.py`'s neighbour,
-`test_finetune_s3_faults.py`).
+(embed S3 → S3; finetune with its checkpoints and model on S3).
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -136,3 +136,46 @@ def test_embed_job_s3_to_s3_through_a_flaky_store(flaky: FaultProxy, s3: object,
     assert_matches_encoder(read_output(tmp_path / "back"), expected,
                            Encoder.from_pretrained(str(tiny_bert_dir), device="cpu"))
     print(f"FAULTS embed-s3 {json.dumps({**faults, 'seconds': round(seconds, 1)})}")
+
+
+@pytest.mark.long
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_finetune_checkpoints_and_model_on_a_flaky_store(
+        flaky: FaultProxy, s3: object, tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """Ray Train writes its checkpoints through `bge_core.storage.arrow_filesystem` (s3fs
+    with our retry settings) and the final model through s3fs: both ride out the faults
+    and load back."""
+    import torch
+
+    from bge_core import Encoder
+    from tests.test_finetune_job import write_train_data
+
+    write_train_data(tmp_path / "train.jsonl")
+    before = flaky.counts.copy()
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines.finetune", "--model_name_or_path",
+         str(tiny_bert_dir), "--train_data", str(tmp_path / "train.jsonl"), "--output_dir",
+         "s3://bucket/ft", "--num_workers", "1", "--cpus_per_worker", "1",
+         "--per_device_train_batch_size", "4", "--max_steps", "4", "--save_steps", "2",
+         "--train_group_size", "2", "--query_max_len", "16", "--passage_max_len", "24",
+         "--learning_rate", "1e-3"],
+        cwd=ROOT, env={**os.environ, **_aws(flaky.url), "PYTHONPATH": str(ROOT),
+                       "RAY_ADDRESS": "local", "HF_HUB_OFFLINE": "1"},
+        capture_output=True, text=True, timeout=840)
+    seconds = time.monotonic() - start
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    faults = {k: flaky.counts[k] - before[k] for k in ("requests", "slowdown", "reset")}
+    assert faults["slowdown"] > 0 and faults["reset"] > 0
+    checkpoints = sorted(p.rsplit("/", 1)[1] for p in s3.ls("bucket/ft/finetune"))  # type: ignore
+    assert "checkpoint_step_00000004" in checkpoints
+    s3.get("bucket/ft/finetune/checkpoint_step_00000004/", str(tmp_path / "ckpt") + "/",  # type: ignore
+           recursive=True)
+    state = torch.load(tmp_path / "ckpt" / "training_state.pt", weights_only=False)["state"]
+    assert state["step"] == 4
+    texts = ["the cat is on the road", "blood and heart disease"]
+    from_ckpt = Encoder.from_pretrained(str(tmp_path / "ckpt" / "model"), device="cpu")
+    exported = Encoder.from_pretrained("s3://bucket/ft/", device="cpu")  # fetched via s3fs
+    np.testing.assert_allclose(exported.encode(texts), from_ckpt.encode(texts), atol=1e-6)
+    print(f"FAULTS finetune-s3 {json.dumps({**faults, 'seconds': round(seconds, 1)})}")
