@@ -12,6 +12,7 @@ done; a rerun after the space is freed finishes exactly-once.
 from __future__ import annotations
 
 import errno
+import json
 from pathlib import Path
 from typing import Any
 
@@ -99,3 +100,7 @@ def test_a_part_without_its_marker_is_redone_exactly_once(
     assert result["rows_in"] == result["rows_written"] == result[
         "rows_encoded_this_attempt"] == 12
     assert len(read_output(out)) == 12  # each id once (read_output checks)
+    print("FAULTS disk-full " + json.dumps({
+        "rows_in": result["rows_in"], "written": result["rows_written"],
+        "rejected": result["rows_rejected"],
+        "encoded_by_rerun": result["rows_encoded_this_attempt"]}))

@@ -74,9 +74,10 @@ def test_embed_job_survives_losing_a_node(tmp_path: Path) -> None:
     for key, vector in reference.items():
         np.testing.assert_allclose(ours[key], vector, rtol=1e-5, atol=1e-6)
     print("FAULTS node-loss-embed " + json.dumps({
-        "clean_s": clean["seconds"], "drill_s": drill["seconds"],
-        "killed_at_s": drill["killed_at_s"],
-        "by_node": manifest["rows_encoded_by_node_this_attempt"]}))
+        "rows_in": manifest["rows_in"], "written": manifest["rows_written"],
+        "rejected": manifest["rows_rejected"], "clean_s": clean["seconds"],
+        "drill_s": drill["seconds"], "killed_at_s": drill["killed_at_s"],
+        "rows_by_node": sorted(manifest["rows_encoded_by_node_this_attempt"].values())}))
 
 
 @pytest.mark.long
