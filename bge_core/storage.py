@@ -62,7 +62,7 @@ class StorageError(OSError):
     """A read or write that failed for good; the message names the URI and the cause."""
 
 
-def describe(err: BaseException) -> str:
+def describe(err: BaseException, remote: bool) -> str:
     """The cause of a failed storage call in words a user can act on."""
     code = getattr(err, "errno", None)
     if code == errno.ENOSPC:
@@ -71,9 +71,10 @@ def describe(err: BaseException) -> str:
         return ("permission denied; make it writable for this user, then rerun "
                 "(finished work is kept)")
     text = f"{type(err).__name__}: {err}".splitlines()[0]
-    return (f"{text} (after {S3_ATTEMPTS} attempts per request x {S3FS_RETRIES} tries on an "
-            "object store); check the endpoint, credentials and network, then rerun "
-            "(finished work is kept)")
+    if not remote:
+        return f"{text}; fix it, then rerun (finished work is kept)"
+    return (f"{text} (after {S3_ATTEMPTS} attempts per request x {S3FS_RETRIES} tries); "
+            "check the endpoint, credentials and network, then rerun (finished work is kept)")
 
 
 @contextmanager
@@ -84,7 +85,8 @@ def naming(uri: str, action: str) -> Iterator[None]:
     except (StorageError, FileNotFoundError):  # a missing file names itself
         raise
     except (OSError, *_boto_errors()) as err:
-        raise StorageError(f"cannot {action} {uri}: {describe(err)}") from err
+        remote = "://" in uri and not uri.startswith("file://")
+        raise StorageError(f"cannot {action} {uri}: {describe(err, remote)}") from err
 
 
 def _boto_errors() -> tuple[type[BaseException], ...]:
@@ -108,7 +110,12 @@ def check_reachable(uri: str) -> None:
 
 
 def find_storage_error(err: BaseException) -> StorageError | None:
-    """The `StorageError` behind `err` (raised in a Ray task and wrapped on the way)."""
+    """The `StorageError` behind `err`, raised in a Ray task and wrapped on the way.
+
+    Ray keeps the original as `.cause` of its `RayTaskError`; Ray Data's
+    `UserCodeException` keeps only the remote traceback's text, so the last line naming a
+    `StorageError` there is the fallback.
+    """
     seen: set[int] = set()
     todo: list[BaseException | None] = [err]
     while todo:
@@ -119,7 +126,10 @@ def find_storage_error(err: BaseException) -> StorageError | None:
         if isinstance(item, StorageError) and getattr(item, "cause", None) is None:
             return item  # the original, not Ray's wrapper of it (which has `.cause`)
         todo += [item.__cause__, item.__context__, getattr(item, "cause", None)]
-    return None
+    prefix = f"{StorageError.__module__}.{StorageError.__qualname__}: "
+    named = [line.strip()[len(prefix):] for line in str(err).splitlines()
+             if line.strip().startswith(prefix)]
+    return StorageError(named[-1]) if named else None
 
 
 def arrow_filesystem(uri: str) -> tuple[Any, str]:
