@@ -27,6 +27,8 @@ DRILLS = [  # (test id, fault in words)
      "embed S3→S3: 20% 503 SlowDown, 10% resets mid-body"),
     ("tests/test_s3_faults.py::test_finetune_checkpoints_and_model_on_a_flaky_store",
      "finetune to S3: 20% 503 SlowDown, 10% resets mid-body"),
+    ("tests/test_s3_faults.py::test_a_store_that_dies_mid_run_ends_the_job_and_the_rerun_resumes",
+     "S3 goes down mid-run (every answer 503), comes back, rerun"),
     ("tests/test_s3_faults.py::test_a_store_that_stays_down_ends_the_embed_job_naming_the_uri",
      "S3 stays down (every answer 503)"),
     ("tests/test_disk_faults.py::test_a_part_without_its_marker_is_redone_exactly_once",

@@ -22,7 +22,7 @@ from pipelines.embed_config import EmbedConfig
 from pipelines.embed_output import MANIFEST, OutputState, list_parts, read_table, write_table
 from pipelines.embed_plan import compute_plan
 from pipelines.embed_stages import copy_kept, read_for_encoding, write_encoded
-from pipelines.lease import OutputLease
+from pipelines.lease import OutputLease, release_quietly
 from pipelines.progress import Progress
 from pipelines.ray_encode import encode_dataset
 
@@ -65,7 +65,7 @@ class EmbedJob:
                 raise
             raise StorageError(str(cause)) from err  # one line, not a Ray task's traceback
         finally:
-            lease.release()
+            release_quietly(lease)
 
     def _run(self) -> dict[str, Any]:
         started = _now()

@@ -117,3 +117,13 @@ class OutputLease:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def release_quietly(lease: OutputLease) -> None:
+    """Release `lease` at the end of a run; if its store is down (the likely reason the run
+    is ending), say so and leave the lease to go stale, keeping the run's own error."""
+    try:
+        lease.release()
+    except OSError as err:
+        log.warning("could not release the lease on %s (%s); it goes stale after %.0fs",
+                    lease.uri, str(err).splitlines()[0], lease.stale_after_s)

@@ -54,7 +54,7 @@ from bge_core.storage import (
     naming,
 )
 from bge_core.training import Fault, Precision, TrainState, largest_even_share, seed_everything
-from pipelines.lease import OutputLease
+from pipelines.lease import OutputLease, release_quietly
 
 if TYPE_CHECKING:
     from pipelines.train_args import TrainArgs
@@ -242,7 +242,7 @@ def run_training(
                                  skipped=skipped, datasets=datasets, fault=fault,
                                  export_skip=export_skip)
     finally:
-        lease.release()
+        release_quietly(lease)
 
 
 def _train_and_export(

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from bge_core.storage import S3_ATTEMPTS, S3FS_RETRIES, StorageError
@@ -167,6 +168,63 @@ def test_embed_job_s3_to_s3_through_a_flaky_store(flaky: FaultProxy, s3: object,
         "rows_in": manifest["rows_in"], "written": manifest["rows_written"],
         "rejected": manifest["rows_rejected"], **faults, "clean_s": round(clean_s, 1),
         "drill_s": round(seconds, 1)}))
+
+
+@pytest.mark.long
+@pytest.mark.ray
+@pytest.mark.timeout(1200)
+def test_a_store_that_dies_mid_run_ends_the_job_and_the_rerun_resumes(
+        flaky: FaultProxy, s3: object, tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """The store goes down once the first parts are recorded: the job ends with one line
+    naming the S3 URI it could not write (bounded time, no hang); once the store is back,
+    the rerun encodes only what no recorded part holds and the output is exactly-once."""
+    from bge_core import Encoder
+
+    flaky.slowdown = flaky.reset = 0.0
+    expected = write_corpus(tmp_path / "c", files=6, rows=20)
+    s3.put(str(tmp_path / "c") + "/", "bucket/in/", recursive=True)  # type: ignore
+    cmd = [sys.executable, str(ROOT / "pipelines" / "embed_corpus.py"), "--input",
+           "s3://bucket/in/", "--output", "s3://bucket/emb/", "--model", str(tiny_bert_dir),
+           "--cpus-per-actor", "0.5", "--title-column", "title", "--chunk-rows", "5",
+           "--batch-rows", "5", "--lease-timeout-s", "5"]
+    env = {**os.environ, **_aws(flaky.url), "PYTHONPATH": str(ROOT), "RAY_ADDRESS": "local",
+           "HF_HUB_OFFLINE": "1"}
+    job = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           text=True)
+    try:
+        deadline = time.monotonic() + 600
+        while job.poll() is None and time.monotonic() < deadline and not s3.glob(  # type: ignore
+                "bucket/emb/_state/parts/*/part-*"):
+            time.sleep(0.2)
+            s3.invalidate_cache()  # type: ignore[attr-defined]
+        assert job.poll() is None, "the job finished before the store went down"
+        flaky.down, down_at = True, time.monotonic()
+        _, stderr = job.communicate(timeout=DOWN_WITHIN_S * 3)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    stopped_s = time.monotonic() - down_at
+    flaky.down = False
+    assert job.returncode == 2, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("embed_corpus: error: cannot ") and "s3://bucket/" in last, last
+    s3.invalidate_cache()  # type: ignore[attr-defined]
+    marked = sum(pq.read_metadata(s3.open(p, "rb")).num_rows  # type: ignore[attr-defined]
+                 for p in s3.glob("bucket/emb/_state/parts/*/part-*"))  # type: ignore
+    time.sleep(5)  # the dead run's lease goes stale (--lease-timeout-s 5)
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=480)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    s3.invalidate_cache()  # type: ignore[attr-defined]
+    manifest = json.loads(s3.cat("bucket/emb/_manifest.json"))  # type: ignore
+    assert manifest["rows_in"] == manifest["rows_written"] == 120
+    assert manifest["rows_encoded_this_attempt"] == 120 - marked  # only what was not kept
+    s3.get("bucket/emb/", str(tmp_path / "back") + "/", recursive=True)  # type: ignore
+    assert_matches_encoder(read_output(tmp_path / "back"), expected,
+                           Encoder.from_pretrained(str(tiny_bert_dir), device="cpu"))
+    print("FAULTS store-dies-mid-run " + json.dumps({
+        "rows_in": 120, "kept_from_first_attempt": marked,
+        "encoded_by_rerun": manifest["rows_encoded_this_attempt"],
+        "seconds_to_stop": round(stopped_s, 1), "message": last[:120]}))
 
 
 @pytest.mark.long
