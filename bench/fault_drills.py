@@ -58,7 +58,7 @@ def main() -> None:
         if args.k not in test:
             continue
         ok, found, seconds = run_drill(test)
-        print(json.dumps({"test": test, "passed": ok, "seconds": round(seconds, 1), **found}),
+        print(json.dumps({"test": test, "passed": ok, "test_s": round(seconds, 1), **found}),
               flush=True)
         rows.append((fault, ok, found))
     print("\n| fault | outcome (asserted) | measured |\n|---|---|---|")
