@@ -16,7 +16,6 @@ the same final weights as an uninterrupted run.
 from __future__ import annotations
 
 import json
-import os
 import random
 import subprocess
 import sys
@@ -29,6 +28,7 @@ import pytest
 from safetensors.torch import load_file
 
 from tests.embed_helpers import read_output
+from tests.test_embed_faults import _job_env
 from tests.test_pretrain_retromae_job import write_corpus as write_texts
 from tests.tiny_models import WORDS, make_tiny_bert
 
@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _env() -> dict[str, str]:
     # RAY_ADDRESS empty: the script starts its own cluster, never the session's Ray
-    return {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    return _job_env(RAY_ADDRESS="")
 
 
 def _runs(stdout: str) -> dict[str, dict]:

@@ -10,7 +10,6 @@ writes ride out throttling and dropped connections with the retry settings of
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from pipelines.embed_config import EmbedConfig
 from pipelines.embed_output import OutputState, read_table, write_table
 from tests.embed_helpers import assert_matches_encoder, read_output, write_corpus
 from tests.s3_fault_proxy import FaultProxy
+from tests.test_embed_faults import _job_cmd, _job_env
 
 ROOT = Path(__file__).resolve().parents[1]
 DOWN_WITHIN_S = 90  # S3_ATTEMPTS x S3FS_RETRIES backed-off requests, on a busy box
@@ -142,12 +142,9 @@ def test_embed_job_s3_to_s3_through_a_flaky_store(flaky: FaultProxy, s3: object,
     def embed(output: str) -> float:
         start = time.monotonic()
         proc = subprocess.run(
-            [sys.executable, str(ROOT / "pipelines" / "embed_corpus.py"), "--input",
-             "s3://bucket/in/", "--output", output, "--model", str(tiny_bert_dir),
-             "--cpus-per-actor", "0.5", "--title-column", "title", "--chunk-rows", "10"],
-            env={**os.environ, **_aws(flaky.url), "PYTHONPATH": str(ROOT),
-                 "RAY_ADDRESS": "local", "HF_HUB_OFFLINE": "1"},
-            capture_output=True, text=True, timeout=480)
+            _job_cmd("s3://bucket/in/", output, tiny_bert_dir, "--title-column", "title",
+                     "--chunk-rows", "10"),
+            env=_job_env(**_aws(flaky.url)), capture_output=True, text=True, timeout=480)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return time.monotonic() - start
 
@@ -183,12 +180,9 @@ def test_a_store_that_dies_mid_run_ends_the_job_and_the_rerun_resumes(
     flaky.slowdown = flaky.reset = 0.0
     expected = write_corpus(tmp_path / "c", files=6, rows=20)
     s3.put(str(tmp_path / "c") + "/", "bucket/in/", recursive=True)  # type: ignore
-    cmd = [sys.executable, str(ROOT / "pipelines" / "embed_corpus.py"), "--input",
-           "s3://bucket/in/", "--output", "s3://bucket/emb/", "--model", str(tiny_bert_dir),
-           "--cpus-per-actor", "0.5", "--title-column", "title", "--chunk-rows", "5",
-           "--batch-rows", "5", "--lease-timeout-s", "5"]
-    env = {**os.environ, **_aws(flaky.url), "PYTHONPATH": str(ROOT), "RAY_ADDRESS": "local",
-           "HF_HUB_OFFLINE": "1"}
+    cmd = _job_cmd("s3://bucket/in/", "s3://bucket/emb/", tiny_bert_dir, "--title-column",
+                   "title", "--chunk-rows", "5", "--batch-rows", "5", "--lease-timeout-s", "5")
+    env = _job_env(**_aws(flaky.url))
     job = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                            text=True)
     try:
@@ -250,8 +244,7 @@ def test_finetune_checkpoints_and_model_on_a_flaky_store(
          "--per_device_train_batch_size", "4", "--max_steps", "4", "--save_steps", "2",
          "--train_group_size", "2", "--query_max_len", "16", "--passage_max_len", "24",
          "--learning_rate", "1e-3"],
-        cwd=ROOT, env={**os.environ, **_aws(flaky.url), "PYTHONPATH": str(ROOT),
-                       "RAY_ADDRESS": "local", "HF_HUB_OFFLINE": "1"},
+        cwd=ROOT, env=_job_env(**_aws(flaky.url)),
         capture_output=True, text=True, timeout=840)
     seconds = time.monotonic() - start
     assert proc.returncode == 0, proc.stderr[-3000:]
