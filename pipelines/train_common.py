@@ -100,16 +100,6 @@ def storage_path(output_dir: str) -> str:
     return str(Path(output_dir).expanduser().resolve())
 
 
-def storage(output_dir: str) -> dict[str, Any]:
-    """Ray Train's `storage_path` and `storage_filesystem` for `output_dir`.
-
-    A URI gets our fsspec filesystem wrapped for pyarrow (`bge_core.storage`), so
-    checkpoints are written with the same retry settings as every other request.
-    """
-    filesystem, path = arrow_filesystem(storage_path(output_dir))
-    return {"storage_path": path, "storage_filesystem": filesystem}
-
-
 def check_accelerator(use_gpu: bool, accelerator_type: str | None) -> None:
     """A GPU type only makes sense for GPU workers (configs call this before Ray starts)."""
     if accelerator_type and not use_gpu:
@@ -172,9 +162,10 @@ def launch(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE",) if k in os.environ}
+    # a URI gets our s3fs wrapped for pyarrow: checkpoints follow bge_core.storage's retries
+    filesystem, path = arrow_filesystem(storage_path(settings.output_dir))
     run_config = ray.train.RunConfig(
-        name=settings.name,
-        **storage(settings.output_dir),
+        name=settings.name, storage_path=path, storage_filesystem=filesystem,
         failure_config=ray.train.FailureConfig(max_failures=settings.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=settings.num_to_keep),
         worker_runtime_env={"env_vars": env} if env else None,

@@ -88,6 +88,20 @@ def test_a_store_that_stays_down_ends_the_embed_job_naming_the_uri(
     print(f"FAULTS store-down {json.dumps(measured)}")
 
 
+def test_ray_train_gets_our_s3fs_for_checkpoints(tmp_path: Path) -> None:
+    """Ray Train's `storage_filesystem`: the s3fs that carries our retry settings."""
+    from pyarrow.fs import PyFileSystem
+
+    from bge_core.storage import S3_SETTINGS, arrow_filesystem
+
+    filesystem, path = arrow_filesystem("s3://bucket/ft/")
+    assert isinstance(filesystem, PyFileSystem) and path == "bucket/ft"
+    s3fs_used = filesystem.handler.fs
+    assert s3fs_used.retries == S3FS_RETRIES
+    assert s3fs_used.config_kwargs["retries"] == S3_SETTINGS["config_kwargs"]["retries"]
+    assert arrow_filesystem(str(tmp_path)) == (None, str(tmp_path))  # local: Ray's own
+
+
 def _fail_in_a_task(batch: dict) -> dict:
     raise StorageError("cannot write s3://bucket/emb/part-x.parquet: (the cause)")
 
