@@ -63,6 +63,31 @@ def plan_file(path: str, file_index: int, chunk_rows: int,
     return chunks
 
 
+def plan_files(files: list[str], chunk_rows: int, required: list[str],
+               error: type[ValueError] = InputError) -> list[Chunk]:
+    """`plan_file` for every file, in Ray tasks (one per file: the driver reads no data).
+
+    Raises:
+        error: an unreadable file or a missing column (the task's message, not its trace).
+    """
+    import ray
+
+    plan = ray.remote(num_cpus=0.25)(_plan_task)
+    planned = ray.get([plan.remote(f, i, chunk_rows, required) for i, f in enumerate(files)])
+    problem = next((p for _, p in planned if p), None)
+    if problem:
+        raise error(problem)
+    return [c for chunks, _ in planned for c in chunks]
+
+
+def _plan_task(path: str, index: int, chunk_rows: int,
+               required: list[str]) -> tuple[list[Chunk], str | None]:
+    try:
+        return plan_file(path, index, chunk_rows, required), None
+    except InputError as err:
+        return [], str(err)
+
+
 def read_chunk_rows(chunk: Chunk, columns: list[str]) -> tuple[list[int], dict[str, list[Any]]]:
     """The chunk's row numbers and values of `columns` (missing JSONL keys read as None)."""
     try:

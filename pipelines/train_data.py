@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 
 from bge_core.io import FileRange, list_files
-from pipelines.corpus_io import InputError, plan_file
+from pipelines.corpus_io import plan_files
 
 ReadRange = Callable[..., pa.Table]  # (FileRange, **kwargs) -> rows of the range
 
@@ -29,24 +29,8 @@ def plan_data(uri: str, *, what: str, error: type[ValueError], rows_per_range: i
         error: no data at `uri`, an unreadable file, or a `required` column missing (the
             message names the file).
     """
-    import ray
-
     files = list_files(uri, what, error)
-    plan = ray.remote(num_cpus=0.25)(_plan_task)
-    planned = ray.get([plan.remote(f, i, rows_per_range, list(required))
-                       for i, f in enumerate(files)])
-    problem = next((p for _, p in planned if p), None)
-    if problem:
-        raise error(problem)
-    return [r for ranges, _ in planned for r in ranges]
-
-
-def _plan_task(path: str, index: int, rows_per_range: int,
-               required: list[str]) -> tuple[list[dict[str, Any]], str | None]:
-    try:
-        return [c.to_dict() for c in plan_file(path, index, rows_per_range, required)], None
-    except InputError as err:  # its message goes to the driver, not a task traceback
-        return [], str(err)
+    return [c.to_dict() for c in plan_files(files, rows_per_range, list(required), error)]
 
 
 def range_dataset(ranges: list[dict[str, Any]], read: ReadRange, **kwargs: Any) -> Any:
