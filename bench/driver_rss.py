@@ -6,6 +6,7 @@ prints that process's peak RSS (``getrusage(RUSAGE_SELF)``: the driver alone, no
 raylet, workers or object store) and the growth 8x / 1x (the target: <= 1.25).
 
     .venv/bin/python bench/driver_rss.py retromae --mb 40 --scales 1 8
+    .venv/bin/python bench/driver_rss.py retromae --repo ../main   # another checkout's job
 
 Modes: ``retromae`` (a tiny random BERT, 2 steps on 1 worker: this measures the driver,
 not the model). A ``mine`` mode (hard-negative mining over the same corpus) goes in `MODES`.
@@ -59,19 +60,19 @@ def write_corpus(folder: Path, mb: int, files: int, seed: int = 0) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.jsonl"))
 
 
-def measure(module: str, argv: list[str]) -> dict:
-    """Run `module`'s `main(argv)` in a fresh process (its own local Ray)."""
+def measure(module: str, argv: list[str], repo: Path) -> dict:
+    """Run `module`'s `main(argv)` from checkout `repo` in a fresh process (own local Ray)."""
     env = {**os.environ, "RAY_ADDRESS": "local", "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(repo)}
     proc = subprocess.run([sys.executable, "-c", CHILD.format(module=module), *argv],
-                          env=env, cwd=ROOT, capture_output=True, text=True)
+                          env=env, cwd=repo, capture_output=True, text=True)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if proc.returncode or line is None or json.loads(line[7:])["code"]:
         raise RuntimeError(f"{module} failed:\n{proc.stderr[-3000:]}")
     return json.loads(line[7:])
 
 
-def retromae(corpus: Path, work: Path) -> dict:
+def retromae(corpus: Path, work: Path, repo: Path) -> dict:
     model = work / "tiny_bert"
     if not model.exists():
         make_tiny_bert(model)
@@ -81,11 +82,11 @@ def retromae(corpus: Path, work: Path) -> dict:
         "--model_name_or_path", str(model), "--train_data", str(corpus),
         "--output_dir", str(out), "--num_workers", "1", "--cpus_per_worker", "0.5",
         "--max_steps", "2", "--save_steps", "2", "--per_device_train_batch_size", "4",
-        "--max_seq_length", "64"])
+        "--max_seq_length", "64"], repo)
 
 
-# mode -> run(corpus folder, work folder) -> {"peak_rss_mb", "seconds", ...}
-MODES: dict[str, Callable[[Path, Path], dict]] = {"retromae": retromae}
+# mode -> run(corpus folder, work folder, checkout) -> {"peak_rss_mb", "seconds", ...}
+MODES: dict[str, Callable[[Path, Path, Path], dict]] = {"retromae": retromae}
 
 
 def main() -> None:
@@ -94,6 +95,8 @@ def main() -> None:
     parser.add_argument("--mb", type=int, default=40, help="MB of text at 1x")
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--work", default="/tmp/bge_driver_rss")
+    parser.add_argument("--repo", default=str(ROOT),
+                        help="checkout whose job runs (another one measures its version)")
     args = parser.parse_args()
     work = Path(args.work)
     results = {}
@@ -101,10 +104,11 @@ def main() -> None:
         corpus = work / f"corpus-{args.mb}mb-x{scale}"
         size = write_corpus(corpus, args.mb, scale)
         started = time.monotonic()
-        result = MODES[args.mode](corpus, work)
+        result = MODES[args.mode](corpus, work, Path(args.repo))
         results[scale] = {**result, "corpus_mb": round(size / 2**20, 1),
                           "wall_s": round(time.monotonic() - started, 1)}
-        print(json.dumps({"mode": args.mode, "scale": scale, **results[scale]}), flush=True)
+        print(json.dumps({"mode": args.mode, "repo": args.repo, "scale": scale,
+                          **results[scale]}), flush=True)
     low, high = min(results), max(results)
     growth = results[high]["peak_rss_mb"] / results[low]["peak_rss_mb"]
     print(f"{args.mode}: driver peak RSS {results[low]['peak_rss_mb']:.0f} MB at {low}x, "
