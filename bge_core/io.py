@@ -185,10 +185,10 @@ def read_records(part: FileRange, columns: list[str] | None = None
         yield (row, *parse_line(raw))
 
 
-def parse_line(raw: bytes) -> tuple[Any, str | None]:
+def parse_line(raw: bytes | str) -> tuple[Any, str | None]:
     """(value, None) for a JSON line, (None, reason) for a bad one; blank: (None, "")."""
     try:
-        line = raw.decode("utf-8")
+        line = raw.decode("utf-8") if isinstance(raw, bytes) else raw
     except UnicodeDecodeError as err:
         return None, f"not valid UTF-8 ({err.reason} at byte {err.start})"
     if not line.strip():
