@@ -2,33 +2,30 @@
 
 An example is ``{"query": str, "pos": [str, ...], "neg": [str, ...]}`` (JSONL, one per
 line, as FlagEmbedding reads it; or the same columns in Parquet), at a local path or any
-fsspec URI. Each example becomes a group: one positive and ``train_group_size - 1``
-negatives drawn with an RNG keyed by ``(seed, epoch, example key)``, so every worker,
-restart and re-run draws the same group for the same example, whatever the order or
-sharding. Short negative lists are refilled by repetition; negatives never come from the
-positives. Invalid examples raise `TrainingDataError` naming the file and line (or row).
+fsspec URI, read in ranges by `bge_core.io`. Each example becomes a group: one positive
+and ``train_group_size - 1`` negatives drawn with an RNG keyed by ``(seed, epoch, example
+key)``, so every worker, restart and re-run draws the same group for the same example,
+whatever the order or sharding. Short negative lists are refilled by repetition;
+negatives never come from the positives. Invalid examples raise `TrainingDataError`
+naming the file and line (or row).
 """
 
 from __future__ import annotations
 
-import io
-import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 import numpy as np
-import pyarrow.parquet as pq
 
 from bge_core.batching import pad_batch
 from bge_core.grad_cache import TokenBatch
+from bge_core.io import RANGE_ROWS, DataFileError, FileRange, iter_records, list_files, plan_ranges
 
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 FILE_STRIDE = 1 << 32  # example key = file index * FILE_STRIDE + line number
 
 
-class TrainingDataError(ValueError):
+class TrainingDataError(DataFileError):
     """An invalid training file or example; the message names the file and line."""
 
 
@@ -41,17 +38,8 @@ class Group:
 
 
 def list_data_files(path: str) -> list[str]:
-    """The data files at `path`: the file itself, or the JSONL/Parquet files in a folder."""
-    fs, root = fsspec.core.url_to_fs(path)
-    if not fs.exists(root):
-        raise TrainingDataError(f"training data not found: {path}")
-    if fs.isfile(root):
-        files = [root]
-    else:
-        files = sorted(f for f in fs.find(root) if f.endswith(DATA_SUFFIXES))
-        if not files:
-            raise TrainingDataError(f"no {'/'.join(DATA_SUFFIXES)} files under {path}")
-    return [fs.unstrip_protocol(f) if "://" in path else f for f in files]
+    """The data files at `path`: a file, or the JSONL/Parquet files in a folder or glob."""
+    return list_files(path, "training data", TrainingDataError)
 
 
 def check_example(obj: Any, group_size: int = 1) -> str | None:
@@ -95,39 +83,21 @@ def _record(key: int, obj: dict[str, Any] | None, error: str | None, where: str)
     }
 
 
-def _jsonl_objects(data: bytes) -> Iterator[tuple[int, Any, str | None]]:
-    for number, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            yield number, json.loads(line), None
-        except json.JSONDecodeError as err:
-            yield number, None, f"not valid JSON ({err.msg})"
-
-
-def _parquet_objects(data: bytes) -> Iterator[tuple[int, Any, str | None]]:
-    table = pq.read_table(io.BytesIO(data))
-    for number, row in enumerate(table.to_pylist(), 1):
-        yield number, row, None
-
-
-def parse_file(path: str, data: bytes, file_index: int, group_size: int = 1) -> list[dict]:
-    """Parse one file's bytes into rows; bad lines become rows whose `error` names them.
+def parse_range(part: FileRange, group_size: int = 1) -> list[dict]:
+    """Parse one range of a data file (`bge_core.io`); bad lines become rows whose
+    `error` names them (file and line, or Parquet row).
 
     Args:
-        path: the file's name (for messages; its suffix picks JSONL or Parquet).
-        data: the file's bytes.
-        file_index: position of the file in the sorted file list (part of each key).
+        part: the range (its `file_index` is part of each example's key).
         group_size: ``train_group_size`` (examples without negatives fail when > 1).
     """
-    parquet = path.endswith(".parquet")
-    objects = _parquet_objects(data) if parquet else _jsonl_objects(data)
-    unit = "row" if parquet else "line"
+    unit = "row" if part.fmt == "parquet" else "line"
     rows = []
-    for number, obj, error in objects:
+    for row, obj, error in iter_records(part):
         error = error or check_example(obj, group_size)
-        key = file_index * FILE_STRIDE + number
-        rows.append(_record(key, obj, error, f"{path} {unit} {number}"))
+        number = row + 1
+        key = part.file_index * FILE_STRIDE + number
+        rows.append(_record(key, obj, error, f"{part.path} {unit} {number}"))
     return rows
 
 
@@ -158,8 +128,8 @@ def read_examples(path: str, group_size: int = 1,
     """
     rows = []
     for index, file in enumerate(list_data_files(path)):
-        with fsspec.open(file, "rb") as handle:
-            rows += parse_file(file, handle.read(), index, group_size)
+        for part in plan_ranges(file, index, RANGE_ROWS):
+            rows += parse_range(part, group_size)
     good = split_bad(rows, skip_bad_examples)
     return good, len(rows) - len(good)
 

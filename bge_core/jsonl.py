@@ -1,11 +1,13 @@
-"""JSON Lines reading shared by the readers of corpora, queries and training data, and
-text files opened the same way at a local path or any fsspec URI (``s3://...``)."""
+"""JSON Lines from an open text stream (BEIR files, mining inputs), parsed by the same rule
+as `bge_core.io` reads data files in ranges, and text files opened the same way at a local
+path or any fsspec URI (``s3://...``)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from typing import IO, Any
+
+from bge_core.io import parse_line
 
 
 def open_text(uri: str, mode: str = "r", what: str = "file") -> IO[str]:
@@ -31,9 +33,8 @@ def iter_jsonl(lines: Iterable[str], where: str) -> Iterator[tuple[int, Any]]:
         ValueError: a line is not valid JSON (the message names `where` and the line).
     """
     for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            yield number, json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{where} row {number}: not valid JSON ({err.msg})") from None
+        value, error = parse_line(line)
+        if error:
+            raise ValueError(f"{where} row {number}: {error}")
+        if error is None:  # "" is a blank line
+            yield number, value

@@ -36,6 +36,8 @@ def _listing(fs: fsspec.AbstractFileSystem, root: str) -> list[tuple[str, int, s
     found = fs.find(root, detail=True)
     out = []
     for path, info in found.items():
+        if path.endswith("/") or info.get("type") == "directory":  # folder markers
+            continue
         tag = info.get("ETag") or info.get("etag") or info.get("mtime") or \
             info.get("LastModified") or ""
         out.append((path[len(root):].lstrip("/"), int(info.get("size") or 0), str(tag)))

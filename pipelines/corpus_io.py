@@ -1,46 +1,35 @@
 """Input side of bulk embedding: list files, plan chunks, read and validate one chunk.
 
-A *chunk* is a run of Parquet row groups (or one JSONL file) that a Ray task reads on its
-own. Every row gets a deterministic key ``file_index << 40 | row`` so duplicate handling and
-resume do not depend on the order Ray runs things in.
+A *chunk* is a `bge_core.io.FileRange` (a run of Parquet row groups, or of JSONL lines cut
+at line breaks) that a Ray task reads on its own. Every row gets a deterministic key
+``file_index << 40 | row`` (a JSONL row is its line) so duplicate handling and resume do
+not depend on the order Ray runs things in.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any
 
-import fsspec
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from bge_core.jsonl import iter_jsonl
+from bge_core.io import (
+    DataFileError,
+    FileRange,
+    columns_of,
+    list_files,
+    plan_ranges,
+    read_columns,
+)
 from bge_core.texts import join_title
 
 ROW_BITS = 40  # rows per file < 2**40
-PARQUET_SUFFIXES = (".parquet", ".pq")
-JSONL_SUFFIXES = (".jsonl", ".json")
+
+Chunk = FileRange  # the embedding job's unit of reading, resume and accounting
 
 
-class InputError(ValueError):
+class InputError(DataFileError):
     """Bad input (missing file or column, unreadable file); the message names it."""
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """One unit of reading: rows [row_offset, row_offset + rows) of file `path`."""
-
-    path: str
-    file_index: int
-    index: int  # chunk number within its file
-    fmt: Literal["parquet", "jsonl"]
-    row_groups: tuple[int, ...]
-    row_offset: int
-    rows: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def file_key(path: str) -> str:
@@ -50,90 +39,61 @@ def file_key(path: str) -> str:
 
 def list_input_files(uri: str) -> list[str]:
     """Parquet/JSONL files under `uri` (a file, a directory or a glob), sorted, as URIs."""
-    fs, path = fsspec.core.url_to_fs(uri)
-    if any(ch in path for ch in "*?["):
-        found = fs.glob(path)
-    elif fs.isdir(path):
-        found = [p for p in fs.find(path)
-                 if not any(part.startswith(("_", ".")) for part in p[len(path):].split("/"))]
-    elif fs.isfile(path):
-        found = [path]
-    else:
-        raise InputError(f"input not found: {uri}")
-    files = sorted(p for p in found if p.endswith(PARQUET_SUFFIXES + JSONL_SUFFIXES))
-    if not files:
-        raise InputError(f"no .parquet or .jsonl files found at {uri}")
-    return [fs.unstrip_protocol(p) if "://" in uri else p for p in files]
-
-
-def _fmt(path: str) -> Literal["parquet", "jsonl"]:
-    return "parquet" if path.endswith(PARQUET_SUFFIXES) else "jsonl"
+    return list_files(uri, "input", InputError)
 
 
 def plan_file(path: str, file_index: int, chunk_rows: int,
               required: list[str]) -> list[Chunk]:
-    """Split one file into chunks of about `chunk_rows` rows; check required columns."""
+    """Split one file into chunks of about `chunk_rows` rows (Parquet row groups grouped,
+    JSONL cut at line breaks); check the required columns are there (JSONL: in the
+    first record, a missing key in a later one reads as a null).
+
+    Raises:
+        InputError: an unreadable file, or a required column missing (names both).
+    """
     try:
-        if _fmt(path) == "jsonl":
-            columns, rows = _scan_jsonl(path)
-            groups: list[tuple[tuple[int, ...], int]] = [((), rows)]
-        else:
-            with fsspec.open(path, "rb") as handle:
-                meta = pq.ParquetFile(handle).metadata
-                columns = set(meta.schema.to_arrow_schema().names)
-                sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
-            groups = _group_row_groups(sizes, chunk_rows)
-    except (OSError, ValueError, pa.ArrowException) as err:
-        raise InputError(f"cannot read input file {path}: {err}") from err
-    missing = [c for c in required if c not in columns]
-    if missing and (columns or _fmt(path) == "parquet"):
+        chunks = plan_ranges(path, file_index, chunk_rows)
+        columns = columns_of(chunks[0])
+    except DataFileError as err:
+        raise InputError(str(err)) from err
+    missing = [c for c in required if columns is not None and c not in columns]
+    if missing:
         raise InputError(f"{path}: column(s) {missing} not found; columns present: "
-                         f"{sorted(columns)}")
-    chunks, offset = [], 0
-    for index, (group_ids, rows) in enumerate(groups):
-        chunks.append(Chunk(path, file_index, index, _fmt(path), group_ids, offset, rows))
-        offset += rows
+                         f"{sorted(columns or ())}")
     return chunks
 
 
-def _group_row_groups(sizes: list[int], chunk_rows: int) -> list[tuple[tuple[int, ...], int]]:
-    groups, current, count = [], [], 0
-    for i, size in enumerate(sizes):
-        current.append(i)
-        count += size
-        if count >= chunk_rows:
-            groups.append((tuple(current), count))
-            current, count = [], 0
-    if current or not groups:
-        groups.append((tuple(current), count))
-    return groups
+def plan_files(files: list[str], chunk_rows: int, required: list[str],
+               error: type[ValueError] = InputError) -> list[Chunk]:
+    """`plan_file` for every file, in Ray tasks (one per file: the driver reads no data).
+
+    Raises:
+        error: an unreadable file or a missing column (the task's message, not its trace).
+    """
+    import ray
+
+    plan = ray.remote(num_cpus=0.25)(_plan_task)
+    planned = ray.get([plan.remote(f, i, chunk_rows, required) for i, f in enumerate(files)])
+    problem = next((p for _, p in planned if p), None)
+    if problem:
+        raise error(problem)
+    return [c for chunks, _ in planned for c in chunks]
 
 
-def _scan_jsonl(path: str) -> tuple[set[str], int]:
-    columns: set[str] = set()
-    rows = 0
-    with fsspec.open(path, "r", encoding="utf-8") as handle:
-        for _, record in iter_jsonl(handle, path):
-            if isinstance(record, dict):
-                columns.update(record)
-            rows += 1
-    return columns, rows
-
-
-def read_chunk_rows(chunk: Chunk, columns: list[str]) -> dict[str, list[Any]]:
-    """The chunk's values of `columns` as Python lists (missing JSONL keys read as None)."""
+def _plan_task(path: str, index: int, chunk_rows: int,
+               required: list[str]) -> tuple[list[Chunk], str | None]:
     try:
-        if chunk.fmt == "jsonl":
-            with fsspec.open(chunk.path, "r", encoding="utf-8") as handle:
-                records = [r for _, r in iter_jsonl(handle, chunk.path)]
-            records = [r if isinstance(r, dict) else {} for r in records]
-            return {c: [r.get(c) for r in records] for c in columns}
-        with fsspec.open(chunk.path, "rb") as handle:
-            table = pq.ParquetFile(handle).read_row_groups(list(chunk.row_groups),
-                                                           columns=columns)
-        return {c: table.column(c).to_pylist() for c in columns}
-    except (OSError, ValueError, pa.ArrowException) as err:
-        raise InputError(f"cannot read input file {chunk.path}: {err}") from err
+        return plan_file(path, index, chunk_rows, required), None
+    except InputError as err:
+        return [], str(err)
+
+
+def read_chunk_rows(chunk: Chunk, columns: list[str]) -> tuple[list[int], dict[str, list[Any]]]:
+    """The chunk's row numbers and values of `columns` (missing JSONL keys read as None)."""
+    try:
+        return read_columns(chunk, columns)
+    except DataFileError as err:
+        raise InputError(str(err)) from err
 
 
 def text_hash(text: str) -> str:

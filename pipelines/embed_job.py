@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 
 from bge_core.int8 import PRECISION as INT8_PRECISION
 from bge_core.storage import StorageError, check_reachable, find_storage_error, naming
-from pipelines.corpus_io import Chunk, InputError, file_key, list_input_files, plan_file
+from pipelines.corpus_io import Chunk, InputError, file_key, list_input_files, plan_files
 from pipelines.embed_config import EmbedConfig
 from pipelines.embed_output import MANIFEST, OutputState, list_parts, read_table, write_table
 from pipelines.embed_plan import compute_plan
@@ -74,8 +74,7 @@ class EmbedJob:
         self._claim_output(model, incremental=previous is not None)
         files = list_input_files(self.cfg.input)
         required = [self.cfg.id_column, self.cfg.text_column]
-        chunks = [c for i, f in enumerate(files)
-                  for c in plan_file(f, i, self.cfg.chunk_rows, required)]
+        chunks = plan_files(files, self.cfg.chunk_rows, required)  # Ray tasks, one per file
         start = time.monotonic()
         plan = self._plan(chunks, previous)
         self.seconds["plan"] = round(time.monotonic() - start, 3)

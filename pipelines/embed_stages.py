@@ -25,16 +25,17 @@ from pipelines.corpus_io import (
 from pipelines.embed_output import read_table, reject_table, write_table
 from pipelines.ray_encode import NODE_COLUMN
 
+ROW_MASK = (1 << ROW_BITS) - 1  # a row key's row number (its low bits)
 DUPLICATE = "duplicate id (an earlier row with this id is kept)"
 
 
 def read_valid(chunk: Chunk, cfg: dict[str, Any]) -> tuple[dict, list, list, list[int]]:
     columns = [cfg["id_column"], cfg["text_column"]] + (
         [cfg["title_column"]] if cfg.get("title_column") else [])
-    values = read_chunk_rows(chunk, columns)
+    rows, values = read_chunk_rows(chunk, columns)
     texts, reasons = validate_rows(values, cfg["id_column"], cfg["text_column"],
                                    cfg.get("title_column"))
-    keys = [(chunk.file_index << ROW_BITS) | (chunk.row_offset + i) for i in range(len(texts))]
+    keys = [(chunk.file_index << ROW_BITS) | row for row in rows]
     return values, texts, reasons, keys
 
 
@@ -69,7 +70,7 @@ def read_for_encoding(batch: dict[str, Any], cfg: dict[str, Any], losers: frozen
     if bad:
         account.rejects_file = f"{file_key(chunk.path)}-c{chunk.index}.parquet"
         write_table(reject_table([ids[i] for i in bad], chunk.path,
-                                 [chunk.row_offset + i for i in bad], [reasons[i] for i in bad]),
+                                 [keys[i] & ROW_MASK for i in bad], [reasons[i] for i in bad]),
                     f"{cfg['output'].rstrip('/')}/_rejects/{account.rejects_file}")
     emit = [i for i, r in enumerate(reasons)
             if r is None and (to_encode is None or keys[i] in to_encode)]

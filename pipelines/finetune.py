@@ -7,11 +7,12 @@ Launch (flags as FlagEmbedding's; see docs/finetune.md for the 48-GPU recipe)::
         --num_workers 48 --use_gpu --per_device_train_batch_size 683 \
         --train_group_size 2 --negatives_cross_device --gradient_cache_chunk_size 128
 
-The driver reads and checks the data as a Ray Dataset (one task per file), shards it over
-the workers, and runs `train_loop` on each: groups are sampled and tokenised per batch,
-one `bge_core.grad_cache` step per batch, AdamW with linear warm-up, checkpoints every
-`save_steps`, automatic resume after a worker failure. The final model is written to
-`output_dir` with `Encoder.save` (loadable by `Encoder.from_pretrained` and
+The driver reads and checks the data as a Ray Dataset (one task per file range,
+`pipelines.train_data`), shards it over the workers in a fixed order, and runs
+`train_loop` on each: groups are sampled and tokenised per batch, one `bge_core.grad_cache`
+step per batch, AdamW with linear warm-up, checkpoints every `save_steps`, automatic
+resume after a worker failure. The final model is written to `output_dir` with
+`Encoder.save` (loadable by `Encoder.from_pretrained` and
 sentence-transformers); Ray Train's checkpoints sit under ``output_dir/<run_name>/``.
 """
 
@@ -26,15 +27,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import fsspec
+import pyarrow as pa
 
 from bge_core.config import Pooling
 from bge_core.data import (
+    RANGE_ROWS,
     TrainingDataError,
     cap_examples,
     collate,
     list_data_files,
-    parse_file,
+    parse_range,
     sample_group,
     split_bad,
 )
@@ -49,6 +51,7 @@ from pipelines import train_common as tc
 from pipelines.cli import config_from_dict, config_to_dict, run_main, start_ray
 from pipelines.lease import LeaseHeld
 from pipelines.train_args import TrainArgs
+from pipelines.train_data import data_config, epoch_batches, plan_data, range_dataset
 from pipelines.train_session import open_session
 
 log = logging.getLogger("bge.finetune")
@@ -110,19 +113,24 @@ class FinetuneConfig(TrainArgs):
 
 
 # ------------------------------------------------------------------------- driver
+EXAMPLE_SCHEMA = pa.schema([("key", pa.int64()), ("query", pa.string()),
+                            ("pos", pa.list_(pa.string())), ("neg", pa.list_(pa.string())),
+                            ("error", pa.string())])
+
+
 def read_dataset(cfg: FinetuneConfig) -> tuple[Any, int, int]:
-    """Read and check the training data as a Ray Dataset (one task per file).
+    """Read and check the training data as a Ray Dataset (one task per file range).
+
+    With `max_example_num_per_dataset` a file is one range (the sample is drawn per file).
 
     Returns:
         (dataset of good examples, their count, number of bad examples skipped).
     """
-    import ray.data
-
-    files = list_data_files(cfg.train_data)
-    read = functools.partial(_parse_task, group_size=cfg.train_group_size,
-                             limit=cfg.max_example_num_per_dataset, seed=cfg.seed)
-    parsed = ray.data.from_items([{"path": f, "index": i} for i, f in enumerate(files)])
-    parsed = parsed.flat_map(read).materialize()
+    limit = cfg.max_example_num_per_dataset
+    ranges = plan_data(cfg.train_data, what="training data", error=TrainingDataError,
+                       rows_per_range=RANGE_ROWS if limit is None else 1 << 62)
+    parsed = range_dataset(ranges, _parse_task, group_size=cfg.train_group_size,
+                           limit=limit, seed=cfg.seed).materialize()
     bad_rows = parsed.filter(lambda row: row["error"] is not None)
     bad = bad_rows.count()
     if bad:
@@ -134,11 +142,9 @@ def read_dataset(cfg: FinetuneConfig) -> tuple[Any, int, int]:
     return good, good.count(), bad
 
 
-def _parse_task(item: dict[str, Any], group_size: int, limit: int | None,
-                seed: int) -> list[dict[str, Any]]:
-    with fsspec.open(item["path"], "rb") as handle:
-        rows = parse_file(item["path"], handle.read(), int(item["index"]), group_size)
-    return cap_examples(rows, limit, seed, int(item["index"]))
+def _parse_task(part: Any, group_size: int, limit: int | None, seed: int) -> pa.Table:
+    rows = cap_examples(parse_range(part, group_size), limit, seed, part.file_index)
+    return pa.Table.from_pylist(rows, schema=EXAMPLE_SCHEMA)
 
 
 def plan_steps(cfg: FinetuneConfig, examples: int) -> tuple[int, int]:
@@ -163,7 +169,8 @@ def run(cfg: FinetuneConfig, *, fault: Fault | None = None) -> tc.TrainResult:
     loop_config = {"cfg": config_to_dict(cfg), "steps_per_epoch": steps_per_epoch,
                    "total_steps": total}
     return tc.run_training("finetuning", train_loop, loop_config, cfg, examples=examples,
-                           skipped=bad, datasets={"train": dataset}, fault=fault)
+                           skipped=bad, datasets={"train": dataset}, fault=fault,
+                           dataset_config=data_config())
 
 
 # ------------------------------------------------------------------------- workers
@@ -218,15 +225,9 @@ def epoch_groups(shard: Any, cfg: FinetuneConfig, epoch: int, skip: int, steps: 
     Exactly `steps` batches come out on every worker (collectives need equal counts);
     queries carry `instruction` (the model's, see `load_encoder`).
     """
-    batches = shard.iter_batches(
-        batch_size=cfg.per_device_train_batch_size, batch_format="pyarrow", drop_last=True,
-        local_shuffle_buffer_size=cfg.shuffle_buffer_size or None,
-        local_shuffle_seed=cfg.seed + epoch)
-    for index, batch in enumerate(batches):
-        if index >= steps:
-            return
-        if index < skip:  # resuming mid-epoch: these were trained before the failure
-            continue
+    for batch in epoch_batches(shard, batch_size=cfg.per_device_train_batch_size,
+                               shuffle_buffer=cfg.shuffle_buffer_size, seed=cfg.seed,
+                               epoch=epoch, skip=skip, steps=steps):
         yield [sample_group(row, cfg.train_group_size, cfg.seed, epoch, instruction)
                for row in batch.to_pylist()]
 

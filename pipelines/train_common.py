@@ -152,8 +152,10 @@ def launch(
     loop_config: dict[str, Any],
     settings: RunSettings,
     datasets: dict[str, Any] | None = None,
+    dataset_config: Any = None,
 ) -> Any:
-    """Run `train_loop(loop_config)` on `settings.num_workers` Ray Train workers.
+    """Run `train_loop(loop_config)` on `settings.num_workers` Ray Train workers
+    (`dataset_config`: Ray Train's `DataConfig` for `datasets`, None for its default).
 
     Returns:
         The `ray.train.Result` (its `.checkpoint` is the latest one reported).
@@ -177,6 +179,7 @@ def launch(
         scaling_config=scaling_config(settings),
         run_config=run_config,
         datasets=datasets,
+        **({"dataset_config": dataset_config} if dataset_config is not None else {}),
     )
     return trainer.fit()
 
@@ -205,7 +208,7 @@ def run_training(
     job: str, train_loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any],
     args: TrainArgs, *, examples: int, skipped: int = 0,
     datasets: dict[str, Any] | None = None, fault: Fault | None = None,
-    export_skip: Sequence[str] = (),
+    export_skip: Sequence[str] = (), dataset_config: Any = None,
 ) -> TrainResult:
     """Launch `train_loop` on Ray Train, check the result, export the final model.
 
@@ -216,6 +219,7 @@ def run_training(
         examples / skipped: data counts for the result.
         fault: a fault drill for tests, handed to the workers (see `fault_from`).
         export_skip: file names of the checkpoint's model folder not to export.
+        dataset_config: Ray Train's `DataConfig` for `datasets` (None: its default).
 
     Raises:
         RuntimeError: training failed after `max_failures` restarts.
@@ -231,7 +235,7 @@ def run_training(
     try:
         return _train_and_export(job, train_loop, loop_config, args, examples=examples,
                                  skipped=skipped, datasets=datasets, fault=fault,
-                                 export_skip=export_skip)
+                                 export_skip=export_skip, dataset_config=dataset_config)
     finally:
         release_quietly(lease)
 
@@ -239,13 +243,13 @@ def run_training(
 def _train_and_export(
     job: str, train_loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any],
     args: TrainArgs, *, examples: int, skipped: int, datasets: dict[str, Any] | None,
-    fault: Fault | None, export_skip: Sequence[str],
+    fault: Fault | None, export_skip: Sequence[str], dataset_config: Any = None,
 ) -> TrainResult:
     settings = run_settings(args)
     log.info("%s: %d worker(s), %s CPU(s) each%s", job, settings.num_workers,
              settings.cpus_per_worker, " and a GPU" if settings.use_gpu else "")
     config = {**loop_config, "fault": asdict(fault) if fault else None}
-    result = launch(train_loop, config, settings, datasets)
+    result = launch(train_loop, config, settings, datasets, dataset_config)
     if result.error:
         cause = find_storage_error(result.error)
         if cause is not None:  # the store stayed down: say which URI, not a traceback

@@ -67,3 +67,22 @@ def test_chunks_written_before_are_not_emitted_again(tmp_path, tiny_bert_dir) ->
     assert (first["_emit"], first["_prior_docs"], first["_prior_rows"]) == \
         (len(left), 1, len(done))
     assert sum(table.column("_last").to_pylist()) == 2  # texts 1 and 2 finish in this attempt
+
+
+def test_a_jsonl_file_is_read_in_line_ranges_keyed_and_rejected_by_line(
+        tmp_path, tiny_bert_dir) -> None:
+    import pyarrow.parquet as pq
+
+    docs = [{"id": i, "text": f"text {i}" if i != 3 else None} for i in range(5)]
+    write_jsonl(tmp_path / "c.jsonl", docs)
+    cfg = make_config(EmbedConfig, input=str(tmp_path / "c.jsonl"), output=str(tmp_path / "o"),
+                      model=str(tiny_bert_dir), chunk_rows=2).stage_dict()
+    chunks = plan_file(str(tmp_path / "c.jsonl"), 1, 2, ["id", "text"])
+    assert [(c.row_offset, c.rows) for c in chunks] == [(0, 2), (2, 2), (4, 1)]
+    tables = [_read(cfg, c) for c in chunks]
+    keys = [k for t in tables for k in t.column("_row_key").to_pylist()]
+    assert keys == [(1 << ROW_BITS) | row for row in (0, 1, 2, 4)]  # row = line, file 1
+    assert [t.column("_rejected")[0].as_py() for t in tables] == [0, 1, 0]
+    rejects = pq.read_table(tmp_path / "o" / "_rejects" / tables[1].column(
+        "_rejects_file")[0].as_py()).to_pylist()
+    assert [(r["row"], r["reason"]) for r in rejects] == [(3, "null text in column 'text'")]

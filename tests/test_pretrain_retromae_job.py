@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import pickle
 import random
 from pathlib import Path
 
@@ -21,9 +22,17 @@ from bge_core.model import Encoder
 from bge_core.retromae import HEADS_FILE
 from bge_core.training import Fault
 from pipelines.cli import ConfigError, parse_config
-from pipelines.corpus_io import InputError
+from pipelines.corpus_io import InputError, list_input_files, plan_file
 from pipelines.finetune import FinetuneConfig, load_encoder
-from pipelines.pretrain_retromae import RetroMAEConfig, StepPlan, main, read_texts, run, step_seed
+from pipelines.pretrain_retromae import (
+    RetroMAEConfig,
+    StepPlan,
+    main,
+    plan_corpus,
+    run,
+    step_seed,
+    texts_of,
+)
 from tests.test_flagembedding_commands import retromae_readme
 from tests.tiny_models import WORDS
 
@@ -38,11 +47,25 @@ def write_corpus(path, n=24, seed=0):
     return path
 
 
-def test_read_texts_skips_and_counts_empty_rows_jsonl_and_parquet(tmp_path):
-    texts, skipped = read_texts(str(write_corpus(tmp_path / "a.jsonl", n=10)), "text")
+def read_texts(uri, column, rows_per_range=4):
+    """Every text of the corpus in one process, range by range (what the Ray tasks read)."""
+    texts, skipped = [], 0
+    for index, path in enumerate(list_input_files(uri)):
+        for part in plan_file(path, index, rows_per_range, [column]):
+            got, empty = texts_of(part, column)
+            texts += got
+            skipped += empty
+    return texts, skipped
+
+
+def test_texts_of_ranges_skip_and_count_empty_rows_jsonl_and_parquet(tmp_path):
+    path = write_corpus(tmp_path / "a.jsonl", n=10)
+    texts, skipped = read_texts(str(path), "text")
     assert (len(texts), skipped) == (10, 3) and all(t.strip() for t in texts)
-    pq.write_table(pa.table({"body": ["one text", "", None, "two"]}), tmp_path / "b.parquet")
-    assert read_texts(str(tmp_path / "b.parquet"), "body") == (["one text", "two"], 2)
+    assert read_texts(str(path), "text", rows_per_range=100) == (texts, skipped)
+    pq.write_table(pa.table({"body": ["one text", "", None, "two"]}), tmp_path / "b.parquet",
+                   row_group_size=2)
+    assert read_texts(str(tmp_path / "b.parquet"), "body", 1) == (["one text", "two"], 2)
     (tmp_path / "dir").mkdir()
     write_corpus(tmp_path / "dir" / "1.jsonl", n=4)
     write_corpus(tmp_path / "dir" / "2.jsonl", n=6, seed=1)
@@ -50,25 +73,22 @@ def test_read_texts_skips_and_counts_empty_rows_jsonl_and_parquet(tmp_path):
         str(tmp_path / "dir"), "text")] == [10, 6]  # a folder: every file, empties counted
 
 
-def test_read_texts_names_file_and_row_of_bad_input(tmp_path):
+def test_texts_of_names_file_and_line_of_bad_input(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": 12}\n')
-    with pytest.raises(InputError, match=r"bad\.jsonl: row 2: 'text' is int"):
+    with pytest.raises(InputError, match=r"bad\.jsonl: line 2: 'text' is int"):
+        read_texts(str(bad), "text")
+    bad.write_text('{"text": "fine"}\n{"text": \n')
+    with pytest.raises(InputError, match=r"bad\.jsonl: line 2: not valid JSON"):
         read_texts(str(bad), "text")
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "c.parquet")
     with pytest.raises(InputError, match=r"c\.parquet.*\['text'\] not found"):
         read_texts(str(tmp_path / "c.parquet"), "text")
 
 
-def test_step_plan_gives_ranks_disjoint_equal_batches():
+def test_step_plan_gives_every_rank_equal_whole_batches():
     plan = StepPlan(texts=23, world=2, batch=3, epochs=2, max_steps=None)
     assert (plan.steps_per_epoch, plan.total_steps) == (3, 6)
-    for epoch in range(2):
-        seen = [plan.local_rows(7, epoch, s, r) for s in range(3) for r in range(2)]
-        flat = np.concatenate(seen)
-        assert all(len(rows) == 3 for rows in seen) and len(set(flat)) == 18
-    assert not np.array_equal(plan.local_rows(7, 0, 0, 0), plan.local_rows(7, 1, 0, 0))
-    assert np.array_equal(plan.local_rows(7, 1, 2, 1), plan.local_rows(7, 1, 2, 1))
     assert StepPlan(23, 2, 3, 2, max_steps=4).total_steps == 4
     assert step_seed(1, 0, 5) == step_seed(1, 0, 5) != step_seed(1, 1, 5)
 
@@ -91,10 +111,38 @@ def test_cli_exits_nonzero_with_one_message(tiny_bert_dir, tmp_path, capsys):
     assert main(base + ["--train_data", str(tmp_path / "none.jsonl")]) == 2
     assert "input not found" in capsys.readouterr().err
     few = write_corpus(tmp_path / "few.jsonl", n=3)
-    assert main(base + ["--train_data", str(few), "--per_device_train_batch_size", "4"]) == 2
-    assert "fewer than one global batch" in capsys.readouterr().err
     assert main(base + ["--train_data", str(few), "--max_seq_length", "4096"]) == 2
     assert "--max_seq_length 4096 exceeds the 128 positions" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ Ray (the session)
+@pytest.mark.timeout(300)
+def test_plan_corpus_counts_on_ray_tasks_and_names_bad_input(ray_session, tmp_path):
+    (tmp_path / "c").mkdir()
+    write_corpus(tmp_path / "c" / "1.jsonl", n=9)
+    pq.write_table(pa.table({"text": ["one text", "", None, "two"]}),
+                   tmp_path / "c" / "2.parquet", row_group_size=1)
+    cfg = RetroMAEConfig(model_name_or_path="m", train_data=str(tmp_path / "c"),
+                         output_dir=str(tmp_path / "o"), rows_per_range=4)
+    corpus = plan_corpus(cfg)
+    assert (corpus.texts, corpus.skipped, len(corpus.ranges)) == (11, 5, 3 + 1)
+    assert sorted(corpus.dataset("text").take_all(), key=str) == sorted(
+        ({"text": t} for t in read_texts(str(tmp_path / "c"), "text")[0]), key=str)
+    with (tmp_path / "c" / "1.jsonl").open("a") as handle:
+        handle.write('{"text": ["a list"]}\n')
+    with pytest.raises(InputError, match=r"1\.jsonl: line 13: 'text' is list") as err:
+        plan_corpus(cfg)
+    assert "Traceback" not in str(err.value)  # the message, not a task's traceback
+
+
+@pytest.mark.timeout(300)
+def test_fewer_texts_than_one_global_batch_is_named(ray_session, tiny_bert_dir, tmp_path):
+    few = write_corpus(tmp_path / "few.jsonl", n=3)
+    cfg = RetroMAEConfig(model_name_or_path=str(tiny_bert_dir), train_data=str(few),
+                         output_dir=str(tmp_path / "o"), max_seq_length=32,
+                         per_device_train_batch_size=4)
+    with pytest.raises(InputError, match="3 non-empty texts, fewer than one global batch"):
+        run(cfg)
 
 
 # ----------------------------------------------------------------- Ray Train (slow)
@@ -105,22 +153,53 @@ def job_config(tiny_bert_dir, data, out):
     return parse_config(RetroMAEConfig, argv + [
         "--num_workers", "2", "--cpus_per_worker", "0.5", "--max_seq_length", "32",
         "--max_steps", "3", "--save_steps", "2", "--logging_steps", "1",
-        "--learning_rate", "1e-3", "--warmup_ratio", "0", "--max_failures", "1"])
+        "--learning_rate", "1e-3", "--warmup_ratio", "0", "--max_failures", "1",
+        "--rows_per_range", "7"])  # 27 lines: 4 ranges, split over the 2 workers
+
+
+class DriverSpy:
+    """Records what the driver fetches from (`ray.get`) and puts into (`ray.put`) Ray."""
+
+    def __init__(self, ray_module) -> None:
+        self.get, self.put = ray_module.get, ray_module.put
+        self.seen: list[bytes] = []
+
+    def _record(self, value):
+        try:
+            self.seen.append(pickle.dumps(value))
+        except Exception:  # an object that does not pickle holds no corpus either
+            self.seen.append(repr(value).encode())
+        return value
+
+    def spy_get(self, *args, **kwargs):
+        return self._record(self.get(*args, **kwargs))
+
+    def spy_put(self, value, *args, **kwargs):
+        return self.put(self._record(value), *args, **kwargs)
+
+    def holds(self, needle: str) -> bool:
+        return any(needle.encode() in blob for blob in self.seen)
 
 
 @pytest.fixture(scope="module")
 def plain_run(ray_session, tiny_bert_dir, tmp_path_factory):
-    """One uninterrupted 2-worker run (3 steps): the reference for the resume test."""
+    """One uninterrupted 2-worker run (3 steps): the reference for the resume test, run
+    with every driver-side `ray.get` / `ray.put` recorded."""
     root = tmp_path_factory.mktemp("retromae_job")
     data = write_corpus(root / "corpus.jsonl")
-    return run(job_config(tiny_bert_dir, data, root / "out")), data, root
+    spy = DriverSpy(ray_session)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ray_session, "get", spy.spy_get)
+        patch.setattr(ray_session, "put", spy.spy_put)
+        result = run(job_config(tiny_bert_dir, data, root / "out"))
+    return result, data, root, spy
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # a Ray Train start is ~30 s idle, minutes on a busy box
 def test_two_workers_pretrain_a_loadable_encoder_that_finetune_starts_from(
         plain_run, tiny_bert_dir, tmp_path):
-    summary, _, root = plain_run
+    summary, _, root, _ = plain_run
     metrics = summary.metrics
     assert (metrics["step"], summary.examples, summary.skipped) == (3, 24, 3)
     assert np.isfinite([metrics["encoder_loss"], metrics["decoder_loss"]]).all()
@@ -153,7 +232,7 @@ def test_two_workers_pretrain_a_loadable_encoder_that_finetune_starts_from(
 @pytest.mark.timeout(900)  # a Ray Train start is ~30 s idle, minutes on a busy box
 def test_resume_after_a_killed_worker_matches_the_uninterrupted_run(
         plain_run, tiny_bert_dir, tmp_path):
-    summary, data, _ = plain_run
+    summary, data, _, _ = plain_run
     marker = tmp_path / "killed"
     resumed = run(job_config(tiny_bert_dir, data, tmp_path / "out"),
                   fault=Fault(step=3, marker=str(marker)))  # rank 1 dies after step 3
@@ -164,3 +243,14 @@ def test_resume_after_a_killed_worker_matches_the_uninterrupted_run(
     assert reference.keys() == weights.keys()
     for key, value in reference.items():  # steps 3 redone from step 2: same data, masks
         np.testing.assert_allclose(weights[key].numpy(), value.numpy(), atol=1e-6, err_msg=key)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_no_corpus_text_reaches_the_driver(plain_run):
+    _, data, _, spy = plain_run
+    texts = [json.loads(line)["text"] for line in data.read_text().splitlines()]
+    long_texts = [t for t in texts if t and len(t.split()) >= 6]  # too long to be chance
+    assert len(long_texts) >= 5
+    assert spy.holds("skipped")  # the spy sees what reaches the driver: the range counts
+    assert not any(spy.holds(t) for t in long_texts)

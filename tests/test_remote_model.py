@@ -39,6 +39,18 @@ def test_encoder_from_an_s3_checkpoint_equals_the_local_one(s3, tiny_bert_dir: P
     assert len([p for p in cache_root().iterdir() if p.is_dir()]) == 2
 
 
+def test_a_training_output_with_folder_markers_loads(s3, tiny_bert_dir: Path, tmp_path: Path,
+                                                     monkeypatch) -> None:
+    """A training job's `--output_dir` on S3 holds the model and its run folder, whose
+    folder markers (keys ending in "/", as pyarrow writes them) are not files to fetch."""
+    monkeypatch.setenv("BGE_RAY_CACHE", str(tmp_path / "cache"))
+    Encoder.from_pretrained(str(tiny_bert_dir), device="cpu").save(tmp_path / "ft")
+    s3.put(str(tmp_path / "ft") + "/", "bucket/ft/", recursive=True)
+    s3.pipe({"bucket/ft/finetune/": b"", "bucket/ft/finetune/checkpoint_1/state.pt": b"x"})
+    remote = Encoder.from_pretrained("s3://bucket/ft", device="cpu")
+    assert remote.encode(TEXTS).shape[0] == len(TEXTS)
+
+
 def test_nothing_at_the_uri_is_a_clear_error(s3, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("BGE_RAY_CACHE", str(tmp_path / "cache"))
     with pytest.raises(FileNotFoundError, match="s3://bucket/none/.*no files there"):
