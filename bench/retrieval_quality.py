@@ -143,7 +143,7 @@ def main() -> None:
             m = results[tag]
             print(f"{tag:>6}: nDCG@10 {100 * m['ndcg@10']:.2f}  recall@100 "
                   f"{100 * m['recall@100']:.2f}  MRR@10 {100 * m['mrr@10']:.2f}  "
-                  f"STS-B {100 * m['sts_spearman']:.2f}")
+                  f"STS-B {m['sts_spearman']:.2f}")
 
 
 if __name__ == "__main__":
