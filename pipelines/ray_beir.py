@@ -42,7 +42,7 @@ def read_corpus(path: str) -> tuple[ray.data.Dataset, int]:
     ids = corpus.select_columns(["_id", "line"])
     counts = ids.groupby("_id", num_partitions=shuffle_partitions(ids)).aggregate(
         Count(alias_name="copies"), Max("line", alias_name="line"))
-    dup = counts.filter(lambda row: row["copies"] > 1).take(1)
+    dup = counts.filter(expr="copies > 1").take(1)
     if dup:
         raise RecordError(located(path, dup[0]["line"], f"duplicate _id {dup[0]['_id']!r}"))
     return corpus.drop_columns(["line"]), size

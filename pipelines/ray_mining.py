@@ -135,6 +135,7 @@ def write_mined(examples: ray.data.Dataset, corpus: ray.data.Dataset,
                                  for i in range(0, max(len(table), 1), block_rows)])
     texts = picks.join(corpus, "inner", num_partitions=shuffle_partitions(corpus),
                        on=("row",)).select_columns(["example", "slot", "text"])
+    texts = texts.map_batches(lambda t: t.cast(PIECE_SCHEMA), batch_format="pyarrow")
     pieces = examples.map_batches(_records, batch_format="pyarrow").union(texts)
     lines = pieces.groupby("example", num_partitions=shuffle_partitions(examples)).map_groups(
         _assemble, batch_format="pyarrow")
