@@ -28,7 +28,7 @@ from bge_core.records import Check, RecordError, parse_lines
 ToRow = Callable[[int, int, Any], dict[str, Any]]  # (ordinal, line, record) → row
 IO_CPUS = 0.25  # a read/write task waits on storage more than it computes
 STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-               "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE")
+               "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION")
 
 
 def io_remote_args() -> dict[str, Any]:
