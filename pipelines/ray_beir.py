@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 from ray.data.aggregate import Count, Max
+from ray.data.expressions import col
 
 from bge_core.beir import doc_fields
 from bge_core.chunking import ChunkSpec, split_texts
@@ -42,7 +43,7 @@ def read_corpus(path: str) -> tuple[ray.data.Dataset, int]:
     ids = corpus.select_columns(["_id", "line"])
     counts = ids.groupby("_id", num_partitions=shuffle_partitions(ids)).aggregate(
         Count(alias_name="copies"), Max("line", alias_name="line"))
-    dup = counts.filter(expr="copies > 1").take(1)
+    dup = counts.filter(expr=col("copies") > 1).take(1)
     if dup:
         raise RecordError(located(path, dup[0]["line"], f"duplicate _id {dup[0]['_id']!r}"))
     return corpus.drop_columns(["line"]), size
