@@ -9,59 +9,62 @@ qrels are evaluated, as in BEIR.
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from bge_core.jsonl import iter_jsonl, open_text
+from bge_core.jsonl import open_text
+from bge_core.records import (
+    RecordError,
+    check_beir_doc,
+    check_beir_query,
+    located,
+    parse_qrel,
+    read_records,
+)
 from bge_core.texts import join_title
 
 
 @dataclass(frozen=True)
 class BeirData:
-    """One split: corpus ids and texts (aligned), the split's queries and its qrels."""
+    """One split read in this process (small datasets, benchmarks, test references):
+    corpus ids, titles and texts (aligned), the split's queries and its qrels. The jobs
+    read the corpus as a Ray dataset instead (`pipelines/evaluate.py`)."""
 
     corpus_ids: list[str]
-    corpus_texts: list[str]
+    corpus_titles: list[str | None]
+    corpus_bodies: list[str]  # the text field alone
     queries: dict[str, str]
     qrels: dict[str, dict[str, int]]
-    corpus_titles: list[str | None] = field(default_factory=list)  # aligned with the ids
-    corpus_bodies: list[str] = field(default_factory=list)  # the text field alone
+
+    @property
+    def corpus_texts(self) -> list[str]:
+        """``title + " " + text`` per document, as it is embedded."""
+        return [join_title(t, b) for t, b in zip(self.corpus_titles, self.corpus_bodies)]
 
 
-def _jsonl(path: str) -> Iterator[tuple[int, dict]]:
-    with open_text(path, what="BEIR file") as handle:
-        for row, item in iter_jsonl(handle, str(path)):
-            if not isinstance(item, dict) or not isinstance(item.get("text"), str):
-                raise ValueError(f"{path} row {row}: needs a string 'text'")
-            if "_id" not in item:
-                raise ValueError(f"{path} row {row}: needs an '_id'")
-            yield row, item
-
-
-def read_corpus(path: str) -> tuple[list[str], list[str]]:
-    """(ids, ``title + " " + text``) in file order; a duplicate id is an error."""
-    ids, titles, bodies = read_corpus_fields(path)
-    return ids, [join_title(t, b) for t, b in zip(titles, bodies)]
+def doc_fields(doc: dict) -> tuple[str, str | None, str]:
+    """(id, title or None, text) of a checked corpus document (`check_beir_doc`)."""
+    return str(doc["_id"]), doc.get("title") or None, doc["text"]
 
 
 def read_corpus_fields(path: str) -> tuple[list[str], list[str | None], list[str]]:
     """(ids, titles or None, texts) in file order; a duplicate id is an error."""
     ids, titles, bodies, seen = [], [], [], set()
-    for row, item in _jsonl(path):
-        doc_id = str(item["_id"])
+    for line, doc in read_records(path, check_beir_doc, "BEIR corpus"):
+        doc_id, title, body = doc_fields(doc)
         if doc_id in seen:
-            raise ValueError(f"{path} row {row}: duplicate _id {doc_id!r}")
+            raise RecordError(located(path, line, f"duplicate _id {doc_id!r}"))
         seen.add(doc_id)
         ids.append(doc_id)
-        titles.append(item.get("title") or None)
-        bodies.append(item["text"])
+        titles.append(title)
+        bodies.append(body)
     return ids, titles, bodies
 
 
 def read_queries(path: str) -> dict[str, str]:
     """``{query id: text}``."""
-    return {str(item["_id"]): item["text"] for _, item in _jsonl(path)}
+    return {str(q["_id"]): q["text"] for _, q in read_records(path, check_beir_query,
+                                                               "BEIR queries")}
 
 
 def read_qrels(path: str) -> dict[str, dict[str, int]]:
@@ -70,14 +73,13 @@ def read_qrels(path: str) -> dict[str, dict[str, int]]:
     with open_text(path, what="qrels file") as handle:
         reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
         next(reader, None)  # header: query-id, corpus-id, score
-        for row, fields in enumerate(reader, start=2):
+        for line, fields in enumerate(reader, start=2):
             if not fields:
                 continue
-            try:
-                qid, doc_id, grade = fields[0], fields[1], int(float(fields[2]))
-            except (IndexError, ValueError):
-                raise ValueError(f"{path} row {row}: expected 'query-id<TAB>corpus-id<TAB>"
-                                 f"score', got {fields!r}") from None
+            parsed = parse_qrel(fields)
+            if isinstance(parsed, str):
+                raise RecordError(located(path, line, parsed))
+            qid, doc_id, grade = parsed
             qrels.setdefault(qid, {})[doc_id] = grade
     return qrels
 
@@ -102,16 +104,22 @@ def check_qrels(qrels: dict[str, dict[str, int]], corpus_ids: set[str],
         raise ValueError(f"{source}: " + "; ".join(problems))
 
 
-def load_beir(directory: str | Path, split: str = "test") -> BeirData:
-    """Read and cross-check one split of a BEIR-layout folder."""
+def read_split(directory: str | Path,
+               split: str) -> tuple[dict[str, str], dict[str, dict[str, int]]]:
+    """The split's judged queries and its qrels, O(queries), read in this process (checked
+    against the corpus by `check_qrels`)."""
     root = str(directory).rstrip("/")  # a local folder or any fsspec URI
-    qrels_path = f"{root}/qrels/{split}.tsv"
-    qrels = read_qrels(qrels_path)
+    qrels = read_qrels(f"{root}/qrels/{split}.tsv")
+    queries = read_queries(f"{root}/queries.jsonl")
+    return {q: queries[q] for q in qrels if q in queries}, qrels
+
+
+def load_beir(directory: str | Path, split: str = "test") -> BeirData:
+    """Read and cross-check one split of a BEIR-layout folder in this process."""
+    root = str(directory).rstrip("/")
+    queries, qrels = read_split(root, split)
     corpus_ids, titles, bodies = read_corpus_fields(f"{root}/corpus.jsonl")
-    corpus_texts = [join_title(t, b) for t, b in zip(titles, bodies)]
     if not corpus_ids:
         raise ValueError(f"{root}/corpus.jsonl: the corpus is empty")
-    all_queries = read_queries(f"{root}/queries.jsonl")
-    check_qrels(qrels, set(corpus_ids), set(all_queries), qrels_path)
-    queries = {q: all_queries[q] for q in qrels}
-    return BeirData(corpus_ids, corpus_texts, queries, qrels, titles, bodies)
+    check_qrels(qrels, set(corpus_ids), set(queries), f"{root}/qrels/{split}.tsv")
+    return BeirData(corpus_ids, titles, bodies, queries, qrels)

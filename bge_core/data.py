@@ -43,26 +43,11 @@ def list_data_files(path: str) -> list[str]:
 
 
 def check_example(obj: Any, group_size: int = 1) -> str | None:
-    """Why `obj` is not a valid example for groups of `group_size` (None when it is)."""
-    if not isinstance(obj, dict):
-        return f"expected a JSON object, got {type(obj).__name__}"
-    query = obj.get("query")
-    if not isinstance(query, str) or not query.strip():
-        return "missing or empty 'query' (a string is required)"
-    for key in ("pos", "neg"):
-        value = obj.get(key, [] if key == "neg" else None)
-        if value is None and key == "neg":
-            continue
-        if not isinstance(value, (list, tuple, np.ndarray)):
-            return f"'{key}' must be a list of strings, got {type(value).__name__}"
-        if any(not isinstance(v, str) for v in value):
-            return f"'{key}' must hold only strings"
-    if not any(p.strip() for p in obj["pos"]):
-        return "'pos' is empty (at least one positive passage is required)"
-    if group_size > 1 and not _negatives(obj):
-        return (f"'neg' has no passage other than the positives, but "
-                f"train_group_size={group_size} needs negatives")
-    return None
+    """Why `obj` is not a valid example for groups of `group_size` (None when it is): the
+    one training-example check every job uses (`bge_core.records`)."""
+    from bge_core.records import check_training_example
+
+    return check_training_example(obj, group_size)
 
 
 def _negatives(obj: dict[str, Any]) -> list[str]:

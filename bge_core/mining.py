@@ -10,14 +10,14 @@ by ``(seed, example index)``, so the result does not depend on processing order.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from itertools import islice
+from typing import Any, TypeVar
 
 import numpy as np
 
-from bge_core.jsonl import iter_jsonl, open_text
+T = TypeVar("T", bound=Hashable)
 
 
 @dataclass(frozen=True)
@@ -40,43 +40,6 @@ class SampleRange:
         return cls(start, end)
 
 
-def read_examples(path: str | Path) -> list[dict[str, Any]]:
-    """Read training JSONL ``{query: str, pos: [str], neg?: [str]}``; errors name the row."""
-    examples = []
-    with open_text(str(path), what="training data") as handle:
-        for row, item in iter_jsonl(handle, str(path)):
-            _check_example(item, f"{path} row {row}")
-            examples.append(item)
-    if not examples:
-        raise ValueError(f"{path}: no training examples")
-    return examples
-
-
-def _check_example(item: Any, where: str) -> None:
-    if not isinstance(item, dict) or not isinstance(item.get("query"), str):
-        raise ValueError(f"{where}: needs a string 'query'")
-    for key in ("pos", "neg"):
-        value = item.get(key, [])
-        if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
-            raise ValueError(f"{where}: '{key}' must be a list of strings")
-    if not item.get("pos"):
-        raise ValueError(f"{where}: 'pos' must hold at least one passage")
-
-
-def read_candidate_pool(path: str | Path) -> list[str]:
-    """Texts of a candidate-pool JSONL (one ``{"text": str}`` per line)."""
-    texts = []
-    with open_text(str(path), what="candidate pool") as handle:
-        for row, item in iter_jsonl(handle, str(path)):
-            text = item.get("text") if isinstance(item, dict) else None
-            if not isinstance(text, str):
-                raise ValueError(f"{path} row {row}: needs a JSON object with a string 'text'")
-            texts.append(text)
-    if not texts:
-        raise ValueError(f"{path}: the candidate pool is empty")
-    return texts
-
-
 def build_corpus(
     examples: Sequence[Mapping[str, Any]], pool: Iterable[str] | None = None
 ) -> list[str]:
@@ -88,20 +51,21 @@ def build_corpus(
 
 
 def sample_negatives(
-    ranked: Sequence[str], positives: Iterable[str], query: str, window: SampleRange,
-    number: int, rng: np.random.Generator,
-) -> list[str]:
+    ranked: Sequence[T], banned: Iterable[T], window: SampleRange, number: int,
+    rng: np.random.Generator,
+) -> list[T]:
     """Draw up to `number` negatives from `ranked[window.start:window.end]`.
 
     Args:
-        ranked: corpus texts by decreasing similarity to the query.
-        positives: texts that must never come out (any duplicate of them included).
-        query: excluded too (a corpus may hold the query's own text).
+        ranked: corpus passages (texts, or ids of a deduplicated corpus) by decreasing
+            similarity to the query.
+        banned: passages that must never come out: the positives (any duplicate of them
+            included) and the query (a corpus may hold the query's own text).
         window: rank window to draw from.
         number: how many to draw; the whole filtered window when it is smaller.
         rng: the example's generator.
     """
-    banned = set(positives) | {query}
+    banned = set(banned)
     pool = [t for t in dict.fromkeys(ranked[window.start : window.end]) if t not in banned]
     if len(pool) <= number:
         return pool
@@ -109,13 +73,15 @@ def sample_negatives(
     return [pool[i] for i in picks]
 
 
-def top_up(negatives: list[str], corpus: Sequence[str], banned: set[str], number: int,
-           rng: np.random.Generator) -> list[str]:
+def top_up(negatives: list[T], corpus: Sequence[T], banned: set[T], number: int,
+           rng: np.random.Generator) -> list[T]:
     """Fill a short list with random corpus passages, as FlagEmbedding's hn_mine does, but
-    never with a banned text (a positive, the query) or one already in the list.
+    never with a banned passage (a positive, the query) or one already in the list.
 
-    FlagEmbedding 1.0.x tops up with ``random.sample(corpus, n)``, which can pick a
-    positive (a false negative in training) or repeat a mined negative.
+    `corpus` is indexed, never copied: ``range(n)`` stands for a deduplicated corpus of n
+    passages known by their ids. FlagEmbedding 1.0.x tops up with
+    ``random.sample(corpus, n)``, which can pick a positive (a false negative in training)
+    or repeat a mined negative.
     """
     chosen = list(negatives)
     taken = banned | set(chosen)
@@ -128,16 +94,37 @@ def top_up(negatives: list[str], corpus: Sequence[str], banned: set[str], number
                 chosen.append(corpus[i])
                 taken.add(corpus[i])
         rounds += 1
-    if len(chosen) < number:  # nearly every passage is banned: a tiny corpus, scan it all
-        chosen += [t for t in dict.fromkeys(corpus) if t not in taken][: number - len(chosen)]
+    if len(chosen) < number:  # nearly every passage is banned: a tiny corpus, scan it
+        chosen += islice(_unseen(corpus, taken), number - len(chosen))
     return chosen
+
+
+def _unseen(corpus: Iterable[T], taken: set[T]) -> Iterable[T]:
+    """Corpus passages in order, each once, leaving out `taken`."""
+    seen = set(taken)
+    for item in corpus:
+        if item not in seen:
+            seen.add(item)
+            yield item
+
+
+def mine_one(index: int, ranked: Sequence[T], banned: set[T], window: SampleRange,
+             number: int, seed: int, corpus: Sequence[T] | None = None) -> list[T]:
+    """The negatives of example `index`: `sample_negatives`, then `top_up` from `corpus`
+    (when given) if short. Draws with ``default_rng([seed, index])``."""
+    rng = np.random.default_rng([seed, index])
+    negs = sample_negatives(ranked, banned, window, number, rng)
+    if corpus is not None and len(negs) < number:
+        negs = top_up(negs, corpus, banned, number, rng)
+    return negs
 
 
 def mine_negatives(
     examples: Sequence[Mapping[str, Any]], ranked: Sequence[Sequence[str]], window: SampleRange,
     number: int, seed: int, corpus: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Examples with `neg` replaced by mined negatives (other fields kept as they were).
+    """Examples with `neg` replaced by mined negatives (other fields kept as they were): the
+    in-process reference of `pipelines/mine_hard_negatives.py`, on texts.
 
     Args:
         examples: training examples ``{query, pos, neg?}``.
@@ -151,13 +138,13 @@ def mine_negatives(
     """
     if len(ranked) != len(examples):
         raise ValueError(f"{len(ranked)} rankings for {len(examples)} examples")
+    check_number(number)
+    return [{**example, "neg": mine_one(i, texts, {*example["pos"], example["query"]}, window,
+                                        number, seed, corpus)}
+            for i, (example, texts) in enumerate(zip(examples, ranked))]
+
+
+def check_number(number: int) -> None:
+    """``--negative_number`` must be positive."""
     if number < 1:
         raise ValueError(f"--negative_number must be >= 1, got {number}")
-    out = []
-    for i, (example, texts) in enumerate(zip(examples, ranked)):
-        rng = np.random.default_rng([seed, i])
-        negs = sample_negatives(texts, example["pos"], example["query"], window, number, rng)
-        if corpus is not None and len(negs) < number:
-            negs = top_up(negs, corpus, {*example["pos"], example["query"]}, number, rng)
-        out.append({**example, "neg": negs})
-    return out

@@ -135,33 +135,29 @@ def exact_topk(
     return search_shards(queries, shards, k, query_batch, device)
 
 
-def best_chunk_per_document(scores: np.ndarray, rows: np.ndarray, owner: np.ndarray,
+def best_chunk_per_document(scores: np.ndarray, doc_ids: np.ndarray,
                             k: int) -> tuple[np.ndarray, np.ndarray]:
     """Document ranking from a chunk ranking: a document scores its best chunk.
 
-    Exact when `rows` holds each query's top ``k × max chunks per document`` chunks: fewer
+    Exact when the hits hold each query's top ``k × max chunks per document`` chunks: fewer
     than that many chunks can outscore the best chunk of a top-k document.
 
     Args:
         scores: (Q, K) chunk scores, best first.
-        rows: (Q, K) chunk rows (-1 for padding).
-        owner: (chunks,) the document row each chunk belongs to.
+        doc_ids: (Q, K) the document id of each chunk hit.
         k: documents per query.
 
     Returns:
-        (Q, k) scores (-inf padded) and document rows (-1 padded), best first.
+        (Q, k) scores (-inf padded) and document ids (object array, None padded), best first.
     """
-    out_scores = np.full((len(rows), k), -np.inf, dtype=np.float32)
-    out_rows = np.full((len(rows), k), -1, dtype=np.int64)
-    for q, (row_scores, row_ids) in enumerate(zip(scores.tolist(), rows.tolist())):
-        seen: set[int] = set()
-        for score, chunk in zip(row_scores, row_ids):
-            if chunk < 0:
-                break
-            doc = int(owner[chunk])
+    out_scores = np.full((len(doc_ids), k), -np.inf, dtype=np.float32)
+    out_ids = np.full((len(doc_ids), k), None, dtype=object)
+    for q, (row_scores, row_ids) in enumerate(zip(scores.tolist(), doc_ids.tolist())):
+        seen: set = set()
+        for score, doc in zip(row_scores, row_ids):
             if doc not in seen:  # chunks come best first: the first seen is the best
-                out_scores[q, len(seen)], out_rows[q, len(seen)] = score, doc
+                out_scores[q, len(seen)], out_ids[q, len(seen)] = score, doc
                 seen.add(doc)
                 if len(seen) == k:
                     break
-    return out_scores, out_rows
+    return out_scores, out_ids

@@ -4,9 +4,11 @@
         --split test --output metrics.json --run_file run.trec
     python pipelines/evaluate.py --model bge-base-en-v1.5 --sts data/stsb/sts-test.csv
 
-Corpus (``title + " " + text``) and queries (with the model's query instruction, or
-``--query_instruction_for_retrieval``; ``""`` for none) are encoded by the shared Ray Data
-stage; exact inner-product top-k runs in corpus shards on Ray and is merged in the driver;
+The corpus is read, checked and embedded (``title + " " + text``) by Ray tasks, never on
+the driver; queries (with the model's query instruction, or
+``--query_instruction_for_retrieval``; ``""`` for none) are encoded by the same Ray Data
+stage; exact inner-product top-k runs in corpus shards on Ray and only each query's top
+document ids and scores are merged in the driver;
 nDCG / recall / MRR / MAP at ``--k_values`` follow trec_eval (`bge_core.metrics`).
 """
 
@@ -21,16 +23,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import ray
 
-from bge_core.beir import BeirData, load_beir
-from bge_core.chunking import ChunkSpec, split_texts
+from bge_core.beir import check_qrels, read_split
+from bge_core.chunking import ChunkSpec
 from bge_core.jsonl import open_text
 from bge_core.metrics import evaluate_run, format_table, rank_documents, spearman
 from bge_core.search import best_chunk_per_document
-from bge_core.texts import join_title
 from pipelines.cli import run_main
 from pipelines.encode_options import EncodeOptions, SearchOptions
-from pipelines.ray_encode import tokenizer_for
+from pipelines.ray_beir import chunk_texts, document_texts, judged_documents, read_corpus
 from pipelines.ray_search import encode_corpus, encode_texts, query_instruction, search_corpus
 
 log = logging.getLogger(__name__)
@@ -80,9 +82,10 @@ class EvaluateConfig:
         return sorted({int(k) for k in self.k_values.split(",")})
 
 
-def retrieve(cfg: EvaluateConfig, corpus_texts: list[str], query_texts: list[str],
+def retrieve(cfg: EvaluateConfig, corpus: ray.data.Dataset, query_texts: list[str],
              k: int) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-    """Encode on Ray and search: (scores, corpus rows) each (Q, k'), and seconds per stage."""
+    """Encode on Ray and search a dataset of ``row`` (document id) and ``text``: (scores,
+    document ids) each (Q, k'), and seconds per stage."""
     opts = cfg.encode
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -90,49 +93,33 @@ def retrieve(cfg: EvaluateConfig, corpus_texts: list[str], query_texts: list[str
     queries = encode_texts(query_texts, opts, prefix=instruction)  # (Q, D)
     timings["encode_queries_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    corpus = encode_corpus(corpus_texts, opts)  # lazy: encoded while shards are searched
-    scores, rows = search_corpus(corpus, queries, k, cfg.search)
+    encoded = encode_corpus(corpus, opts)  # lazy: encoded while shards are searched
+    scores, ids = search_corpus(encoded, queries, k, cfg.search)
     timings["encode_corpus_and_search_s"] = time.perf_counter() - start
-    return scores, rows, timings
+    return scores, ids, timings
 
 
-def chunk_corpus(cfg: EvaluateConfig, data: BeirData) -> tuple[list[str], np.ndarray]:
-    """Each document's token windows (title prefixed, as the embed job does) and the
-    document row of every chunk."""
-    assert cfg.chunk_tokens is not None
-    spec = ChunkSpec(cfg.chunk_tokens, cfg.chunk_overlap)
-    tokenizer = tokenizer_for(cfg.encode.model).tokenizer
-    texts: list[str] = []
-    owner: list[int] = []
-    for doc, (title, body, spans) in enumerate(zip(
-            data.corpus_titles, data.corpus_bodies,
-            split_texts(tokenizer, data.corpus_bodies, spec))):
-        texts += [join_title(title, body[s:e]) for s, e in spans]
-        owner += [doc] * len(spans)
-    return texts, np.asarray(owner, dtype=np.int64)
-
-
-def retrieve_documents(cfg: EvaluateConfig, data: BeirData, query_texts: list[str],
+def retrieve_documents(cfg: EvaluateConfig, corpus: ray.data.Dataset, query_texts: list[str],
                        k: int) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
     """`retrieve` over documents, or over their chunks with a document's best chunk as its
     score (searching ``k × most chunks per document`` chunks makes that exact)."""
     if cfg.chunk_tokens is None:
-        return retrieve(cfg, data.corpus_texts, query_texts, k)
-    texts, owner = chunk_corpus(cfg, data)
-    most = int(np.bincount(owner).max())
-    log.info("%d documents as %d chunks of <= %d tokens (at most %d per document)",
-             len(data.corpus_ids), len(texts), cfg.chunk_tokens, most)
-    scores, rows, timings = retrieve(cfg, texts, query_texts, k * most)
-    doc_scores, doc_rows = best_chunk_per_document(scores, rows, owner, k)
-    timings["chunks"] = len(texts)
-    return doc_scores, doc_rows, timings
+        return retrieve(cfg, document_texts(corpus), query_texts, k)
+    spec = ChunkSpec(cfg.chunk_tokens, cfg.chunk_overlap)
+    chunks, count, most = chunk_texts(corpus, cfg.encode.model, spec)
+    log.info("documents as %d chunks of <= %d tokens (at most %d per document)", count,
+             cfg.chunk_tokens, most)
+    scores, ids, timings = retrieve(cfg, chunks, query_texts, k * most)
+    doc_scores, doc_ids = best_chunk_per_document(scores, ids, k)
+    timings["chunks"] = count
+    return doc_scores, doc_ids, timings
 
 
-def _run_dict(qids: list[str], corpus_ids: list[str], scores: np.ndarray, rows: np.ndarray,
-              k: int, ignore_identical: bool) -> dict[str, dict[str, float]]:
+def _run_dict(qids: list[str], scores: np.ndarray, doc_ids: np.ndarray, k: int,
+              ignore_identical: bool) -> dict[str, dict[str, float]]:
     run: dict[str, dict[str, float]] = {}
-    for qid, row_scores, row_ids in zip(qids, scores.tolist(), rows.tolist()):
-        hits = ((corpus_ids[r], s) for r, s in zip(row_ids, row_scores) if r >= 0)
+    for qid, row_scores, row_ids in zip(qids, scores.tolist(), doc_ids.tolist()):
+        hits = ((d, s) for d, s in zip(row_ids, row_scores) if d is not None)
         kept = [(d, s) for d, s in hits if not (ignore_identical and d == qid)]
         run[qid] = dict(kept[:k])
     return run
@@ -147,22 +134,28 @@ def write_trec_run(run: dict[str, dict[str, float]], path: str, tag: str = "bge-
 
 
 def evaluate_beir(cfg: EvaluateConfig) -> dict[str, Any]:
-    """Retrieval metrics of `cfg.encode.model` on one split of a BEIR folder."""
+    """Retrieval metrics of `cfg.encode.model` on one split of a BEIR folder. Queries and
+    qrels are read here; the corpus only by Ray tasks."""
     assert cfg.beir_dir is not None
-    data = load_beir(cfg.beir_dir, cfg.split)
-    qids = list(data.queries)
+    root = cfg.beir_dir.rstrip("/")
+    queries, qrels = read_split(root, cfg.split)
+    corpus, num_docs = read_corpus(f"{root}/corpus.jsonl")
+    judged = {d for docs in qrels.values() for d in docs}
+    check_qrels(qrels, judged_documents(corpus, judged), set(queries),
+                f"{root}/qrels/{cfg.split}.tsv")
+    qids = list(queries)
     k = max(cfg.ks)
-    scores, rows, timings = retrieve_documents(cfg, data, [data.queries[q] for q in qids],
-                                               k + int(cfg.ignore_identical_ids))
-    run = _run_dict(qids, data.corpus_ids, scores, rows, k, cfg.ignore_identical_ids)
-    means, _ = evaluate_run(run, data.qrels, cfg.ks)
+    scores, doc_ids, timings = retrieve_documents(cfg, corpus, [queries[q] for q in qids],
+                                                  k + int(cfg.ignore_identical_ids))
+    run = _run_dict(qids, scores, doc_ids, k, cfg.ignore_identical_ids)
+    means, _ = evaluate_run(run, qrels, cfg.ks)
     if cfg.run_file:
         write_trec_run(run, cfg.run_file)
     print(f"{cfg.encode.model} on {cfg.beir_dir} [{cfg.split}]: {len(qids)} queries, "
-          f"{len(data.corpus_ids)} documents")
+          f"{num_docs} documents")
     print(format_table(means, cfg.ks))
     return {"model": cfg.encode.model, "dataset": str(cfg.beir_dir), "split": cfg.split,
-            "num_queries": len(qids), "num_docs": len(data.corpus_ids),
+            "num_queries": len(qids), "num_docs": num_docs,
             "query_instruction": query_instruction(cfg.encode.model,
                                                    cfg.query_instruction_for_retrieval),
             "chunk_tokens": cfg.chunk_tokens, "chunk_overlap": cfg.chunk_overlap,

@@ -5,13 +5,15 @@
         --range_for_sampling 2-200 --negative_number 15 [--candidate_pool pool.jsonl]
 
 The corpus is the candidate pool (JSONL of ``{"text": ...}``) or, without one, every
-``pos`` and ``neg`` text of the input, deduplicated. Passages are encoded by the shared Ray
-Data stage, queries by the same stage with the query instruction (the model's own, or
+``pos`` and ``neg`` text of the input, deduplicated; it stays in Ray datasets
+(`pipelines.ray_mining`), and the driver holds only ids and scores. Passages are encoded by
+the shared Ray Data stage, queries by the same stage with the query instruction (the model's own, or
 ``--query_instruction_for_retrieval``; ``""`` for none; FlagEmbedding 1.0.x forgot it).
 Each query's top ``END`` passages come from an exact sharded search; negatives are drawn
 from ranks ``[START, END)`` leaving out any text equal to a positive or to the query
-(`bge_core.mining`), seeded by ``--seed``. The output is finetuning input for
-``pipelines/finetune.py`` with each example's ``neg`` replaced, other fields kept.
+(`bge_core.mining`), seeded by ``--seed``. The output, written by Ray tasks to a local path
+or URI, is finetuning input for ``pipelines/finetune.py`` with each example's ``neg``
+replaced, other fields kept.
 """
 
 from __future__ import annotations
@@ -23,17 +25,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from bge_core.jsonl import open_text
-from bge_core.mining import (
-    SampleRange,
-    build_corpus,
-    mine_negatives,
-    read_candidate_pool,
-    read_examples,
-)
+from bge_core.mining import SampleRange, check_number, mine_one
 from pipelines.cli import run_main
 from pipelines.encode_options import Alias, EncodeOptions, SearchOptions
-from pipelines.ray_search import encode_corpus, encode_texts, query_instruction, search_corpus
+from pipelines.ray_mining import banned_ids, build_corpus, read_examples, read_pool, write_mined
+from pipelines.ray_search import encode_corpus, encode_rows, query_instruction, search_corpus
 
 log = logging.getLogger(__name__)
 
@@ -67,44 +63,43 @@ class MineConfig:
 
     def __post_init__(self) -> None:
         SampleRange.parse(self.range_for_sampling)  # fail at parse time, naming the flag
-        if self.negative_number < 1:
-            raise ValueError(f"--negative_number must be >= 1, got {self.negative_number}")
+        check_number(self.negative_number)
 
 
 def run(cfg: MineConfig) -> dict[str, Any]:
     """Mine, write `cfg.output_file` and return a summary (counts and seconds per stage)."""
     window = SampleRange.parse(cfg.range_for_sampling)
-    examples = read_examples(cfg.input_file)
-    pool = read_candidate_pool(cfg.candidate_pool) if cfg.candidate_pool else None
-    corpus = build_corpus(examples, pool)
     opts = cfg.encode
     instruction = query_instruction(opts.model, cfg.query_instruction_for_retrieval)
-
     start = time.perf_counter()
-    queries = encode_texts([ex["query"] for ex in examples], opts, prefix=instruction)  # (Q, D)
+    examples, count = read_examples(cfg.input_file)
+    pool = read_pool(cfg.candidate_pool) if cfg.candidate_pool else None
+    corpus, size = build_corpus(examples, pool)
+    read = time.perf_counter()
+    queries = encode_rows(examples, count, opts, prefix=instruction)  # (Q, D)
     encoded_queries = time.perf_counter()
-    scores, rows = search_corpus(encode_corpus(corpus, opts), queries, window.end, cfg.search)
-    searched = time.perf_counter()
-    ranked = [[corpus[r] for r in row] for row in rows.tolist()]
-    mined = mine_negatives(examples, ranked, window, cfg.negative_number, cfg.seed, corpus)
-    topped_up = sum(not set(ex["neg"]) <= set(r[window.start:window.end])
-                    for ex, r in zip(mined, ranked))
-
-    with open_text(cfg.output_file, "w") as handle:
-        for example in mined:
-            handle.write(json.dumps(example, ensure_ascii=False) + "\n")
-    short = sum(len(ex["neg"]) < cfg.negative_number for ex in mined)
+    _, ranked = search_corpus(encode_corpus(corpus, opts), queries, window.end, cfg.search)
+    searched = time.perf_counter()  # ranked: (Q, k') corpus ids, the driver's only corpus data
+    banned = banned_ids(examples, corpus, count)
+    mined = [mine_one(i, row, banned[i], window, cfg.negative_number, cfg.seed, range(size))
+             for i, row in enumerate(ranked.tolist())]
+    write_mined(examples, corpus, mined, cfg.output_file)
+    topped_up = sum(not set(m) <= set(r[window.start:window.end])
+                    for m, r in zip(mined, ranked.tolist()))
+    short = sum(len(m) < cfg.negative_number for m in mined)
     if topped_up:
         log.info("%d of %d examples had fewer than %d negatives in the window %s: topped up "
                  "with random passages (never a positive or the query)", topped_up,
-                 len(mined), cfg.negative_number, cfg.range_for_sampling)
+                 count, cfg.negative_number, cfg.range_for_sampling)
     if short:
         log.warning("%d of %d examples are short of negatives: the corpus holds too few "
-                    "passages other than their positives", short, len(mined))
-    summary = {"examples": len(mined), "corpus": len(corpus), "query_instruction": instruction,
+                    "passages other than their positives", short, count)
+    summary = {"examples": count, "corpus": size, "query_instruction": instruction,
                "topped_up": topped_up, "short_of_negatives": short,
-               "encode_queries_s": encoded_queries - start,
+               "read_and_deduplicate_s": read - start,
+               "encode_queries_s": encoded_queries - read,
                "encode_corpus_and_search_s": searched - encoded_queries,
+               "sample_and_write_s": time.perf_counter() - searched,
                "output_file": cfg.output_file}
     print(json.dumps(summary))
     return summary

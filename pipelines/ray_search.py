@@ -3,8 +3,8 @@
 The corpus is encoded with the shared Ray Data stage (`pipelines.ray_encode`) and never
 gathered: each corpus shard (``shard_rows`` embeddings) is scored against all queries in a
 Ray task that keeps only its top k, and the driver merges the per-shard results
-(`bge_core.search.RunningTopK`). Rows are identified by their position (``row``) in the
-input lists, so the driver maps results back to ids or texts.
+(`bge_core.search.RunningTopK`). Rows carry their id (``row``: a number or a document id),
+so the driver gets ids and scores, O(queries × k), and never the corpus.
 """
 
 from __future__ import annotations
@@ -38,26 +38,36 @@ def text_dataset(texts: Sequence[str], block_rows: int) -> ray.data.Dataset:
     return ray.data.from_arrow(blocks or [table])
 
 
-def encode_corpus(texts: Sequence[str], opts: EncodeOptions) -> ray.data.Dataset:
-    """Lazily encoded corpus: columns ``row`` and ``embedding`` (passages: no prefix)."""
-    ds = encode_dataset(text_dataset(texts, opts.batch_rows), opts)
+def encode_corpus(corpus: ray.data.Dataset, opts: EncodeOptions) -> ray.data.Dataset:
+    """Lazily encoded corpus: columns ``row`` and ``embedding`` (passages: no prefix).
+
+    Args:
+        corpus: a dataset with ``row`` (its id: int64 or string) and ``text`` columns.
+    """
+    ds = encode_dataset(corpus.select_columns(["row", "text"]), opts)
     return ds.select_columns(["row", "embedding"])
+
+
+def encode_rows(ds: ray.data.Dataset, n: int, opts: EncodeOptions, prefix: str = "") -> np.ndarray:
+    """Encode a dataset of ``row`` (0..n-1) and ``text`` on Ray: (n, D) float32 by row."""
+    encoded = encode_dataset(ds.select_columns(["row", "text"]), opts, prefix=prefix)
+    out: np.ndarray | None = None
+    for batch in encoded.select_columns(["row", "embedding"]).iter_batches(
+            batch_format="pyarrow", batch_size=None):
+        vectors = arrow_to_vectors(batch.column("embedding")).astype(np.float32)  # (b, D)
+        if out is None:
+            out = np.zeros((n, vectors.shape[1]), dtype=np.float32)
+        out[batch.column("row").to_numpy()] = vectors
+    if out is None:
+        raise ValueError("nothing to encode: no texts")
+    return out
 
 
 def encode_texts(texts: Sequence[str], opts: EncodeOptions, prefix: str = "") -> np.ndarray:
     """Encode a small list (queries, STS sentences) on Ray: (n, D) float32 in input order."""
     if not texts:
         raise ValueError("nothing to encode: the list of texts is empty")
-    ds = encode_dataset(text_dataset(texts, opts.batch_rows), opts, prefix=prefix)
-    out: np.ndarray | None = None
-    for batch in ds.select_columns(["row", "embedding"]).iter_batches(
-            batch_format="pyarrow", batch_size=None):
-        vectors = arrow_to_vectors(batch.column("embedding")).astype(np.float32)  # (b, D)
-        if out is None:
-            out = np.zeros((len(texts), vectors.shape[1]), dtype=np.float32)
-        out[batch.column("row").to_numpy()] = vectors
-    assert out is not None
-    return out
+    return encode_rows(text_dataset(texts, opts.batch_rows), len(texts), opts, prefix)
 
 
 def _list_column(flat: np.ndarray) -> pa.LargeListArray:
@@ -76,7 +86,7 @@ def shard_topk_task(batch: pa.Table, queries: Any, k: int, query_batch: int | No
         queries = ray.get(queries)  # zero-copy numpy view from the object store
     vectors = arrow_to_vectors(batch.column("embedding")).astype(np.float32)  # (S, D)
     scores, local = search_shards(queries, [vectors], k, query_batch, device)  # (Q, k')
-    rows = batch.column("row").to_numpy()[local]  # (Q, k') corpus positions
+    rows = batch.column("row").to_numpy(zero_copy_only=False)[local]  # (Q, k') corpus ids
     return pa.table({"scores": _list_column(scores.ravel()),
                      "rows": _list_column(rows.ravel()),
                      "width": pa.array([scores.shape[1]], type=pa.int64())})
@@ -89,7 +99,7 @@ def search_corpus(
     """Exact inner-product top-k of `queries` over an encoded corpus dataset.
 
     Args:
-        corpus: dataset with ``row`` (int64) and ``embedding`` columns.
+        corpus: dataset with ``row`` (int64 or string ids) and ``embedding`` columns.
         queries: (Q, D) float32.
         k: results per query.
         opts: corpus rows scored per task (bounds a task's memory:
@@ -98,7 +108,7 @@ def search_corpus(
         query_batch: queries scored at once inside a task (default all).
 
     Returns:
-        (scores (Q, k') float32, corpus rows (Q, k') int64), best first.
+        (scores (Q, k') float32, corpus ids (Q, k') of the ``row`` column), best first.
     """
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     use_gpu = opts.use_gpu_for_searching
@@ -117,6 +127,7 @@ def search_corpus(
         rows_col = table.column("rows").combine_chunks()
         for i, width in enumerate(table.column("width").to_pylist()):
             scores = scores_col[i].values.to_numpy().reshape(len(queries), width)
-            rows = rows_col[i].values.to_numpy().reshape(len(queries), width)
+            rows = rows_col[i].values.to_numpy(zero_copy_only=False).reshape(len(queries),
+                                                                             width)
             top.add(scores, rows)
     return top.result()

@@ -11,9 +11,11 @@ import pytest
 
 from bge_core.beir import load_beir
 from bge_core.metrics import evaluate_run, spearman
+from tests.driver_spy import spy_on_driver
 from tests.tiny_models import WORDS
 
 K_VALUES = "1,3,10"
+MARKER = "corpusonly"  # in every document, in no query: what reaches the driver is scanned
 
 
 def _sentence(rng: np.random.Generator, n: int = 8) -> str:
@@ -28,7 +30,7 @@ def write_beir(root: Path, n_docs: int = 40, n_queries: int = 6, seed: int = 0,
     with (root / "corpus.jsonl").open("w") as f:
         for i in range(n_docs):
             title = _sentence(rng, 2) if i % 2 else ""
-            text = _sentence(rng, words)
+            text = f"{_sentence(rng, words)} {MARKER}"
             f.write(json.dumps({"_id": f"d{i}", "title": title, "text": text}) + "\n")
     with (root / "queries.jsonl").open("w") as f:
         for q in range(n_queries + 2):  # two queries have no judgements in the split
@@ -64,6 +66,25 @@ def test_missing_ids_and_empty_split_are_clear_errors(tmp_path: Path) -> None:
         load_beir(root, "dev")
     with pytest.raises(FileNotFoundError, match="train.tsv"):
         load_beir(root, "train")
+
+
+@pytest.mark.timeout(180)
+def test_ray_corpus_reader_checks_ids_where_the_corpus_lives(ray_session, tmp_path: Path) -> None:
+    from bge_core.records import RecordError
+    from pipelines.ray_beir import judged_documents, read_corpus
+
+    corpus_file = write_beir(tmp_path / "beir") / "corpus.jsonl"
+    corpus, size = read_corpus(str(corpus_file))
+    assert size == 40
+    assert judged_documents(corpus, {"d1", "d39", "nope"}) == {"d1", "d39"}
+    with corpus_file.open("a") as handle:
+        handle.write(json.dumps({"_id": "d5", "text": "again"}) + "\n")
+    with pytest.raises(RecordError, match=f"{corpus_file} line 41: duplicate _id 'd5'"):
+        read_corpus(str(corpus_file))
+    with corpus_file.open("a") as handle:
+        handle.write(json.dumps({"_id": "d50", "title": 7, "text": "t"}) + "\n")
+    with pytest.raises(RecordError, match="line 42: 'title' is int, not a string"):
+        read_corpus(str(corpus_file))
 
 
 def test_cli_rejects_bad_flags(capsys: pytest.CaptureFixture) -> None:
@@ -104,8 +125,9 @@ def _assert_metrics_of(scores: np.ndarray, data, qids: list[str], result: dict) 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_beir_job_on_s3_equals_in_process_reference(ray_session, mean_bert_dir: Path,
-                                                    tmp_path: Path, s3) -> None:
-    """Dataset read from and results written to S3 (the moto server on loopback)."""
+                                                    tmp_path: Path, s3, monkeypatch) -> None:
+    """Dataset read from and results written to S3 (the moto server on loopback); the corpus
+    is read by Ray tasks and none of its text reaches the driver."""
     from pipelines.cli import make_config
     from pipelines.evaluate import EvaluateConfig, run
 
@@ -116,7 +138,9 @@ def test_beir_job_on_s3_equals_in_process_reference(ray_session, mean_bert_dir: 
         query_instruction_for_retrieval="query: ", output="s3://bucket/out/m.json",
         run_file="s3://bucket/out/run.trec", batch_rows=8, search_shard_rows=16,
         cpus_per_actor=0.5, search_cpus=1.0)
-    result = run(cfg)
+    with spy_on_driver(monkeypatch, MARKER) as spy:
+        result = run(cfg)
+    assert spy.received > 0 and spy.leaks == []
 
     # Reference: in-process encoding, the full score matrix, metrics on its top 10.
     data = load_beir(root, "test")

@@ -11,7 +11,10 @@ import pytest
 
 from bge_core.mining import SampleRange, mine_negatives
 from bge_core.search import exact_topk
+from tests.driver_spy import spy_on_driver
 from tests.tiny_models import WORDS
+
+MARKER = "corpusonly"  # in every corpus text, in no query: what reaches the driver is scanned
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +28,7 @@ def mean_bert_dir(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory)
 
 def _write_data(root: Path) -> tuple[Path, Path, list[dict], list[str]]:
     rng = np.random.default_rng(0)
-    docs = [" ".join(rng.choice(WORDS, size=8)) for _ in range(40)]
+    docs = [" ".join(rng.choice(WORDS, size=8)) + f" {MARKER}" for _ in range(40)]
     examples = [{"query": " ".join(rng.choice(WORDS, size=4)),
                  "pos": [docs[2 * i], docs[2 * i + 1]], "neg": [docs[30]], "qid": i}
                 for i in range(6)]
@@ -39,8 +42,9 @@ def _write_data(root: Path) -> tuple[Path, Path, list[dict], list[str]]:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_mining_job_on_s3_equals_in_process_reference(ray_session, mean_bert_dir: Path,
-                                                      tmp_path: Path, s3) -> None:
-    """Training data and pool read from S3, mined output written there (moto on loopback)."""
+                                                      tmp_path: Path, s3, monkeypatch) -> None:
+    """Training data and pool read from S3 by Ray tasks, mined output written there (moto on
+    loopback); no corpus text reaches the driver."""
     from bge_core.data import read_examples as read_training_data
     from bge_core.model import Encoder
     from pipelines.cli import make_config
@@ -49,12 +53,17 @@ def test_mining_job_on_s3_equals_in_process_reference(ray_session, mean_bert_dir
     train, pool, examples, docs = _write_data(tmp_path)
     s3.put(str(train), "bucket/in/train.jsonl")
     s3.put(str(pool), "bucket/in/pool.jsonl")
-    summary = run(make_config(MineConfig,
-        model_name_or_path=str(mean_bert_dir), input_file="s3://bucket/in/train.jsonl",
-        candidate_pool="s3://bucket/in/pool.jsonl", output_file="s3://bucket/out/mined.jsonl",
-        range_for_sampling="1-20", negative_number=5, seed=7,
-        query_instruction_for_retrieval="q: ", batch_rows=16, search_shard_rows=16,
-        cpus_per_actor=0.5))
+    with spy_on_driver(monkeypatch, MARKER) as spy:
+        summary = run(make_config(MineConfig,
+            model_name_or_path=str(mean_bert_dir), input_file="s3://bucket/in/train.jsonl",
+            candidate_pool="s3://bucket/in/pool.jsonl", output_file="s3://bucket/out/mined.jsonl",
+            range_for_sampling="1-20", negative_number=5, seed=7,
+            query_instruction_for_retrieval="q: ", batch_rows=16, search_shard_rows=16,
+            cpus_per_actor=0.5))
+        assert spy.received > 0 and spy.leaks == []
+        ray_session.data.from_items([{"text": docs[0]}]).take_all()  # the spy can see a leak
+        assert spy.leaks
+    assert s3.ls("bucket/out") == ["bucket/out/mined.jsonl"]  # the parts are gone
     out = tmp_path / "mined.jsonl"
     s3.get("bucket/out/mined.jsonl", str(out))
     mined = [json.loads(line) for line in out.read_text().splitlines()]
@@ -74,6 +83,27 @@ def test_mining_job_on_s3_equals_in_process_reference(ray_session, mean_bert_dir
     good, bad = read_training_data(str(out), group_size=6)  # what finetune.py reads
     assert bad == 0 and len(good) == 6
     assert all(len(g["neg"]) == 5 for g in good)
+
+
+@pytest.mark.timeout(180)
+def test_default_pool_is_every_pos_and_neg_in_first_seen_order(ray_session,
+                                                              tmp_path: Path) -> None:
+    """The Ray corpus (group-by on the text, numbered by first position) equals
+    `bge_core.mining.build_corpus`, duplicates across examples included."""
+    from bge_core.mining import build_corpus as reference_corpus
+    from pipelines.ray_mining import build_corpus, read_examples
+
+    examples = [{"query": "q0", "pos": ["b", "a"], "neg": ["c", "b"]},
+                {"query": "q1", "pos": ["d"], "neg": ["a", "e"]},
+                {"query": "q2", "pos": ["c"]}]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(e) + "\n" for e in examples))
+    ds, count = read_examples(str(train))
+    corpus, size = build_corpus(ds, None)
+    rows = sorted((r["row"], r["text"]) for r in corpus.take_all())
+    assert count == 3 and size == 5
+    assert [t for _, t in rows] == reference_corpus(examples) == ["b", "a", "c", "d", "e"]
+    assert [r for r, _ in rows] == list(range(5))
 
 
 def test_cli_errors_name_the_flag_or_file(tmp_path: Path,

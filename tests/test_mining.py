@@ -2,19 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
-from bge_core.mining import (
-    SampleRange,
-    build_corpus,
-    mine_negatives,
-    read_candidate_pool,
-    read_examples,
-    sample_negatives,
-)
+from bge_core.mining import SampleRange, build_corpus, mine_negatives, mine_one, sample_negatives
 from bge_core.search import exact_topk
 
 N_DOCS = 60
@@ -56,8 +47,7 @@ def test_negatives_come_from_the_window_and_are_never_positives() -> None:
 def test_duplicates_of_a_positive_and_the_query_are_excluded() -> None:
     # The ranking holds a positive's text twice (a pool with duplicates) and the query.
     ranked = ["top", "p", "q", "p", "a", "b", "c"]
-    negs = sample_negatives(ranked, ["p"], "q", SampleRange(0, 7), 10,
-                            np.random.default_rng(0))
+    negs = sample_negatives(ranked, {"p", "q"}, SampleRange(0, 7), 10, np.random.default_rng(0))
     assert negs == ["top", "a", "b", "c"]
 
 
@@ -76,7 +66,7 @@ def test_seeded_and_reproducible() -> None:
 
 
 def test_small_window_returns_all_candidates() -> None:
-    negs = sample_negatives(["a", "b", "c"], ["b"], "q", SampleRange(0, 200), 15,
+    negs = sample_negatives(["a", "b", "c"], {"b", "q"}, SampleRange(0, 200), 15,
                             np.random.default_rng(0))
     assert negs == ["a", "c"]
 
@@ -114,17 +104,25 @@ def test_range_parsing() -> None:
             SampleRange.parse(bad)
 
 
-def test_readers_name_the_bad_row(tmp_path) -> None:
-    good = tmp_path / "train.jsonl"
-    good.write_text(json.dumps({"query": "q", "pos": ["p"]}) + "\n\n")
-    assert read_examples(good) == [{"query": "q", "pos": ["p"]}]
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"query": "q", "pos": ["p"]}) + "\n" + json.dumps({"query": "q"}))
-    with pytest.raises(ValueError, match="bad.jsonl row 2"):
-        read_examples(bad)
-    pool = tmp_path / "pool.jsonl"
-    pool.write_text('{"text": "a"}\n{"txt": "b"}\n')
-    with pytest.raises(ValueError, match="pool.jsonl row 2"):
-        read_candidate_pool(pool)
+def test_mining_ids_of_a_deduplicated_corpus_equals_mining_its_texts() -> None:
+    """What the job does (ids 0..n-1 in first-seen order, banned ids, top-up from range(n))
+    equals the in-process reference on texts, top-ups included."""
+    rng = np.random.default_rng(5)
+    pool = [f"doc {i}" for i in rng.integers(0, 30, size=50)]  # duplicates
+    corpus = build_corpus([], pool)
+    ids = {text: i for i, text in enumerate(corpus)}
+    examples = [{"query": corpus[q], "pos": [corpus[q + 1], "unknown"], "k": q}
+                for q in range(0, 12, 2)]
+    window = SampleRange(1, 6)  # windows too small for 6 negatives: every list is topped up
+    ranked = [[corpus[(q + j) % len(corpus)] for j in range(8)] for q in range(len(examples))]
+    reference = mine_negatives(examples, ranked, window, 6, seed=9, corpus=corpus)
+    for i, (example, row) in enumerate(zip(examples, ranked)):
+        banned = {ids[t] for t in [example["query"], *example["pos"]] if t in ids}
+        mined = mine_one(i, [ids[t] for t in row], banned, window, 6, 9, range(len(corpus)))
+        assert [corpus[m] for m in mined] == reference[i]["neg"]
+        assert len(mined) == 6
+
+
+def test_negative_number_must_be_positive() -> None:
     with pytest.raises(ValueError, match="negative_number"):
         mine_negatives([{"query": "q", "pos": ["p"]}], [["a"]], SampleRange(0, 2), 0, seed=0)

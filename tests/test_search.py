@@ -80,10 +80,10 @@ def test_torch_path_equals_numpy_path() -> None:
 def test_best_chunk_per_document_keeps_each_documents_best_chunk() -> None:
     from bge_core.search import best_chunk_per_document
 
-    owner = np.array([0, 0, 1, 2, 2, 2])  # chunk -> document
-    rows = np.array([[4, 1, 5, 0, 2, 3], [2, -1, -1, -1, -1, -1]])
-    scores = np.array([[0.9, 0.8, 0.7, 0.6, 0.5, 0.1], [0.4, 0, 0, 0, 0, 0]], dtype=np.float32)
-    doc_scores, doc_rows = best_chunk_per_document(scores, rows, owner, k=3)
-    np.testing.assert_array_equal(doc_rows, [[2, 0, 1], [1, -1, -1]])
+    doc_ids = np.array([["d2", "d0", "d2", "d0", "d1", "d2"], ["d1"] * 6], dtype=object)
+    scores = np.array([[0.9, 0.8, 0.7, 0.6, 0.5, 0.1], [0.4, 0.3, 0.2, 0.1, 0, 0]],
+                      dtype=np.float32)
+    doc_scores, top = best_chunk_per_document(scores, doc_ids, k=3)
+    assert top.tolist() == [["d2", "d0", "d1"], ["d1", None, None]]
     np.testing.assert_allclose(doc_scores[0], [0.9, 0.8, 0.5])
     assert doc_scores[1, 0] == np.float32(0.4) and np.isneginf(doc_scores[1, 1:]).all()

@@ -1,0 +1,136 @@
+"""One validator per kind of input record, shared by every job and reader.
+
+Each ``check_*`` function returns why a parsed record is unusable (naming the field), or
+None when it is fine; `located` puts the file and line in front, so the same bad record
+gives the same message in finetuning, mining and evaluation, read in one process or in a
+Ray task::
+
+    /data/train.jsonl line 7: missing or empty 'query' (a string is required)
+
+Kinds: a training example (``{"query", "pos", "neg"}``, FlagEmbedding's format), a
+candidate text (``{"text"}``, mining's pool), and BEIR's corpus document
+(``{"_id", "title", "text"}``), query (``{"_id", "text"}``) and qrels line
+(``query-id<TAB>corpus-id<TAB>score``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+from bge_core.jsonl import iter_jsonl, open_text
+
+Check = Callable[[Any], "str | None"]
+_LISTS = (list, tuple, np.ndarray)  # Parquet rows can hold arrays
+
+
+class RecordError(ValueError):
+    """An unusable input record; the message names the file, line and field."""
+
+
+def located(source: str, line: int, reason: str, unit: str = "line") -> str:
+    """``"<source> line <n>: <reason>"``: the one way every reader names a bad record."""
+    return f"{source} {unit} {line}: {reason}"
+
+
+def _object(obj: Any) -> str | None:
+    if not isinstance(obj, dict):
+        return f"expected a JSON object, got {type(obj).__name__}"
+    return None
+
+
+def check_training_example(obj: Any, group_size: int = 1) -> str | None:
+    """A training example ``{"query": str, "pos": [str, ...], "neg"?: [str, ...]}``.
+
+    The query must be non-blank and ``pos`` must hold a non-blank passage; with
+    ``group_size > 1`` (finetuning's ``train_group_size``) ``neg`` must hold a passage
+    that is not also a positive.
+    """
+    if (error := _object(obj)) is not None:
+        return error
+    query = obj.get("query")
+    if not isinstance(query, str) or not query.strip():
+        return "missing or empty 'query' (a string is required)"
+    for key in ("pos", "neg"):
+        value = obj.get(key)
+        if value is None and key == "neg":
+            continue
+        if not isinstance(value, _LISTS):
+            return f"'{key}' must be a list of strings, got {type(value).__name__}"
+        if any(not isinstance(v, str) for v in value):
+            return f"'{key}' must hold only strings"
+    if not any(p.strip() for p in obj["pos"]):
+        return "'pos' is empty (at least one positive passage is required)"
+    positives = set(obj["pos"])
+    usable = [n for n in obj.get("neg") or [] if n.strip() and n not in positives]
+    if group_size > 1 and not usable:
+        return (f"'neg' has no passage other than the positives, but "
+                f"train_group_size={group_size} needs negatives")
+    return None
+
+
+def check_candidate(obj: Any) -> str | None:
+    """A candidate-pool line ``{"text": str}`` (other fields are ignored)."""
+    if (error := _object(obj)) is not None:
+        return error
+    if not isinstance(obj.get("text"), str):
+        return _not_string(obj, "text")
+    return None
+
+
+def check_beir_query(obj: Any) -> str | None:
+    """A BEIR query ``{"_id", "text": str}``."""
+    if (error := _object(obj)) is not None:
+        return error
+    if obj.get("_id") is None:
+        return "missing '_id'"
+    if not isinstance(obj.get("text"), str):
+        return _not_string(obj, "text")
+    return None
+
+
+def check_beir_doc(obj: Any) -> str | None:
+    """A BEIR corpus document ``{"_id", "title"?: str | null, "text": str}``."""
+    if (error := check_beir_query(obj)) is not None:
+        return error
+    title = obj.get("title")
+    if title is not None and not isinstance(title, str):
+        return _not_string(obj, "title")
+    return None
+
+
+def _not_string(obj: dict, key: str) -> str:
+    if obj.get(key) is None:
+        return f"missing '{key}' (a string is required)"
+    return f"'{key}' is {type(obj[key]).__name__}, not a string"
+
+
+def parse_qrel(fields: list[str]) -> tuple[str, str, int] | str:
+    """One qrels line split at tabs → (query id, corpus id, grade), or why it is unusable."""
+    try:
+        return fields[0], fields[1], int(float(fields[2]))
+    except (IndexError, ValueError):
+        return f"expected 'query-id<TAB>corpus-id<TAB>score', got {fields!r}"
+
+
+def parse_lines(lines: Any, source: str, check: Check) -> Iterator[tuple[int, Any, str | None]]:
+    """(line number, parsed value, error or None) of each non-blank JSON line, stopping
+    after a line that is not JSON (its error from `iter_jsonl` names the file and line)."""
+    try:
+        for line, obj in iter_jsonl(lines, source):
+            reason = check(obj)
+            yield line, obj, None if reason is None else located(source, line, reason)
+    except ValueError as err:
+        yield -1, None, str(err)
+
+
+def read_records(path: str, check: Check, what: str) -> Iterator[tuple[int, Any]]:
+    """(line, record) of a JSONL file read in this process; the first bad one raises
+    `RecordError` with its located message."""
+    with open_text(path, what=what) as handle:
+        for line, obj, error in parse_lines(handle, path, check):
+            if error is not None:
+                raise RecordError(error)
+            yield line, obj

@@ -1,0 +1,142 @@
+"""Ray stages of hard-negative mining: no corpus text and no mined list on the driver.
+
+Training examples and the candidate pool are read by Ray tasks (`pipelines.ray_records`).
+The corpus is deduplicated by a group-by on the text (first-seen position kept) and
+numbered 0..n-1 in first-seen order, as `bge_core.mining.build_corpus` orders it in
+process, so passage ids stand for texts exactly. The driver then holds only ids: each
+query's top ids (from `pipelines.ray_search`), each example's banned ids (its positives
+and query found in the corpus by a join on the text) and the mined ids; a join on the id
+resolves the mined negatives' texts, a group-by per example rebuilds each record, and tasks
+write the JSONL.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+from ray.data.aggregate import Min
+
+from bge_core.records import check_candidate, check_training_example
+from pipelines.ray_records import number_rows, read_records, shuffle_partitions, write_lines
+
+SLOT_BITS = 20  # default pool: key of example i's passage j = i << SLOT_BITS | j
+EXAMPLE_SCHEMA = pa.schema([("row", pa.int64()), ("text", pa.string()),
+                            ("pos", pa.list_(pa.string())), ("neg", pa.list_(pa.string())),
+                            ("record", pa.string())])
+CANDIDATE_SCHEMA = pa.schema([("key", pa.int64()), ("text", pa.string())])
+PIECE_SCHEMA = pa.schema([("example", pa.int64()), ("slot", pa.int64()), ("text", pa.string())])
+
+
+def _example_row(ordinal: int, line: int, obj: dict[str, Any]) -> dict[str, Any]:
+    return {"row": ordinal, "text": obj["query"], "pos": list(obj["pos"]),
+            "neg": list(obj.get("neg") or []), "record": json.dumps(obj, ensure_ascii=False)}
+
+
+def read_examples(path: str) -> tuple[ray.data.Dataset, int]:
+    """Training examples (``row`` = position in the file, ``text`` = the query, ``pos``,
+    ``neg``, ``record`` = the example as JSON) and their count."""
+    ds = read_records(path, check_training_example, _example_row, EXAMPLE_SCHEMA,
+                      "training data")
+    count = ds.count()
+    if not count:
+        raise ValueError(f"{path}: no training examples")
+    return ds, count
+
+
+def read_pool(path: str) -> ray.data.Dataset:
+    """Candidate-pool texts with their position in the file (``key``)."""
+    return read_records(path, check_candidate, lambda i, line, obj: {"key": i, "text": obj["text"]},
+                        CANDIDATE_SCHEMA, "candidate pool")
+
+
+def _passages(batch: pa.Table) -> pa.Table:
+    keys, texts = [], []
+    for row, pos, neg in zip(batch["row"].to_pylist(), batch["pos"].to_pylist(),
+                             batch["neg"].to_pylist()):
+        passages = [*pos, *neg]
+        if len(passages) >= 1 << SLOT_BITS:
+            raise ValueError(f"example {row} has {len(passages)} passages: at most "
+                             f"{(1 << SLOT_BITS) - 1} can form the default pool")
+        keys += [(row << SLOT_BITS) + j for j in range(len(passages))]
+        texts += passages
+    return pa.table({"key": pa.array(keys, pa.int64()), "text": pa.array(texts, pa.string())})
+
+
+def build_corpus(examples: ray.data.Dataset,
+                 pool: ray.data.Dataset | None) -> tuple[ray.data.Dataset, int]:
+    """The mining corpus: distinct texts of the pool (else of every pos and neg), numbered
+    in first-seen order (``row``), materialised in the object store; and its size."""
+    source = pool if pool is not None else examples.map_batches(
+        _passages, batch_format="pyarrow").materialize()
+    unique = source.groupby("text", num_partitions=shuffle_partitions(source)).aggregate(
+        Min("key", alias_name="key"))
+    corpus = number_rows(unique.sort("key"), "row").select_columns(["row", "text"])
+    size = corpus.count()
+    if not size:
+        raise ValueError("the corpus is empty: no candidate texts")
+    return corpus, size
+
+
+def _query_and_positives(batch: pa.Table) -> pa.Table:
+    examples, texts = [], []
+    for row, query, pos in zip(batch["row"].to_pylist(), batch["text"].to_pylist(),
+                               batch["pos"].to_pylist()):
+        examples += [row] * (len(pos) + 1)
+        texts += [query, *pos]
+    return pa.table({"example": pa.array(examples, pa.int64()),
+                     "text": pa.array(texts, pa.string())})
+
+
+def banned_ids(examples: ray.data.Dataset, corpus: ray.data.Dataset,
+               count: int) -> list[set[int]]:
+    """Per example, the corpus ids of its query and positives (a join on the text)."""
+    texts = examples.map_batches(_query_and_positives, batch_format="pyarrow")
+    joined = texts.join(corpus, "inner", num_partitions=shuffle_partitions(corpus),
+                        on=("text",)).select_columns(["example", "row"])
+    banned: list[set[int]] = [set() for _ in range(count)]
+    for batch in joined.iter_batches(batch_format="numpy", batch_size=None):
+        for example, row in zip(batch["example"].tolist(), batch["row"].tolist()):
+            banned[example].add(row)
+    return banned
+
+
+def _records(batch: pa.Table) -> pa.Table:
+    return pa.table({"example": batch["row"],
+                     "slot": pa.array(np.full(batch.num_rows, -1, dtype=np.int64)),
+                     "text": batch["record"]}, schema=PIECE_SCHEMA)
+
+
+def _assemble(group: pa.Table) -> pa.Table:
+    """One example's pieces (its record at slot -1, its negatives' texts at slots 0..)
+    → its output line, ``neg`` replaced and every other field kept in place."""
+    slots = group["slot"].to_pylist()
+    texts = group["text"].to_pylist()
+    pieces = sorted(zip(slots, texts))
+    record = json.loads(pieces[0][1])
+    record["neg"] = [text for _, text in pieces[1:]]
+    line = json.dumps(record, ensure_ascii=False)
+    return pa.table({"order": pa.array([group["example"][0].as_py()], pa.int64()),
+                     "line": pa.array([line], pa.string())})
+
+
+def write_mined(examples: ray.data.Dataset, corpus: ray.data.Dataset,
+                mined: Sequence[Sequence[int]], uri: str, block_rows: int = 65536) -> None:
+    """Write each example with ``neg`` = the texts of its mined ids (in order) to `uri`."""
+    example = np.repeat(np.arange(len(mined), dtype=np.int64), [len(m) for m in mined])
+    slot = np.concatenate([np.arange(len(m), dtype=np.int64) for m in mined])
+    ids = np.fromiter((i for m in mined for i in m), dtype=np.int64, count=len(example))
+    table = pa.table({"example": example, "slot": slot, "row": ids})
+    picks = ray.data.from_arrow([table.slice(i, block_rows)
+                                 for i in range(0, max(len(table), 1), block_rows)])
+    texts = picks.join(corpus, "inner", num_partitions=shuffle_partitions(corpus),
+                       on=("row",)).select_columns(["example", "slot", "text"])
+    texts = texts.map_batches(lambda t: t.cast(PIECE_SCHEMA), batch_format="pyarrow")
+    pieces = examples.map_batches(_records, batch_format="pyarrow").union(texts)
+    lines = pieces.groupby("example", num_partitions=shuffle_partitions(examples)).map_groups(
+        _assemble, batch_format="pyarrow")
+    write_lines(lines, uri)
