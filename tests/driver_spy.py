@@ -1,6 +1,7 @@
-"""What reaches a job's driver: every value it gets from Ray (`ray.get`) or from a Ray
-dataset (iterating, taking, aggregating) is scanned for a marker string that only corpus
-texts contain, so a test can show the corpus never passes through the driver."""
+"""What reaches a job's driver: every value it gets from Ray (`ray.get`), puts into Ray
+(`ray.put`) or gets from a Ray dataset (iterating, taking, aggregating) is scanned for a
+marker string that only corpus texts contain, so a test can show the corpus never passes
+through the driver."""
 
 from __future__ import annotations
 
@@ -58,13 +59,14 @@ def _lazy(value: Any) -> bool:
 
 @contextlib.contextmanager
 def spy_on_driver(monkeypatch: Any, marker: str) -> Iterator[DriverSpy]:
-    """Patch `ray.get` and the dataset methods that hand data to the driver."""
+    """Patch `ray.get`, `ray.put` and the dataset methods that hand data to the driver."""
     import ray
     import ray.data
 
     spy = DriverSpy(marker)
-    real_get = ray.get
+    real_get, real_put = ray.get, ray.put
     monkeypatch.setattr(ray, "get", lambda *a, **kw: spy.scan(real_get(*a, **kw)))
+    monkeypatch.setattr(ray, "put", lambda value, *a, **kw: real_put(spy.scan(value), *a, **kw))
     for name in CONSUMERS:
         real = getattr(ray.data.Dataset, name)
 
