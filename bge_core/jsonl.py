@@ -35,6 +35,6 @@ def iter_jsonl(lines: Iterable[str], where: str) -> Iterator[tuple[int, Any]]:
     for number, line in enumerate(lines, start=1):
         value, error = parse_line(line)
         if error:
-            raise ValueError(f"{where} row {number}: {error}")
+            raise ValueError(f"{where} line {number}: {error}")
         if error is None:  # "" is a blank line
             yield number, value

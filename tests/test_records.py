@@ -48,7 +48,7 @@ def test_reader_names_file_line_and_field(tmp_path: Path) -> None:
         list(read_records(str(path), records.check_candidate, "candidate pool"))
     assert str(err.value) == located(str(path), 3, "missing 'text' (a string is required)")
     path.write_text('{"text": "a"}\n{"text": \n')
-    with pytest.raises(ValueError, match="pool.jsonl row 2: not valid JSON"):
+    with pytest.raises(ValueError, match="pool.jsonl line 2: not valid JSON"):
         list(read_records(str(path), records.check_candidate, "candidate pool"))
 
 
