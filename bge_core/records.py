@@ -8,8 +8,9 @@ Ray task::
     /data/train.jsonl line 7: missing or empty 'query' (a string is required)
 
 Kinds: a training example (``{"query", "pos", "neg"}``, FlagEmbedding's format), a
-candidate text (``{"text"}``, mining's pool), and BEIR's corpus document
-(``{"_id", "title", "text"}``), query (``{"_id", "text"}``) and qrels line
+candidate text (``{"text"}``, mining's pool), a pretraining text (RetroMAE's corpus), a
+document to embed (the embedding job's rows under its column names, and BEIR's corpus
+``{"_id", "title", "text"}``), and BEIR's query (``{"_id", "text"}``) and qrels line
 (``query-id<TAB>corpus-id<TAB>score``).
 """
 
@@ -91,14 +92,34 @@ def check_beir_query(obj: Any) -> str | None:
     return None
 
 
+def check_document(obj: Any, id_key: str = "_id", text_key: str = "text",
+                   title_key: str | None = "title") -> str | None:
+    """A document to embed ``{id_key, title_key?: str | null, text_key: str}``: a BEIR
+    corpus line, or a row of the embedding job's input under its column names."""
+    if (error := _object(obj)) is not None:
+        return error
+    if obj.get(id_key) is None:
+        return f"missing '{id_key}'"
+    if not isinstance(obj.get(text_key), str):
+        return _not_string(obj, text_key)
+    title = obj.get(title_key) if title_key else None
+    if title_key and title is not None and not isinstance(title, str):
+        return _not_string(obj, title_key)
+    return None
+
+
 def check_beir_doc(obj: Any) -> str | None:
     """A BEIR corpus document ``{"_id", "title"?: str | null, "text": str}``."""
-    if (error := check_beir_query(obj)) is not None:
+    return check_document(obj)
+
+
+def check_text(obj: Any, key: str = "text") -> str | None:
+    """A pretraining text ``{key: str | null}``: a value that is not a string (empty and
+    null texts are the reader's to skip and count)."""
+    if (error := _object(obj)) is not None:
         return error
-    title = obj.get("title")
-    if title is not None and not isinstance(title, str):
-        return _not_string(obj, "title")
-    return None
+    value = obj.get(key)
+    return None if value is None or isinstance(value, str) else _not_string(obj, key)
 
 
 def _not_string(obj: dict, key: str) -> str:

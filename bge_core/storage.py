@@ -20,6 +20,7 @@ job stops with a `StorageError` naming the URI, never hangs. Settings a user pas
 from __future__ import annotations
 
 import errno
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
@@ -31,6 +32,9 @@ S3_ATTEMPTS = 4  # botocore: attempts per HTTP request (standard retry mode)
 S3FS_RETRIES = 4  # s3fs: tries per call, on SlowDown / timeouts / cut-off bodies
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 30.0
+
+STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+               "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION")
 
 S3_SETTINGS: dict[str, Any] = {  # s3fs.S3FileSystem keyword arguments
     "config_kwargs": {"retries": {"max_attempts": S3_ATTEMPTS, "mode": "standard"},
@@ -144,3 +148,11 @@ def arrow_filesystem(uri: str) -> tuple[Any, str]:
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
     return PyFileSystem(FSSpecHandler(fs)), path.rstrip("/")
+
+
+def storage_runtime_env() -> dict[str, Any]:
+    """Ray task options carrying this process's storage settings (``AWS_*``), so a task
+    reaches the store the driver does even when they were set after Ray started; empty
+    when there are none."""
+    env = {k: os.environ[k] for k in STORAGE_ENV if k in os.environ}
+    return {"runtime_env": {"env_vars": env}} if env else {}

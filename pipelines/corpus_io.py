@@ -21,6 +21,7 @@ from bge_core.io import (
     plan_ranges,
     read_columns,
 )
+from bge_core.records import check_document
 from bge_core.texts import join_title
 
 ROW_BITS = 40  # rows per file < 2**40
@@ -72,7 +73,9 @@ def plan_files(files: list[str], chunk_rows: int, required: list[str],
     """
     import ray
 
-    plan = ray.remote(num_cpus=0.25)(_plan_task)
+    from bge_core.storage import storage_runtime_env
+
+    plan = ray.remote(num_cpus=0.25)(_plan_task).options(**storage_runtime_env())
     planned = ray.get([plan.remote(f, i, chunk_rows, required) for i, f in enumerate(files)])
     problem = next((p for _, p in planned if p), None)
     if problem:
@@ -103,20 +106,16 @@ def text_hash(text: str) -> str:
 
 def validate_rows(values: dict[str, list[Any]], id_column: str, text_column: str,
                   title_column: str | None) -> tuple[list[str | None], list[str | None]]:
-    """Per row: the text to embed (or None) and the reason it cannot be embedded (or None)."""
+    """Per row: the text to embed (or None) and the reason it cannot be embedded (or None),
+    by `bge_core.records.check_document` (the BEIR corpus's rule, under these columns)."""
     texts: list[str | None] = []
     reasons: list[str | None] = []
     titles = values[title_column] if title_column else [None] * len(values[text_column])
     for row_id, text, title in zip(values[id_column], values[text_column], titles):
-        reason = None
-        if row_id is None:
-            reason = f"null id in column {id_column!r}"
-        elif text is None:
-            reason = f"null text in column {text_column!r}"
-        elif not isinstance(text, str):
-            reason = f"text is {type(text).__name__}, not a string"
-        elif title is not None and not isinstance(title, str):
-            reason = f"title is {type(title).__name__}, not a string"
+        record = {id_column: row_id, text_column: text}
+        if title_column:
+            record[title_column] = title
+        reason = check_document(record, id_column, text_column, title_column)
         texts.append(None if reason else join_title(title, text))
         reasons.append(reason)
     return texts, reasons

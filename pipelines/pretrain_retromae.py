@@ -39,6 +39,7 @@ from transformers import AutoConfig, AutoTokenizer
 from bge_core.distributed import all_reduce_mean, get_rank, get_world_size
 from bge_core.io import RANGE_ROWS, FileRange, iter_records
 from bge_core.loading import resolve_model
+from bge_core.records import check_text, located
 from bge_core.retromae import HEADS_FILE, load_checkpoint, load_retromae, save_checkpoint
 from bge_core.retromae_masking import RetroMAECollator
 from bge_core.storage import StorageError
@@ -103,14 +104,11 @@ def texts_of(part: FileRange, column: str) -> tuple[list[str], int]:
     skipped = 0
     unit = "row" if part.fmt == "parquet" else "line"
     for row, record, error in iter_records(part, [column]):
-        if error:
-            raise InputError(f"{part.path}: {unit} {row + 1}: {error}")
-        value = record.get(column) if isinstance(record, dict) else None
-        if value is None or (isinstance(value, str) and not value.strip()):
+        if error := error or check_text(record, column):
+            raise InputError(located(part.path, row + 1, error, unit))
+        value = record.get(column)
+        if value is None or not value.strip():
             skipped += 1
-        elif not isinstance(value, str):
-            raise InputError(f"{part.path}: {unit} {row + 1}: {column!r} is "
-                             f"{type(value).__name__}, not a string")
         else:
             texts.append(value)
     return texts, skipped

@@ -28,7 +28,7 @@ DOC_SCHEMA = pa.schema([("_id", pa.string()), ("title", pa.string()), ("text", p
                         ("line", pa.int64())])
 
 
-def _doc_row(ordinal: int, line: int, doc: dict[str, Any]) -> dict[str, Any]:
+def _doc_row(key: int, line: int, doc: dict[str, Any]) -> dict[str, Any]:
     doc_id, title, text = doc_fields(doc)
     return {"_id": doc_id, "title": title, "text": text, "line": line}
 

@@ -25,23 +25,24 @@ from bge_core.records import check_candidate, check_training_example
 from pipelines.ray_records import number_rows, read_records, shuffle_partitions, write_lines
 
 SLOT_BITS = 20  # default pool: key of example i's passage j = i << SLOT_BITS | j
-EXAMPLE_SCHEMA = pa.schema([("row", pa.int64()), ("text", pa.string()),
+EXAMPLE_SCHEMA = pa.schema([("key", pa.int64()), ("text", pa.string()),
                             ("pos", pa.list_(pa.string())), ("neg", pa.list_(pa.string())),
                             ("record", pa.string())])
 CANDIDATE_SCHEMA = pa.schema([("key", pa.int64()), ("text", pa.string())])
 PIECE_SCHEMA = pa.schema([("example", pa.int64()), ("slot", pa.int64()), ("text", pa.string())])
 
 
-def _example_row(ordinal: int, line: int, obj: dict[str, Any]) -> dict[str, Any]:
-    return {"row": ordinal, "text": obj["query"], "pos": list(obj["pos"]),
+def _example_row(key: int, line: int, obj: dict[str, Any]) -> dict[str, Any]:
+    return {"key": key, "text": obj["query"], "pos": list(obj["pos"]),
             "neg": list(obj.get("neg") or []), "record": json.dumps(obj, ensure_ascii=False)}
 
 
 def read_examples(path: str) -> tuple[ray.data.Dataset, int]:
-    """Training examples (``row`` = position in the file, ``text`` = the query, ``pos``,
+    """Training examples (``row`` = 0..n-1 in file order, ``text`` = the query, ``pos``,
     ``neg``, ``record`` = the example as JSON) and their count."""
     ds = read_records(path, check_training_example, _example_row, EXAMPLE_SCHEMA,
                       "training data")
+    ds = number_rows(ds, "row", by="key").drop_columns(["key"])
     count = ds.count()
     if not count:
         raise ValueError(f"{path}: no training examples")
@@ -49,8 +50,9 @@ def read_examples(path: str) -> tuple[ray.data.Dataset, int]:
 
 
 def read_pool(path: str) -> ray.data.Dataset:
-    """Candidate-pool texts with their position in the file (``key``)."""
-    return read_records(path, check_candidate, lambda i, line, obj: {"key": i, "text": obj["text"]},
+    """Candidate-pool texts with their place in the files (``key``, file order)."""
+    return read_records(path, check_candidate,
+                        lambda key, line, obj: {"key": key, "text": obj["text"]},
                         CANDIDATE_SCHEMA, "candidate pool")
 
 

@@ -1,19 +1,18 @@
 """JSONL records as Ray datasets, read and written by Ray tasks, never through the driver.
 
-`read_records` streams each file in a Ray task (`bge_core.jsonl` line reading) and yields
-blocks of `block_rows` rows, every record checked by its `bge_core.records` validator; a
-bad record becomes one row whose ``error`` column holds its located message, and
-`raise_first_error` stops the job with it. `number_rows` numbers rows 0..n-1 in block order
-(counts per block, not rows, reach the driver). `write_lines` writes a dataset of
-``(order, line)`` rows as one JSONL file at a local path or URI: sorted, written in parts by
-tasks, and concatenated by one task.
+`read_records` reads the files in ranges (`bge_core.io`, the reader every job uses), one
+Ray task per range, every record checked by its `bge_core.records` validator; a bad
+record becomes one row whose ``error`` column holds its located message, and
+`raise_first_error` stops the job with the first in file order. `number_rows` numbers
+rows 0..n-1 in file order (counts per block, not rows, reach the driver). `write_lines`
+writes a dataset of ``(order, line)`` rows as one JSONL file at a local path or URI:
+sorted, written in parts by tasks, and concatenated by one task.
 """
 
 from __future__ import annotations
 
-import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import fsspec
@@ -22,85 +21,82 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
+from bge_core.io import RANGE_ROWS, DataFileError, FileRange, iter_records
 from bge_core.jsonl import open_text
-from bge_core.records import Check, RecordError, parse_lines
+from bge_core.records import Check, RecordError, located
+from bge_core.storage import storage_runtime_env
+from pipelines.corpus_io import ROW_BITS
+from pipelines.train_data import plan_data, range_dataset
 
-ToRow = Callable[[int, int, Any], dict[str, Any]]  # (ordinal, line, record) → row
+ToRow = Callable[[int, int, Any], dict[str, Any]]  # (key, line, record) → row
+ERROR_KEY = "_error_key"  # the key of an error row (the first bad record wins)
 IO_CPUS = 0.25  # a read/write task waits on storage more than it computes
-STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-               "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION")
 
 
 def io_remote_args() -> dict[str, Any]:
     """Ray args of a task that reads or writes the job's files: few CPUs, and the driver's
     storage settings (``AWS_*``) when it has any, so workers reach the same store."""
-    env = {k: os.environ[k] for k in STORAGE_ENV if k in os.environ}
-    return {"num_cpus": IO_CPUS, **({"runtime_env": {"env_vars": env}} if env else {})}
+    return {"num_cpus": IO_CPUS, **storage_runtime_env()}
 
 
-def require_file(uri: str, what: str) -> None:
-    """Fail on the driver, naming `what`, before any task reads a missing file."""
-    fs, path = fsspec.core.url_to_fs(uri)
-    if not fs.isfile(path):
-        raise FileNotFoundError(f"{what} not found: {uri}")
-
-
-def _read_file(item: dict[str, np.ndarray], check: Check, to_row: ToRow, schema: pa.Schema,
-               what: str, block_rows: int) -> Iterator[pa.Table]:
-    """Ray task: one file → blocks of checked rows (an error row ends the file)."""
-    path = str(item["path"][0])
+def _read_range(part: FileRange, check: Check, to_row: ToRow, schema: pa.Schema) -> pa.Table:
+    """Ray task: one range (`bge_core.io`) → its checked rows; the range's first bad
+    record becomes an error row (its message and key) and ends the range."""
+    unit = "row" if part.fmt == "parquet" else "line"
     rows: list[dict[str, Any]] = []
-    with open_text(path, what=what) as handle:
-        for ordinal, (line, obj, error) in enumerate(parse_lines(handle, path, check)):
-            rows.append({"error": error} if error else to_row(ordinal, line, obj))
-            if error or len(rows) == block_rows:
-                yield pa.Table.from_pylist(rows, schema=schema)
-                rows = []
-            if error:
-                return
-    if rows:
-        yield pa.Table.from_pylist(rows, schema=schema)
+    for row, obj, error in iter_records(part):
+        key = (part.file_index << ROW_BITS) | row
+        reason = error or check(obj)
+        if reason:
+            rows.append({"error": located(part.path, row + 1, reason, unit), ERROR_KEY: key})
+            break
+        rows.append(to_row(key, row + 1, obj))
+    return pa.Table.from_pylist(rows, schema=schema)
 
 
-def read_records(path: str, check: Check, to_row: ToRow, schema: pa.Schema, what: str,
-                 block_rows: int = 4096) -> ray.data.Dataset:
-    """The records of a JSONL file as a materialised dataset (in the object store), checked.
+def read_records(uri: str, check: Check, to_row: ToRow, schema: pa.Schema, what: str,
+                 rows_per_range: int = RANGE_ROWS) -> ray.data.Dataset:
+    """The records of the JSONL/Parquet files at `uri`, checked, as a materialised dataset.
+
+    The one reader of `bge_core.io`: files listed (a file, a folder or a glob), each cut
+    into ranges of about `rows_per_range` rows (JSONL at line breaks) in Ray tasks, and a
+    Ray task reads each range, so no file is read whole in one task or on the driver.
 
     Args:
-        path: local path or fsspec URI.
+        uri: local path or fsspec URI.
         check: the record kind's validator (`bge_core.records`).
-        to_row: (ordinal among the file's records, line number, record) → row of `schema`.
-        schema: the rows' columns (an ``error`` string column is added).
-        what: the file's role, for messages ("training data", "candidate pool").
-        block_rows: rows per block.
+        to_row: (key, line, record) → row of `schema`; ``key`` = ``file_index << 40 |
+            row`` orders records as the files do (`number_rows` makes them dense).
+        schema: the rows' columns.
+        what: the files' role, for messages ("training data", "candidate pool").
 
     Raises:
-        FileNotFoundError: `path` is missing. `RecordError`: a record is bad (file, line,
-        field named).
+        DataFileError: nothing at `uri`, or an unreadable file (named). `RecordError`: a
+        record is bad (the first in file order; file, line and field named).
     """
-    require_file(path, what)
-    schema = schema.append(pa.field("error", pa.string()))
-    files = ray.data.from_items([{"path": path}])
-    ds = files.map_batches(
-        _read_file, batch_size=1, batch_format="numpy",
-        fn_kwargs={"check": check, "to_row": to_row, "schema": schema, "what": what,
-                   "block_rows": block_rows}, **io_remote_args()).materialize()
+    ranges = plan_data(uri, what=what, error=DataFileError, rows_per_range=rows_per_range)
+    schema = schema.append(pa.field("error", pa.string())).append(pa.field(ERROR_KEY, pa.int64()))
+    ds = range_dataset(ranges, _read_range, check=check, to_row=to_row,
+                       schema=schema).materialize()
     raise_first_error(ds)
-    return ds.drop_columns(["error"])
+    return ds.drop_columns(["error", ERROR_KEY])
 
 
 def raise_first_error(ds: ray.data.Dataset) -> None:
-    """Raise `RecordError` with the first bad record's message (only that row is fetched)."""
-    bad = ds.map_batches(lambda t: t.filter(pc.is_valid(t["error"])).select(["error"]),
-                         batch_format="pyarrow", num_cpus=IO_CPUS)
-    first = bad.take(1)
-    if first:
-        raise RecordError(first[0]["error"])
+    """Raise `RecordError` with the message of the first bad record in file order (only
+    the error rows, at most one per range, are fetched)."""
+    bad = ds.map_batches(lambda t: t.filter(pc.is_valid(t["error"])).select(["error", ERROR_KEY]),
+                         batch_format="pyarrow", num_cpus=IO_CPUS).take_all()
+    if bad:
+        raise RecordError(min(bad, key=lambda r: r[ERROR_KEY])["error"])
 
 
 @ray.remote(num_cpus=IO_CPUS)
-def _num_rows(table: pa.Table) -> int:
-    return table.num_rows
+def _span(table: pa.Table, by: str | None) -> tuple[int, Any, Any]:
+    """(rows, first and last value of `by`) of one block."""
+    if by is None or not table.num_rows:
+        return table.num_rows, None, None
+    return table.num_rows, pc.min(table[by]).as_py(), pc.max(table[by]).as_py()
 
 
 @ray.remote(num_cpus=IO_CPUS)
@@ -109,14 +105,27 @@ def _with_ids(table: pa.Table, start: int, column: str) -> pa.Table:
     return table.append_column(column, ids)
 
 
-def number_rows(ds: ray.data.Dataset, column: str) -> ray.data.Dataset:
-    """`ds` with an int64 `column` numbering its rows 0..n-1 in block order (a sorted
-    dataset: by its sort key). The driver holds block references and counts only."""
+def number_rows(ds: ray.data.Dataset, column: str, by: str | None = None) -> ray.data.Dataset:
+    """`ds` with an int64 `column` numbering its rows 0..n-1: in block order, or with `by`
+    in the order of that column, where each block holds a run of it in order (the blocks
+    of `read_records` by ``key``: one range each). The driver holds block references and
+    counts only.
+
+    Raises:
+        ValueError: with `by`, two blocks' runs overlap (the rows have no such order).
+    """
     refs = ds.to_arrow_refs()
-    counts = ray.get([_num_rows.remote(ref) for ref in refs])
-    starts = np.cumsum([0, *counts[:-1]]).tolist()
+    spans = ray.get([_span.remote(ref, by) for ref in refs])
+    order = list(range(len(refs)))
+    if by is not None:
+        filled = sorted((i for i in order if spans[i][0]), key=lambda i: spans[i][1])
+        for a, b in zip(filled, filled[1:]):
+            if spans[a][2] >= spans[b][1]:
+                raise ValueError(f"blocks overlap in {by!r}: cannot number rows in its order")
+        order = filled + [i for i in order if not spans[i][0]]
+    starts = np.cumsum([0, *(spans[i][0] for i in order[:-1])]).tolist()
     return ray.data.from_arrow_refs(
-        [_with_ids.remote(ref, int(s), column) for ref, s in zip(refs, starts)])
+        [_with_ids.remote(refs[i], int(s), column) for i, s in zip(order, starts)])
 
 
 def _write_part(batch: pa.Table, folder: str) -> pa.Table:

@@ -38,9 +38,11 @@ def range_dataset(ranges: list[dict[str, Any]], read: ReadRange, **kwargs: Any) 
     block per range, in the order given."""
     import ray
 
+    from bge_core.storage import storage_runtime_env
+
     return ray.data.from_items(ranges, override_num_blocks=max(1, len(ranges))).map_batches(
         _read_one, batch_size=1, batch_format="pyarrow", num_cpus=0.5,
-        fn_kwargs={"read": read, "kwargs": kwargs})
+        fn_kwargs={"read": read, "kwargs": kwargs}, **storage_runtime_env())
 
 
 def _read_one(batch: pa.Table, read: ReadRange, kwargs: dict[str, Any]) -> pa.Table:

@@ -84,9 +84,10 @@ def test_bad_rows_are_rejected_with_reasons(ray_session, tiny_bert_dir, encoder,
     reasons = {(r["source_file"].rsplit("/", 1)[1], r["row"]): r["reason"]
                for r in rejects.to_pylist()}
     assert len(reasons) == 6
-    assert "null text" in reasons[("a.jsonl", 1)] and "null text" in reasons[("a.jsonl", 5)]
+    assert "missing 'text'" in reasons[("a.jsonl", 1)]
+    assert "missing 'text'" in reasons[("a.jsonl", 5)]
     assert "int, not a string" in reasons[("a.jsonl", 2)]
-    assert "null id" in reasons[("a.jsonl", 3)]
+    assert "missing '_id'" in reasons[("a.jsonl", 3)]
     assert "duplicate id" in reasons[("a.jsonl", 4)]
     assert "duplicate id" in reasons[("b.jsonl", 0)]
 

@@ -85,4 +85,5 @@ def test_a_jsonl_file_is_read_in_line_ranges_keyed_and_rejected_by_line(
     assert [t.column("_rejected")[0].as_py() for t in tables] == [0, 1, 0]
     rejects = pq.read_table(tmp_path / "o" / "_rejects" / tables[1].column(
         "_rejects_file")[0].as_py()).to_pylist()
-    assert [(r["row"], r["reason"]) for r in rejects] == [(3, "null text in column 'text'")]
+    assert [(r["row"], r["reason"]) for r in rejects] == [
+        (3, "missing 'text' (a string is required)")]

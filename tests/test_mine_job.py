@@ -106,6 +106,32 @@ def test_default_pool_is_every_pos_and_neg_in_first_seen_order(ray_session,
     assert [r for r, _ in rows] == list(range(5))
 
 
+@pytest.mark.timeout(180)
+def test_records_are_read_in_ranges_numbered_in_file_order(ray_session, tmp_path: Path) -> None:
+    """Mining's input read as many line ranges (`bge_core.io`, one Ray task each): blank
+    lines skipped, examples numbered 0..n-1 in file order, and of two bad records the
+    one earlier in the file is reported, with its line."""
+    from bge_core.records import RecordError, check_training_example
+    from pipelines.ray_mining import EXAMPLE_SCHEMA, _example_row
+    from pipelines.ray_records import number_rows, read_records
+
+    lines = [json.dumps({"query": f"q{i}", "pos": [f"p{i}"]}) if i % 4 else "" for i in range(23)]
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join(lines) + "\n")
+    ds = read_records(str(train), check_training_example, _example_row, EXAMPLE_SCHEMA,
+                      "training data", rows_per_range=3)
+    assert ds.materialize().num_blocks() == 8  # 23 lines, ranges of 3: never read whole
+    rows = sorted((r["row"], r["text"]) for r in number_rows(ds, "row", by="key").take_all())
+    assert rows == list(enumerate(f"q{i}" for i in range(23) if i % 4))
+
+    lines[20] = json.dumps({"query": "", "pos": ["x"]})
+    lines[9] = "{not json"
+    train.write_text("\n".join(lines) + "\n")
+    with pytest.raises(RecordError, match=r"train.jsonl line 10: not valid JSON"):
+        read_records(str(train), check_training_example, _example_row, EXAMPLE_SCHEMA,
+                     "training data", rows_per_range=3)
+
+
 def test_cli_errors_name_the_flag_or_file(tmp_path: Path,
                                           capsys: pytest.CaptureFixture) -> None:
     from pipelines.mine_hard_negatives import main

@@ -36,6 +36,8 @@ def test_candidate_and_beir_rules_name_the_field() -> None:
         "'title' is int, not a string"
     assert records.check_beir_doc({"_id": "d", "title": "x"}) == \
         "missing 'text' (a string is required)"
+    assert records.check_text({"text": None}) is None  # skipped and counted by the reader
+    assert records.check_text({"body": ["a"]}, "body") == "'body' is list, not a string"
     assert records.parse_qrel(["q1", "d1", "2"]) == ("q1", "d1", 2)
     assert "query-id<TAB>corpus-id<TAB>score" in records.parse_qrel(["q1", "d1"])
     assert "query-id<TAB>corpus-id<TAB>score" in records.parse_qrel(["q1", "d1", "x"])
@@ -95,3 +97,21 @@ def test_same_bad_example_same_message_in_finetune_and_mining(ray_session,
     with pytest.raises(RecordError) as local_err:
         list(read_records(str(path), records.check_training_example, "training data"))
     assert str(local_err.value) == expected
+
+
+def test_embed_rows_and_beir_documents_share_one_rule() -> None:
+    """The embedding job's rejects and the BEIR reader give the same reason for the same
+    bad document (the embed job under its own column names)."""
+    from pipelines.corpus_io import validate_rows
+
+    docs = [{"_id": "a", "title": None, "text": "ok"}, {"_id": "b", "text": None},
+            {"_id": None, "text": "t"}, {"_id": "c", "title": 3, "text": "t"}]
+    values = {k: [d.get(k) for d in docs] for k in ("_id", "title", "text")}
+    texts, reasons = validate_rows(values, "_id", "text", "title")
+    assert texts == ["ok", None, None, None]
+    assert reasons == [records.check_beir_doc(d) for d in docs]
+    assert reasons[1:] == ["missing 'text' (a string is required)", "missing '_id'",
+                           "'title' is int, not a string"]
+    renamed = {"doc_id": values["_id"], "body": values["text"]}
+    _, reasons = validate_rows(renamed, "doc_id", "body", None)
+    assert reasons[1:3] == ["missing 'body' (a string is required)", "missing 'doc_id'"]
