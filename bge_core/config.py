@@ -11,7 +11,8 @@ DType = Literal["fp32", "bf16", "fp16", "int8"]
 
 # Fields that describe the model (written beside the weights by `Encoder.save`). The rest
 # are run-time knobs (precision, batch sizes) that a checkpoint should not pin.
-SAVED_FIELDS = ("pooling", "normalize", "query_instruction", "max_length", "query_max_length")
+SAVED_FIELDS = ("pooling", "normalize", "query_instruction", "max_length", "query_max_length",
+                "temperature")  # temperature: how it was trained, not how it encodes
 # Micro-batch limits (rows, padded tokens) when not set: measured on a 2-core Zen 3 CPU,
 # 64 rows / 2,048 tokens encoded STS-B 1.3x and NFCorpus 1.08x faster than 256 / 16,384
 # (BENCHMARKS.md); GPUs want big batches.
@@ -30,6 +31,9 @@ class EncoderConfig:
             short-query→passage retrieval instruction); never added to passages.
         max_length: token limit for passages and plain `encode` (truncated beyond).
         query_max_length: token limit for queries; ``None`` means ``max_length``.
+        temperature: the contrastive-loss temperature the model was trained at (None:
+            unknown); finetuning continues at it unless ``--temperature`` is given, and
+            saves the one it used. Not used for encoding.
         dtype: compute precision for encoding: ``fp32``, ``bf16``, ``fp16`` (GPU only) or
             ``int8`` (CPU only: ONNX Runtime with per-channel int8 weights, `bge_core.int8`).
         batch_size: most rows in one micro-batch (default: 64 on CPU, 256 on GPU).
@@ -43,6 +47,7 @@ class EncoderConfig:
     query_instruction: str | None = None
     max_length: int = 512
     query_max_length: int | None = None
+    temperature: float | None = None
     dtype: DType = "fp32"
     batch_size: int | None = None
     max_tokens_per_batch: int | None = None
@@ -57,6 +62,8 @@ class EncoderConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.query_max_length is not None and self.query_max_length < 1:
             raise ValueError(f"query_max_length must be >= 1, got {self.query_max_length}")
+        if self.temperature is not None and self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
     @property
     def effective_query_max_length(self) -> int:

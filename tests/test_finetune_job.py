@@ -50,7 +50,7 @@ def test_config_flags_follow_flagembedding(tmp_path):
     assert (cfg.train_group_size, cfg.negatives_cross_device, cfg.temperature) == (4, True, 0.01)
     assert cfg.gradient_cache_chunk_size == 8 and cfg.query_instruction_for_retrieval
     assert FinetuneConfig(model_name_or_path="m", train_data="d", output_dir="o").temperature \
-        == 0.02
+        is None  # the model's own (`train_temperature`)
 
 
 @pytest.mark.parametrize("flags, message", [
