@@ -8,12 +8,15 @@ recall@100 / MRR@10 before and after, STS-B test Spearman before and after, and 
 time of each stage.
 
     .venv/bin/python bench/retrieval_quality.py [--stages before,mine,finetune,after] \
-        [--train_queries 0] [--epochs 1] [--batch 32] [--group 4] \
+        [--train_queries 0] [--epochs 1] [--batch 32] [--group 4] [--positives top] \
         [--train temperature=0.05 --train learning_rate=2e-5] [--workdir out/retrieval_quality]
 
-Training data: NFCorpus train queries (all, or the first `--train_queries`), every relevant
-document as a positive (so none of them can be mined as a negative), negatives mined from
-the whole corpus (`pool.jsonl`: every corpus text) at the mining job's default ranks.
+Training data: NFCorpus train queries (all, or the first `--train_queries`). Mining sees
+every judged document of a query as a positive, so none of them can be mined as a
+negative; negatives come from the whole corpus (`pool.jsonl`: every corpus text) at the
+mining job's default ranks. Finetuning then takes as positives only each query's
+highest-graded documents (`--positives top`, the default: NFCorpus grade 2 = the article
+cites the document directly, 1 = an indirect link) or all of them (`--positives all`).
 """
 
 from __future__ import annotations
@@ -64,6 +67,24 @@ def write_training_data(workdir: Path, n_queries: int) -> tuple[Path, Path]:
     return train_file, pool_file
 
 
+def keep_positives(workdir: Path, which: str) -> Path:
+    """finetune.jsonl: mined.jsonl with ``pos`` = each query's highest-graded documents
+    (``top``) or every judged one (``all``); ``neg`` as mined."""
+    train = load_beir(DATA, "train")
+    texts = dict(zip(train.corpus_ids, train.corpus_texts))
+    qrels = {train.queries[qid]: grades for qid, grades in train.qrels.items()}
+    out = workdir / "finetune.jsonl"
+    with (workdir / "mined.jsonl").open() as src, out.open("w") as dst:
+        for line in src:
+            record = json.loads(line)
+            if which == "top":
+                grades = qrels[record["query"]]
+                best = max(grades.values())
+                record["pos"] = [texts[d] for d, g in grades.items() if g == best]
+            dst.write(json.dumps(record) + "\n")
+    return out
+
+
 def overrides(pairs: list[str]) -> dict[str, str]:
     """``key=value`` flags as a dict (values parsed by the job's own flag types)."""
     out = {}
@@ -84,10 +105,12 @@ def mine(workdir: Path, n_queries: int, extra: dict[str, str]) -> dict:
     return run(parse(MineConfig, argv, extra))
 
 
-def finetune(workdir: Path, epochs: int, batch: int, group: int, extra: dict[str, str]) -> dict:
+def finetune(workdir: Path, epochs: int, batch: int, group: int, positives: str,
+             extra: dict[str, str]) -> dict:
     from pipelines.finetune import FinetuneConfig, run
 
-    argv = ["--model_name_or_path", MODEL, "--train_data", str(workdir / "mined.jsonl"),
+    data = keep_positives(workdir, positives)
+    argv = ["--model_name_or_path", MODEL, "--train_data", str(data),
             "--output_dir", str(workdir / "finetuned"), "--num_train_epochs", str(epochs),
             "--per_device_train_batch_size", str(batch), "--train_group_size", str(group)]
     cfg = parse(FinetuneConfig, argv, extra)
@@ -113,6 +136,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--group", type=int, default=4)
+    parser.add_argument("--positives", choices=["top", "all"], default="top",
+                        help="finetune on each query's highest-graded documents, or all")
     parser.add_argument("--mine", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--train", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--workdir", default="out/retrieval_quality")
@@ -129,7 +154,7 @@ def main() -> None:
             results[stage] = mine(workdir, args.train_queries, overrides(args.mine))
         elif stage == "finetune":
             results[stage] = finetune(workdir, args.epochs, args.batch, args.group,
-                                      overrides(args.train))
+                                      args.positives, overrides(args.train))
         elif stage == "after":
             results[stage] = evaluate(str(workdir / "finetuned"), workdir, "after")
         else:
