@@ -1,13 +1,10 @@
-"""JSON Lines from an open text stream (BEIR files, mining inputs), parsed by the same rule
-as `bge_core.io` reads data files in ranges, and text files opened the same way at a local
-path or any fsspec URI (``s3://...``)."""
+"""Text files opened the same way at a local path or any fsspec URI (``s3://...``): the
+outputs every job writes, and the TSV/CSV inputs (qrels, STS). JSONL inputs are read by
+`bge_core.io`."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from typing import IO, Any
-
-from bge_core.io import parse_line
+from typing import IO
 
 
 def open_text(uri: str, mode: str = "r", what: str = "file") -> IO[str]:
@@ -24,17 +21,3 @@ def open_text(uri: str, mode: str = "r", what: str = "file") -> IO[str]:
         if not fs.isfile(path):
             raise FileNotFoundError(f"{what} not found: {uri}")
     return fsspec.open(uri, mode, encoding="utf-8", newline="", auto_mkdir="w" in mode).open()
-
-
-def iter_jsonl(lines: Iterable[str], where: str) -> Iterator[tuple[int, Any]]:
-    """Parsed JSON values of the non-blank lines, with their 1-based line numbers.
-
-    Raises:
-        ValueError: a line is not valid JSON (the message names `where` and the line).
-    """
-    for number, line in enumerate(lines, start=1):
-        value, error = parse_line(line)
-        if error:
-            raise ValueError(f"{where} line {number}: {error}")
-        if error is None:  # "" is a blank line
-            yield number, value

@@ -19,9 +19,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import fsspec
 import numpy as np
 
-from bge_core.jsonl import iter_jsonl, open_text
+from bge_core.io import RANGE_ROWS, iter_records, plan_ranges
 
 Check = Callable[[Any], "str | None"]
 _LISTS = (list, tuple, np.ndarray)  # Parquet rows can hold arrays
@@ -136,22 +137,19 @@ def parse_qrel(fields: list[str]) -> tuple[str, str, int] | str:
         return f"expected 'query-id<TAB>corpus-id<TAB>score', got {fields!r}"
 
 
-def parse_lines(lines: Any, source: str, check: Check) -> Iterator[tuple[int, Any, str | None]]:
-    """(line number, parsed value, error or None) of each non-blank JSON line, stopping
-    after a line that is not JSON (its error from `iter_jsonl` names the file and line)."""
-    try:
-        for line, obj in iter_jsonl(lines, source):
-            reason = check(obj)
-            yield line, obj, None if reason is None else located(source, line, reason)
-    except ValueError as err:
-        yield -1, None, str(err)
-
-
 def read_records(path: str, check: Check, what: str) -> Iterator[tuple[int, Any]]:
-    """(line, record) of a JSONL file read in this process; the first bad one raises
-    `RecordError` with its located message."""
-    with open_text(path, what=what) as handle:
-        for line, obj, error in parse_lines(handle, path, check):
-            if error is not None:
-                raise RecordError(error)
-            yield line, obj
+    """(line, record) of a JSONL file read in this process (queries, small inputs), by the
+    one reader of `bge_core.io` (line ranges); the first bad one raises `RecordError` with
+    its located message.
+
+    Raises:
+        FileNotFoundError: no file at `path` (the message names `what`).
+    """
+    fs, local = fsspec.core.url_to_fs(path)
+    if not fs.isfile(local):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    for part in plan_ranges(path, 0, RANGE_ROWS):
+        for row, obj, error in iter_records(part):
+            if (reason := error or check(obj)) is not None:
+                raise RecordError(located(path, row + 1, reason))
+            yield row + 1, obj
