@@ -30,12 +30,16 @@ from pipelines.pretrain_retromae import RetroMAEConfig, run  # noqa: E402
 from tests.test_flagembedding_commands import retromae_readme  # noqa: E402
 
 REGISTER_S = 4  # Ray Train's controller polls reports every 2 s: let it register the ckpt
+# Two 2-CPU raylets and 1.5-CPU workers: the workers cannot share a raylet (the drill kills
+# one worker's), and each raylet keeps 0.5 CPU for the read tasks that stream the corpus
+# (with 1-CPU raylets and workers nothing was left for them and the first step never came).
+NODE_CPUS, WORKER_CPUS = 2, 1.5
 
 
 def _config(model: str, data: str, out: Path, steps: int) -> RetroMAEConfig:
     argv = retromae_readme(model, data, str(out), batch=4)
     return parse_config(RetroMAEConfig, argv + [
-        "--num_workers", "2", "--cpus_per_worker", "1", "--max_seq_length", "32",
+        "--num_workers", "2", "--cpus_per_worker", str(WORKER_CPUS), "--max_seq_length", "32",
         "--max_steps", str(steps), "--save_steps", "2", "--logging_steps", "1",
         "--learning_rate", "1e-3", "--warmup_ratio", "0", "--max_failures", "1",
         "--num_train_epochs", "10"])
@@ -74,8 +78,8 @@ def _run(cfg: RetroMAEConfig, kill: Any = None) -> dict[str, Any]:
 def main() -> None:
     model, data, root, steps = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
     cluster = Cluster(initialize_head=True,
-                      head_node_args={"num_cpus": 1, "include_dashboard": False})
-    node = cluster.add_node(num_cpus=1)
+                      head_node_args={"num_cpus": NODE_CPUS, "include_dashboard": False})
+    node = cluster.add_node(num_cpus=NODE_CPUS)
     cluster.wait_for_nodes()
     env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     ray.init(address=cluster.address, runtime_env={"env_vars": env}, log_to_driver=False)
@@ -86,7 +90,7 @@ def main() -> None:
         def kill() -> None:
             done = sorted(p.name for p in (root / "drill").glob("*/checkpoint_step_*"))
             cluster.remove_node(node, allow_graceful=False)  # SIGKILL raylet + workers
-            cluster.add_node(num_cpus=1)  # the replacement an autoscaler would start
+            cluster.add_node(num_cpus=NODE_CPUS)  # the replacement an autoscaler would start
             print(f"KILLED {node.node_id} after {done}; a new node joined", flush=True)
 
         out = _run(_config(model, data, root / "drill", steps), kill)
