@@ -205,8 +205,8 @@ def load_encoder(cfg: FinetuneConfig, device: Any = "cpu") -> Encoder:
     encoder = Encoder.from_pretrained(cfg.model_name_or_path, device=device, **overrides)
     instruction = resolve_instruction(encoder.config.query_instruction,
                                       cfg.query_instruction_for_retrieval)
-    encoder.config = encoder.config.replace(query_instruction=instruction)
-    encoder.config = encoder.config.replace(temperature=train_temperature(cfg, encoder))
+    encoder.config = encoder.config.replace(query_instruction=instruction,
+                                            temperature=train_temperature(cfg, encoder))
     tokenizer = tc.tokenizer_override(cfg)
     if tokenizer is not None:  # before any tokenising: the encoder builds its own lazily
         encoder.tokenizer = tokenizer
@@ -253,7 +253,7 @@ def train_loop(config: dict[str, Any]) -> None:
     session = open_session(encoder, cfg, total, device, ENCODER_IO, tc.fault_from(config))
     model = tc.prepare_model(encoder)
     loss_fn = session.amp.scale_loss_fn(functools.partial(
-        info_nce, group_size=cfg.train_group_size, temperature=train_temperature(cfg, encoder),
+        info_nce, group_size=cfg.train_group_size, temperature=encoder.config.temperature,
         use_inbatch_neg=cfg.use_inbatch_neg,
         negatives_cross_device=cfg.negatives_cross_device))
     shard = ray.train.get_dataset_shard("train")
