@@ -28,7 +28,7 @@ from bge_core.grad_cache import contrastive_step
 from bge_core.losses import info_nce
 from bge_core.metrics import evaluate_run
 from bge_core.model import Encoder
-from bge_core.optim import build_adamw, linear_warmup_decay, warmup_steps
+from bge_core.optim import build_adamw, build_scheduler, warmup_steps
 from bge_core.search import exact_topk
 from pipelines.finetune import FinetuneConfig, run
 
@@ -77,7 +77,7 @@ def plain_loop(cfg: FinetuneConfig) -> tuple[float, float]:
     examples, _ = read_examples(cfg.train_data, cfg.train_group_size)
     total = cfg.max_steps
     optimizer = build_adamw(encoder, cfg.learning_rate, cfg.weight_decay)
-    scheduler = linear_warmup_decay(optimizer, warmup_steps(total, cfg.warmup_ratio), total)
+    scheduler = build_scheduler(optimizer, "linear", warmup_steps(total, cfg.warmup_ratio), total)
     loss_fn = functools.partial(info_nce, group_size=cfg.train_group_size,
                                 temperature=cfg.temperature)
     b = cfg.per_device_train_batch_size

@@ -1,4 +1,4 @@
-"""AdamW with the usual no-decay groups, and warm-up schedules (Hugging Face's names)."""
+"""AdamW with the usual no-decay groups, and Hugging Face's learning-rate schedules."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import math
 
 import torch
 from torch import nn
+
+SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
 
 
 def build_adamw(model: nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
@@ -26,44 +28,20 @@ def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
     return math.ceil(total_steps * warmup_ratio)
 
 
-def linear_warmup_decay(
-    optimizer: torch.optim.Optimizer, warmup: int, total_steps: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """LR factor rising linearly 0 → 1 over `warmup` steps, then falling linearly to 0."""
-    if total_steps < 1:
-        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 def build_scheduler(
     optimizer: torch.optim.Optimizer, kind: str, warmup: int, total_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """A schedule by Hugging Face's `lr_scheduler_type` name.
+    """The schedule `transformers.get_scheduler` builds for `lr_scheduler_type` `kind`.
 
-    ``linear``: warm-up then linear decay to 0; ``cosine``: warm-up then half a cosine to 0;
-    ``constant_with_warmup``: warm-up then flat; ``constant``: flat (no warm-up).
+    ``linear``: LR factor ``step / warmup`` over the warm-up (0 at the first step), then
+    linear decay to 0 at `total_steps`; ``cosine``: the same warm-up, then half a cosine
+    to 0; ``constant_with_warmup``: warm-up then flat; ``constant``: flat (no warm-up).
     """
-    if kind == "linear":
-        return linear_warmup_decay(optimizer, warmup, total_steps)
-    if kind not in ("cosine", "constant", "constant_with_warmup"):
-        raise ValueError(f"lr_scheduler_type {kind!r} is not one of linear, cosine, "
-                         "constant, constant_with_warmup")
+    from transformers import get_scheduler
+
+    if kind not in SCHEDULES:
+        raise ValueError(f"lr_scheduler_type {kind!r} is not one of {', '.join(SCHEDULES)}")
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
-    ramp = 0 if kind == "constant" else warmup
-
-    def factor(step: int) -> float:
-        if step < ramp:
-            return (step + 1) / (ramp + 1)
-        if kind != "cosine":
-            return 1.0
-        progress = (step - ramp) / max(1, total_steps - ramp)
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return get_scheduler(kind, optimizer, num_warmup_steps=warmup,
+                         num_training_steps=total_steps)  # "constant" ignores the warm-up

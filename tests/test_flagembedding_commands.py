@@ -189,10 +189,10 @@ def test_max_example_num_per_dataset_samples_each_file():
 
 
 @pytest.mark.parametrize("kind, expected", [
-    ("linear", [1 / 3, 2 / 3, 1.0, 3 / 4, 2 / 4]),  # 2 warm-up steps, then 4 to zero
-    ("constant_with_warmup", [1 / 3, 2 / 3, 1.0, 1.0, 1.0]),
+    ("linear", [0.0, 1 / 2, 1.0, 3 / 4, 2 / 4]),  # 2 warm-up steps (step / 2), then 4 to 0
+    ("constant_with_warmup", [0.0, 1 / 2, 1.0, 1.0, 1.0]),
     ("constant", [1.0] * 5),
-    ("cosine", [1 / 3, 2 / 3, 1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5]),
+    ("cosine", [0.0, 1 / 2, 1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5]),
 ])
 def test_lr_scheduler_types(kind, expected):
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)

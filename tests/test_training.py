@@ -3,10 +3,13 @@ fault drills, Ray Train settings (no cluster needed)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from transformers import get_scheduler
 
-from bge_core.optim import build_adamw, linear_warmup_decay, warmup_steps
+from bge_core.optim import SCHEDULES, build_adamw, build_scheduler, warmup_steps
 from bge_core.training import (
     Fault,
     ProgressMeter,
@@ -31,19 +34,39 @@ def test_adamw_excludes_bias_and_norm_from_weight_decay():
     assert plain["weight_decay"] == 0.0 and len(plain["params"]) == 3
 
 
-def test_linear_warmup_then_decay():
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = linear_warmup_decay(opt, warmup=warmup_steps(10, 0.2), total_steps=10)
+def _lrs(scheduler, optimizer, steps):
     lrs = []
-    for _ in range(10):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    assert lrs[0] < lrs[1] < lrs[2] == 1.0  # two warm-up steps, then the peak
-    assert all(a > b for a, b in zip(lrs[2:], lrs[3:], strict=False))  # decays every step
-    assert opt.param_groups[0]["lr"] == 0.0  # reaches 0 at the end
+    for _ in range(steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+def _sgd():
+    return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+
+
+@pytest.mark.parametrize("kind", SCHEDULES)
+@pytest.mark.parametrize("total, ratio", [(1, 0.0), (10, 0.2), (7, 0.1), (20, 0.33), (5, 1.0)])
+def test_schedules_follow_transformers_get_scheduler_step_by_step(kind, total, ratio):
+    warmup = warmup_steps(total, ratio)
+    assert warmup == math.ceil(total * ratio)  # Hugging Face's rounding of warmup_ratio
+    ours_opt, theirs_opt = _sgd(), _sgd()
+    ours = build_scheduler(ours_opt, kind, warmup, total)
+    theirs = get_scheduler(kind, theirs_opt, num_warmup_steps=warmup, num_training_steps=total)
+    assert _lrs(ours, ours_opt, total + 2) == _lrs(theirs, theirs_opt, total + 2)
+
+
+def test_linear_warmup_is_step_over_warmup_then_decay():
+    opt = _sgd()
+    lrs = [lr / 0.5 for lr in _lrs(build_scheduler(opt, "linear", 4, 10), opt, 11)]
+    assert lrs[:5] == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])  # step / warmup
+    assert lrs[5:] == pytest.approx([5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6, 0.0])
     with pytest.raises(ValueError, match="warmup_ratio"):
         warmup_steps(10, 1.5)
+    with pytest.raises(ValueError, match="'polynomial' is not one of linear"):
+        build_scheduler(opt, "polynomial", 1, 10)
 
 
 def test_precision_flags():
