@@ -55,3 +55,22 @@ def all_reduce_mean(value: float | torch.Tensor) -> float:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         tensor /= get_world_size()
     return float(tensor.item())
+
+
+def all_ranks(flag: bool) -> bool:
+    """True when `flag` is true on every rank (a collective: every rank must call it)."""
+    tensor = torch.tensor([int(flag)], dtype=torch.int64)
+    if get_world_size() > 1:
+        if dist.get_backend() == "nccl":
+            tensor = tensor.cuda()
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return bool(tensor.item())
+
+
+def all_gather_objects(obj: object) -> list:
+    """`obj` of every rank, in rank order (a collective; ``[obj]`` when W == 1)."""
+    if get_world_size() == 1:
+        return [obj]
+    gathered: list = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered

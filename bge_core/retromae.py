@@ -223,5 +223,5 @@ def load_checkpoint(model: RetroMAE, directory: str | Path) -> None:
     backbone = f"lm.{model.lm.base_model_prefix}."
     shards = sorted(folder.glob("model*.safetensors"))  # one file, or shards of a big model
     weights = {backbone + k: v for shard in shards for k, v in load_file(shard).items()}
-    weights.update(torch.load(folder / HEADS_FILE, map_location="cpu"))
+    weights.update(torch.load(folder / HEADS_FILE, map_location="cpu", weights_only=True))
     model.load_state_dict(weights, strict=True)

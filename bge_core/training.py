@@ -37,6 +37,37 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rng_state() -> dict[str, Any]:
+    """Every RNG training draws from (torch CPU, CUDA when present, Python, NumPy), as
+    tensors and plain values only, so a checkpoint holding it loads with
+    ``torch.load(weights_only=True)``."""
+    version, mt, gauss = random.getstate()
+    numpy = np.random.get_state(legacy=False)
+    return {
+        "torch_cpu": torch.get_rng_state(),
+        "torch_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64),
+                   "gauss": gauss},
+        "numpy": {"key": torch.from_numpy(numpy["state"]["key"].astype(np.int64)),
+                  "pos": int(numpy["state"]["pos"]), "has_gauss": int(numpy["has_gauss"]),
+                  "gauss": float(numpy["gauss"])},
+    }
+
+
+def set_rng_state(saved: dict[str, Any]) -> None:
+    """Restore what `rng_state` returned (CUDA only when both sides have GPUs)."""
+    torch.set_rng_state(saved["torch_cpu"])
+    if saved["torch_cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["torch_cuda"])
+    py = saved["python"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    numpy = saved["numpy"]
+    np.random.set_state({"bit_generator": "MT19937",
+                         "state": {"key": numpy["key"].numpy().astype(np.uint32),
+                                   "pos": numpy["pos"]},
+                         "has_gauss": numpy["has_gauss"], "gauss": numpy["gauss"]})
+
+
 def enable_gradient_checkpointing(model: nn.Module, enabled: bool) -> None:
     """Turn on activation checkpointing in the (Hugging Face) backbone(s) of `model`."""
     if not enabled:
@@ -175,23 +206,45 @@ class ProgressMeter:
                      metrics["examples_per_s"], metrics["eta_s"])
 
 
-def largest_even_share(node_cpus: Sequence[float], free: float, workers: int) -> float:
-    """The most CPUs each of `workers` can hold: every worker on one node, the same share
-    for all, within `free` CPUs in total (whole CPUs when there is one or more each).
+def even_cpu_share(node_cpus: Sequence[float], workers: int, reserve: float) -> float:
+    """CPUs per training worker: the largest equal share that places every worker while
+    keeping `reserve` CPUs free on every node, however Ray packs the workers.
+
+    The candidates are ``(c - reserve) / k`` for each node's CPU total `c` and k = 1 ..
+    `workers` workers on it; the largest one wins for which (a) the nodes hold `workers`
+    workers within their CPUs less `reserve`, and (b) on every node, the most workers Ray
+    could place there (``min(workers, floor(c / share))``) leave `reserve` free. It depends
+    only on the node totals, never on what happens to be free, so it is the same on every
+    run. One worker on a 2-CPU node gets 1.5; one per 2-CPU node of two gets 1.5 each.
 
     Args:
-        node_cpus: CPUs of each alive node.
-        free: CPUs free in the cluster now.
+        node_cpus: CPU total of each alive node.
         workers: training workers to place.
+        reserve: CPUs to keep free on each node (the job's read tasks).
+
+    Raises:
+        ValueError: no node has more than `reserve` CPUs.
     """
-    candidates = sorted({c / k for c in node_cpus for k in range(1, workers + 1) if c > 0},
-                        reverse=True)
-    for share in candidates:
-        share = min(share, free / workers)
-        share = math.floor(share) if share >= 1 else share
-        if share > 0 and sum(math.floor(c / share + 1e-9) for c in node_cpus) >= workers:
-            return float(share)
-    raise ValueError(f"no CPUs free for {workers} training workers; pass --cpus_per_worker")
+    usable = [c - reserve for c in node_cpus if c > reserve]
+    for share in sorted({u / k for u in usable for k in range(1, workers + 1)}, reverse=True):
+        fits = sum(math.floor(u / share + 1e-9) for u in usable) >= workers
+        if fits and all(_room_left(c, share, workers) >= reserve - 1e-9 for c in node_cpus):
+            return share
+    raise ValueError(f"no node has more than {reserve} CPUs for {workers} training workers "
+                     "(and their read tasks); pass --cpus_per_worker")
+
+
+def _room_left(cpus: float, share: float, workers: int) -> float:
+    """CPUs a node keeps free when Ray packs on it as many workers as it can hold."""
+    placed = min(workers, math.floor(cpus / share + 1e-9))
+    return cpus - placed * share if placed else math.inf
+
+
+def torch_threads(cpus: float) -> int:
+    """Torch threads of a CPU worker holding `cpus` CPUs: the nearest whole number, at
+    least one (1.5 -> 2: the half CPU kept for read tasks is a scheduling reservation for
+    short tasks, not a core to leave idle)."""
+    return max(1, math.floor(cpus + 0.5))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -52,7 +52,7 @@ from pipelines.cli import config_from_dict, config_to_dict, run_main, start_ray
 from pipelines.lease import LeaseHeld
 from pipelines.train_args import TrainArgs
 from pipelines.train_data import data_config, epoch_batches, plan_data, range_dataset
-from pipelines.train_session import open_session
+from pipelines.train_session import open_session, run_epochs
 
 log = logging.getLogger("bge.finetune")
 
@@ -230,8 +230,8 @@ def epoch_groups(shard: Any, cfg: FinetuneConfig, epoch: int, skip: int, steps: 
                  instruction: str | None) -> Iterator[list]:
     """This worker's batches of sampled groups for `epoch`, after skipping `skip` batches.
 
-    Exactly `steps` batches come out on every worker (collectives need equal counts);
-    queries carry `instruction` (the model's, see `load_encoder`).
+    At most `steps` batches (`run_epochs` ends the epoch on every rank together if a
+    shard runs short); queries carry `instruction` (the model's, see `load_encoder`).
     """
     for batch in epoch_batches(shard, batch_size=cfg.per_device_train_batch_size,
                                shuffle_buffer=cfg.shuffle_buffer_size, seed=cfg.seed,
@@ -260,22 +260,22 @@ def train_loop(config: dict[str, Any]) -> None:
     session.constants["num_nodes"] = tc.count_nodes()
     global_batch = cfg.per_device_train_batch_size * cfg.num_workers
     pad_id = encoder.tokenizer.pad_token_id or 0
-    state = session.state
-    while state.step < total:
-        for groups in epoch_groups(shard, cfg, state.epoch, state.step_in_epoch,
-                                   steps_per_epoch, encoder.config.query_instruction):
-            queries, passages = collate(encoder.tokenize, groups, cfg.query_max_len,
-                                        cfg.passage_max_len, pad_id)
-            loss = contrastive_step(model, queries.to(device), passages.to(device), loss_fn,
-                                    cfg.gradient_cache_chunk_size, session.amp.autocast)
-            loss = float(session.amp.unscaled(loss))
-            session.step()
-            # mean over ranks = the global-batch loss
-            session.finish_step(global_batch, lambda: {"loss": all_reduce_mean(loss)})
-            if state.step >= total:
-                break
-        if state.step_in_epoch >= steps_per_epoch:
-            state.next_epoch()
+
+    def batches(epoch: int, skip: int) -> Iterator[list]:
+        return epoch_groups(shard, cfg, epoch, skip, steps_per_epoch,
+                            encoder.config.query_instruction)
+
+    def train_step(groups: list) -> None:
+        queries, passages = collate(encoder.tokenize, groups, cfg.query_max_len,
+                                    cfg.passage_max_len, pad_id)
+        loss = contrastive_step(model, queries.to(device), passages.to(device), loss_fn,
+                                cfg.gradient_cache_chunk_size, session.amp.autocast)
+        loss = float(session.amp.unscaled(loss))
+        session.step()
+        # mean over ranks = the global-batch loss
+        session.finish_step(global_batch, lambda: {"loss": all_reduce_mean(loss)})
+
+    run_epochs(session.state, total, steps_per_epoch, batches, train_step)
 
 
 def main(argv: list[str] | None = None) -> int:

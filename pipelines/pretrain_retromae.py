@@ -50,7 +50,7 @@ from pipelines.corpus_io import InputError, list_input_files
 from pipelines.lease import LeaseHeld
 from pipelines.train_args import TrainArgs
 from pipelines.train_data import data_config, epoch_batches, plan_data, range_dataset
-from pipelines.train_session import Session, open_session
+from pipelines.train_session import Session, open_session, run_epochs
 
 log = logging.getLogger("bge.retromae")
 
@@ -199,39 +199,36 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     io = tc.ModelIO(save=lambda m, folder: save_checkpoint(m, tokenizer, folder / "model"),
                     load=lambda m, folder: load_checkpoint(m, folder / "model"))
     session = open_session(model, cfg, plan.total_steps, device, io,
-                              tc.fault_from(loop_config))
+                           tc.fault_from(loop_config))
     ddp_model = tc.prepare_model(model)
     collator = RetroMAECollator(tokenizer, cfg.max_seq_length, cfg.encoder_mlm_probability,
                                 cfg.decoder_mlm_probability)
     tokenize = functools.partial(_tokenize, tokenizer, cfg.max_seq_length)
     shard = ray.train.get_dataset_shard("train")
+    session.constants["num_nodes"] = tc.count_nodes()
     tokens = 0  # real tokens through the encoder on this rank since (re)start
-    state = session.state
     ddp_model.train()
-    while state.step < plan.total_steps:
-        if state.step_in_epoch >= plan.steps_per_epoch:
-            state.next_epoch()
-        for batch in epoch_batches(shard, batch_size=cfg.per_device_train_batch_size,
-                                   shuffle_buffer=cfg.shuffle_buffer_size, seed=cfg.seed,
-                                   epoch=state.epoch, skip=state.step_in_epoch,
-                                   steps=plan.steps_per_epoch):
-            texts = batch.column("text").to_pylist()
-            key = step_seed(cfg.seed, rank, state.step)
-            torch.manual_seed(key)  # dropout
-            inputs = collator(tokenize(texts), torch.Generator().manual_seed(key))
-            inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
-            with session.amp.autocast():
-                out = ddp_model(**inputs)
-            session.amp.backward(out.loss)
-            session.step()
-            tokens += int(inputs["attention_mask"].sum())
-            session.finish_step(len(texts) * world,
-                                functools.partial(_losses, out, tokens, session))
-            if state.step >= plan.total_steps:
-                break
-        if state.step_in_epoch < plan.steps_per_epoch and state.step < plan.total_steps:
-            raise RuntimeError(f"rank {rank}: epoch {state.epoch} ended after "
-                               f"{state.step_in_epoch} of {plan.steps_per_epoch} steps")
+
+    def batches(epoch: int, skip: int) -> Any:
+        return epoch_batches(shard, batch_size=cfg.per_device_train_batch_size,
+                             shuffle_buffer=cfg.shuffle_buffer_size, seed=cfg.seed,
+                             epoch=epoch, skip=skip, steps=plan.steps_per_epoch)
+
+    def train_step(batch: pa.Table) -> None:
+        nonlocal tokens
+        texts = batch.column("text").to_pylist()
+        key = step_seed(cfg.seed, rank, session.state.step)
+        torch.manual_seed(key)  # dropout
+        inputs = collator(tokenize(texts), torch.Generator().manual_seed(key))
+        inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+        with session.amp.autocast():
+            out = ddp_model(**inputs)
+        session.amp.backward(out.loss)
+        session.step()
+        tokens += int(inputs["attention_mask"].sum())
+        session.finish_step(len(texts) * world, functools.partial(_losses, out, tokens, session))
+
+    run_epochs(session.state, plan.total_steps, plan.steps_per_epoch, batches, train_step)
 
 
 def _tokenize(tokenizer: Any, max_seq_length: int, texts: list[str]) -> list[list[int]]:

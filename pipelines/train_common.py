@@ -10,32 +10,33 @@ the worker group from the latest checkpoint up to `max_failures` times (re-runni
 same command with the same `output_dir` resumes too), checks the result and exports the
 last checkpoint's model to `output_dir`.
 
-Worker side, inside ``train_loop(config)`` (`open_session`: `pipelines.train_session`)::
+Worker side, inside ``train_loop(config)`` (`open_session`, `run_epochs`:
+`pipelines.train_session`)::
 
     cfg = config_from_dict(MyConfig, config["cfg"])      # rebuild the frozen config first
     device = start_worker(cfg)
     model = MyModel(...).to(device)
     session = open_session(model, cfg, total, device, io, fault_from(config))
     ddp_model = prepare_model(model)                     # DDP when world > 1
-    while session.state.step < total:
+    def train_step(batch):
         with session.amp.autocast(): loss = ...
         session.amp.backward(loss)                       # or bge_core.grad_cache
         session.step()
         session.finish_step(examples, lambda: {"loss": all_reduce_mean(loss)})
+    run_epochs(session.state, total, steps_per_epoch, batches, train_step)
 
 `finish_step` logs, reports and checkpoints at the same steps on every rank (reports are
 barriers; the losses callable may hold collectives); only rank 0 writes. A checkpoint
 folder holds the model (written by `ModelIO`, so every checkpoint is a loadable model) and
-``training_state.pt`` (optimizer, scheduler, grad scaler, step counters, RNG state).
+``training_state.pt`` (optimizer, scheduler, grad scaler, step counters, every rank's RNG
+states; tensors and plain values only, loaded with ``weights_only=True``).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,7 +46,7 @@ import fsspec
 import torch
 from torch import nn
 
-from bge_core.distributed import get_rank, get_world_size
+from bge_core.distributed import all_gather_objects, get_rank, get_world_size
 from bge_core.storage import (
     StorageError,
     arrow_filesystem,
@@ -53,8 +54,18 @@ from bge_core.storage import (
     find_storage_error,
     naming,
 )
-from bge_core.training import Fault, Precision, TrainState, largest_even_share, seed_everything
+from bge_core.training import (
+    Fault,
+    Precision,
+    TrainState,
+    even_cpu_share,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    torch_threads,
+)
 from pipelines.lease import OutputLease, release_quietly
+from pipelines.train_data import READ_TASK_CPUS
 
 if TYPE_CHECKING:
     from pipelines.train_args import TrainArgs
@@ -62,7 +73,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("bge.train")
 
 STATE_FILE = "training_state.pt"
-FREE_CPU_READINGS = 6  # 0.5 s apart
 
 
 # ------------------------------------------------------------------------ driver side
@@ -121,21 +131,19 @@ def scaling_config(settings: RunSettings) -> Any:
 
 def default_cpus_per_worker(num_workers: int, use_gpu: bool) -> float:
     """CPUs per worker when the flag is left out: 1 beside a GPU; on a CPU cluster the
-    free CPUs shared evenly, so a one-worker run on a 2-core box computes on both."""
+    largest equal share of the nodes' CPU totals that keeps `READ_TASK_CPUS` free on every
+    node for the job's read tasks (`even_cpu_share`: computed, the same on every run).
+
+    RetroMAE streams its corpus through Ray Data read tasks while the workers train, and
+    finetuning's shards are fed by Ray Data too: a worker holding every CPU of its node
+    leaves them none, and the job waits forever.
+    """
     if use_gpu:
         return 1.0
     import ray
 
     nodes = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
-    # Tasks that just finished (reading the data) give their CPUs back with a lag: take
-    # the most seen free over a moment.
-    free = 0.0
-    for _ in range(FREE_CPU_READINGS):
-        free = max(free, ray.available_resources().get("CPU", 0.0))
-        if free >= sum(nodes):
-            break
-        time.sleep(0.5)
-    return largest_even_share(nodes, free, num_workers)
+    return even_cpu_share(nodes, num_workers, READ_TASK_CPUS)
 
 
 def run_settings(args: TrainArgs) -> RunSettings:
@@ -246,8 +254,11 @@ def _train_and_export(
     fault: Fault | None, export_skip: Sequence[str], dataset_config: Any = None,
 ) -> TrainResult:
     settings = run_settings(args)
-    log.info("%s: %d worker(s), %s CPU(s) each%s", job, settings.num_workers,
-             settings.cpus_per_worker, " and a GPU" if settings.use_gpu else "")
+    log.info("%s: %d worker(s), %s CPU(s) each%s, %d torch thread(s) each%s", job,
+             settings.num_workers, round(settings.cpus_per_worker, 4),
+             " and a GPU" if settings.use_gpu else "", torch_threads(settings.cpus_per_worker),
+             "" if args.cpus_per_worker else f" (default: {READ_TASK_CPUS} CPU kept free per "
+             "node for read tasks)")
     config = {**loop_config, "fault": asdict(fault) if fault else None}
     result = launch(train_loop, config, settings, datasets, dataset_config)
     if result.error:
@@ -301,7 +312,8 @@ def worker_device() -> torch.device:
 def start_worker(args: TrainArgs) -> torch.device:
     """First lines of a training loop: logging, seeds, torch threads; returns the device.
 
-    A CPU worker computes on as many threads as Ray gave it CPUs (at least one).
+    A CPU worker computes on `torch_threads` of the CPUs Ray gave it (the nearest whole
+    number, at least one), so the thread count follows from the CPU share alone.
     """
     import ray
 
@@ -310,7 +322,7 @@ def start_worker(args: TrainArgs) -> torch.device:
     device = worker_device()
     if device.type == "cpu":
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-        torch.set_num_threads(max(1, math.floor(cpus)))
+        torch.set_num_threads(torch_threads(cpus))
         log.info("rank %d computes on %d CPU thread(s)", get_rank(), torch.get_num_threads())
     return device
 
@@ -368,12 +380,13 @@ def restore_checkpoint(
     with checkpoint.as_directory() as folder:
         folder = Path(folder)
         io.load(_unwrap(model), folder)
-        saved = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
+        # tensors and plain values only: nothing on shared storage gets to run code here
+        saved = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     if amp.scaler and saved.get("scaler"):
         amp.scaler.load_state_dict(saved["scaler"])
-    torch.set_rng_state(saved["rng_cpu"])
+    _restore_rng(saved["rng"])
     state = TrainState(**saved["state"])
     state.resumed_from.append(state.step)
     log.info("rank %d resumed from checkpoint at step %d (epoch %d)",
@@ -381,13 +394,27 @@ def restore_checkpoint(
     return state
 
 
+def _restore_rng(per_rank: list[dict[str, Any]]) -> None:
+    """This rank's RNG states as saved (a group of another size keeps its fresh seeds)."""
+    if len(per_rank) == get_world_size():
+        set_rng_state(per_rank[get_rank()])
+    elif get_rank() == 0:
+        log.warning("checkpoint from %d worker(s), now %d: RNG states not restored",
+                    len(per_rank), get_world_size())
+
+
 def save_and_report(
     metrics: dict[str, Any], state: TrainState, model: nn.Module,
     optimizer: torch.optim.Optimizer, scheduler: Any, amp: Precision, io: ModelIO,
 ) -> None:
-    """Rank 0 writes a checkpoint and reports it; the other ranks report the metrics only."""
+    """Rank 0 writes a checkpoint and reports it; the other ranks report the metrics only.
+
+    The checkpoint's ``training_state.pt`` holds tensors and plain values only (it loads
+    with ``weights_only=True``), every rank's RNG states among them (a collective).
+    """
     import ray.train
 
+    rngs = all_gather_objects(rng_state())
     if get_rank() != 0:
         ray.train.report(metrics)
         return
@@ -397,7 +424,7 @@ def save_and_report(
         torch.save({
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": amp.scaler.state_dict() if amp.scaler else None,
-            "rng_cpu": torch.get_rng_state(), "state": asdict(state),
+            "rng": rngs, "state": asdict(state),
         }, folder / STATE_FILE)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"checkpoint_step_{state.step:08d}")

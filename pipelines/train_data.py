@@ -19,6 +19,9 @@ from bge_core.io import FileRange, list_files
 from pipelines.corpus_io import plan_files
 
 ReadRange = Callable[..., pa.Table]  # (FileRange, **kwargs) -> rows of the range
+# CPUs of one read task; the default CPU share of the training workers keeps this much
+# free on every node, so the tasks that feed the workers always find a CPU
+READ_TASK_CPUS = 0.5
 
 
 def plan_data(uri: str, *, what: str, error: type[ValueError], rows_per_range: int,
@@ -41,7 +44,7 @@ def range_dataset(ranges: list[dict[str, Any]], read: ReadRange, **kwargs: Any) 
     from bge_core.storage import storage_runtime_env
 
     return ray.data.from_items(ranges, override_num_blocks=max(1, len(ranges))).map_batches(
-        _read_one, batch_size=1, batch_format="pyarrow", num_cpus=0.5,
+        _read_one, batch_size=1, batch_format="pyarrow", num_cpus=READ_TASK_CPUS,
         fn_kwargs={"read": read, "kwargs": kwargs}, **storage_runtime_env())
 
 
@@ -65,9 +68,10 @@ def epoch_batches(shard: Any, *, batch_size: int, shuffle_buffer: int, seed: int
                   skip: int, steps: int) -> Iterator[pa.Table]:
     """This worker's batches of `epoch`, batches [skip, steps) of its shard.
 
-    Exactly ``steps - skip`` batches come out on every worker (collectives need equal
-    counts; the split gives each rank the same number of rows). Rows are shuffled within
-    a buffer of `shuffle_buffer` rows (0: file order), seeded by ``seed + epoch``.
+    At most ``steps - skip`` batches (fewer if the shard runs short: the trainers'
+    `pipelines.train_session.run_epochs` then ends the epoch on every rank together). Rows
+    are shuffled within a buffer of `shuffle_buffer` rows (0: file order), seeded by
+    ``seed + epoch``.
     """
     batches = shard.iter_batches(
         batch_size=batch_size, batch_format="pyarrow", drop_last=True,

@@ -1,21 +1,26 @@
-"""One worker's training session: optimizer, schedule, precision, the restored state, and
-the log / report / checkpoint schedule both training loops share."""
+"""One worker's training session: optimizer, schedule, precision, the restored state, the
+log / report / checkpoint schedule, and the epoch loop both training jobs share."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
 
+from bge_core.distributed import all_ranks, get_rank
 from bge_core.optim import build_adamw, build_scheduler, warmup_steps
 from bge_core.training import Fault, Precision, ProgressMeter, TrainState, resolve_precision
 from pipelines.train_common import ModelIO, report, restore_checkpoint, save_and_report
 
 if TYPE_CHECKING:
     from pipelines.train_args import TrainArgs
+
+log = logging.getLogger("bge.train")
+T = TypeVar("T")
 
 
 @dataclass
@@ -80,3 +85,48 @@ def open_session(model: nn.Module, args: TrainArgs, total: int, device: torch.de
     meter = ProgressMeter(total, start_step=state.step)
     return Session(model, optimizer, scheduler, amp, io, state, meter, args, fault,
                    constants={"cpu_threads": torch.get_num_threads()})
+
+
+def run_epochs(state: TrainState, total: int, steps_per_epoch: int,
+               batches: Callable[[int, int], Iterable[T]],
+               train_step: Callable[[T], None]) -> None:
+    """The epoch loop of both trainers: `train_step` on every batch until `total` steps.
+
+    `batches(epoch, skip)` is this rank's batches of `epoch` after its first `skip` (a run
+    resumed mid-epoch skips the steps trained before); `train_step` trains one and ends
+    with `Session.finish_step` (which advances `state`). One rule ends an epoch, on every
+    rank at the same step: after `steps_per_epoch` steps, or at the first step for which
+    some rank has no batch left (a shard shorter than planned: one all-reduce of a flag per
+    step decides, so no rank waits in a collective for a batch that never comes). An
+    epoch cut short logs a warning and the next one starts; one that yields no step at
+    all raises on every rank.
+
+    Raises:
+        RuntimeError: some rank's shard has no batch for an epoch.
+    """
+    while state.step < total:
+        if state.step_in_epoch >= steps_per_epoch:
+            state.next_epoch()
+        start = state.step_in_epoch
+        for batch in _while_every_rank_has(batches(state.epoch, start)):
+            train_step(batch)
+            if state.step >= total:
+                return
+        if state.step_in_epoch == 0:
+            raise RuntimeError(f"epoch {state.epoch}: a worker's data shard holds no batch "
+                               f"(planned {steps_per_epoch} steps per epoch)")
+        if state.step_in_epoch < steps_per_epoch:
+            if get_rank() == 0:
+                log.warning("epoch %d ended after %d of %d planned steps: a worker's shard "
+                            "ran out", state.epoch, state.step_in_epoch, steps_per_epoch)
+            state.next_epoch()
+
+
+def _while_every_rank_has(batches: Iterable[T]) -> Iterator[T]:
+    """`batches` while every rank still has one (a collective per batch)."""
+    iterator = iter(batches)
+    while True:
+        batch = next(iterator, None)
+        if not all_ranks(batch is not None):
+            return
+        yield batch

@@ -116,3 +116,52 @@ def test_plan_steps_gives_every_worker_whole_equal_batches(tiny_bert_dir, tmp_pa
     assert plan_steps(make_config(tiny_bert_dir, tmp_path, max_steps=5), 17) == (4, 5)
     with pytest.raises(TrainingDataError, match="too few"):
         plan_steps(cfg, 3)
+
+
+# ------------------------------------------------------- resume (Ray Train, slow)
+def _resume_config(tiny_bert_dir, data, out):
+    """2 workers, files of unequal size, 4 steps an epoch and 5 in all (the resumed run
+    crosses into epoch 1), a checkpoint every 2 steps, dropout on (the tiny BERT's 0.1)."""
+    return make_config(tiny_bert_dir, data.parent, train_data=str(data), output_dir=str(out),
+                       max_steps=5, shuffle_buffer_size=4, negatives_cross_device=False)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_finetune(ray_session, tiny_bert_dir, tmp_path_factory):
+    from tests.test_train_defaults import unequal_files
+
+    root = tmp_path_factory.mktemp("finetune_resume")
+    data = unequal_files(root / "data")
+    return run(_resume_config(tiny_bert_dir, data, root / "plain")), data
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # a Ray Train start is ~30 s idle, minutes on a busy box
+def test_resume_after_a_killed_worker_matches_the_uninterrupted_run(
+        uninterrupted_finetune, tiny_bert_dir, tmp_path):
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    from bge_core.training import Fault
+
+    plain, data = uninterrupted_finetune
+    marker = tmp_path / "killed"
+    resumed = run(_resume_config(tiny_bert_dir, data, tmp_path / "out"),
+                  fault=Fault(step=3, marker=str(marker)))  # rank 1 dies after step 3
+    assert marker.exists() and plain.metrics["resumed_from"] == []
+    assert resumed.metrics["resumed_from"] == [2]  # killed before step 3's checkpoint
+    assert resumed.metrics["step"] == plain.metrics["step"] == 5
+    assert resumed.metrics["epoch"] == plain.metrics["epoch"] == 1
+    # the same batches, groups and dropout masks from step 3 on: the same losses, weights
+    assert resumed.metrics["loss"] == pytest.approx(plain.metrics["loss"], abs=1e-6)
+    reference = load_file(f"{plain.output_dir}/model.safetensors")
+    weights = load_file(f"{resumed.output_dir}/model.safetensors")
+    assert reference.keys() == weights.keys()
+    for key, value in reference.items():
+        np.testing.assert_allclose(weights[key].numpy(), value.numpy(), atol=1e-6, err_msg=key)
+    # the checkpoint holds tensors and plain values only, every rank's RNG states in it
+    state = torch.load(tmp_path / "out" / "finetune" / "checkpoint_step_00000004" /
+                       "training_state.pt", weights_only=True)
+    assert len(state["rng"]) == 2 and state["state"]["resumed_from"] == [2]
+    assert {"torch_cpu", "torch_cuda", "python", "numpy"} <= state["rng"][1].keys()

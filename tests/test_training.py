@@ -15,8 +15,9 @@ from bge_core.training import (
     ProgressMeter,
     TrainState,
     enable_gradient_checkpointing,
-    largest_even_share,
+    even_cpu_share,
     resolve_precision,
+    torch_threads,
 )
 from pipelines.train_common import (
     RunSettings,
@@ -173,19 +174,32 @@ def test_training_configs_refuse_a_gpu_type_without_gpus(tmp_path):
         assert cls(**base, accelerator_type="A100", use_gpu=True).accelerator_type == "A100"
 
 
-@pytest.mark.parametrize("nodes, free, workers, share", [
-    ([2.0], 2.0, 1, 2.0),  # one worker on a 2-core box computes on both cores
-    ([2.0], 2.0, 2, 1.0),
-    ([1.0, 1.0], 2.0, 2, 1.0),  # one per node
-    ([4.0, 1.0], 5.0, 2, 2.0),  # both fit only at 2 (2.5 each would not fit a node)
-    ([2.0], 1.5, 1, 1.0),  # whole CPUs when there is one or more each
-    ([2.0], 2.0, 3, 2 / 3),  # fractions below one
-    ([16.0, 16.0], 32.0, 4, 8.0),
+@pytest.mark.parametrize("nodes, workers, share", [
+    ([2.0], 1, 1.5),  # one worker on a 2-core box: half a CPU stays for the read tasks
+    ([2.0], 2, 0.75),
+    ([2.0, 2.0], 2, 1.5),  # one per node (two would not fit one node with room left)
+    ([1.0, 1.0], 2, 0.25),  # 0.5 each could be packed onto one node, leaving it nothing
+    ([4.0, 1.0], 2, 1.75),  # both on the 4-CPU node
+    ([16.0, 16.0], 2, 15.5),
+    ([16.0, 16.0], 4, 7.75),
+    ([0.0, 16.0], 1, 15.5),  # a head node without CPUs is left out
 ])
-def test_default_cpus_share_what_is_free(nodes, free, workers, share):
-    assert largest_even_share(nodes, free, workers) == pytest.approx(share)
+def test_default_cpu_share_keeps_room_for_read_tasks_on_every_node(nodes, workers, share):
+    got = even_cpu_share(nodes, workers, reserve=0.5)
+    assert got == pytest.approx(share)
+    assert sum(math.floor(c / got + 1e-9) for c in nodes) >= workers  # all placed
+    for cpus in nodes:  # however many of them Ray packs on a node, half a CPU stays free
+        packed = min(workers, math.floor(cpus / got + 1e-9))
+        assert packed == 0 or cpus - packed * got >= 0.5 - 1e-9
+    assert even_cpu_share(nodes, workers, reserve=0.5) == got  # computed, not sampled
 
 
-def test_no_free_cpus_asks_for_the_flag():
+def test_no_room_asks_for_the_flag():
     with pytest.raises(ValueError, match="--cpus_per_worker"):
-        largest_even_share([2.0], 0.0, 1)
+        even_cpu_share([0.5, 0.0], 1, reserve=0.5)
+
+
+@pytest.mark.parametrize("cpus, threads", [(0.25, 1), (0.75, 1), (1.0, 1), (1.5, 2),
+                                           (1.9375, 2), (5.17, 5), (15.5, 16)])
+def test_torch_threads_follow_from_the_cpu_share(cpus, threads):
+    assert torch_threads(cpus) == threads
