@@ -23,8 +23,8 @@ class TrainArgs:
         model_name_or_path: model to start from (folder, preset or hub id).
         train_data: file, folder or glob of training data (local path or fsspec URI).
         output_dir: checkpoints (``<output_dir>/<run_name>/``) and the final model.
-        learning_rate / weight_decay / warmup_ratio / max_grad_norm: AdamW, linear
-            warm-up then decay, gradient clipping.
+        learning_rate / weight_decay / warmup_ratio / max_grad_norm: AdamW, warm-up
+            (`transformers.get_scheduler`) then decay, gradient clipping.
         num_train_epochs: passes over the data; `max_steps` (when set) wins.
         per_device_train_batch_size: rows per worker and step.
         gradient_checkpointing / fp16 / bf16: memory and precision, as in Hugging Face.
@@ -32,8 +32,10 @@ class TrainArgs:
         save_steps / logging_steps: checkpoint and report every so many steps.
         num_workers / use_gpu / accelerator_type / cpus_per_worker: Ray Train placement
             (one GPU per worker with `use_gpu`; fractional CPUs allowed). Left out,
-            `cpus_per_worker` is 1 for GPU workers and, on CPUs, what the cluster has
-            free shared over the workers (each computes on that many torch threads).
+            `cpus_per_worker` is 1 for GPU workers and, on CPUs, the largest equal share
+            of the nodes' CPU totals that keeps half a CPU free on every node for the
+            job's read tasks (`bge_core.training.even_cpu_share`); each worker computes
+            on the nearest whole number of torch threads.
         max_failures: worker-group restarts from the latest checkpoint before giving up.
         run_name: folder of this run's checkpoints under `output_dir`.
         lr_scheduler_type: learning-rate schedule after warm-up (Hugging Face names).

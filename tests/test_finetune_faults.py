@@ -88,7 +88,7 @@ def test_killed_worker_resumes_from_last_checkpoint(two_node_run):
     assert metrics["resumed_from"] == [2]  # restarted from the step-2 checkpoint
     final = sorted((tmp / "out" / "finetune").glob("checkpoint_*"))
     assert [p.name for p in final][-1] == "checkpoint_step_00000004"
-    state = torch.load(final[-1] / "training_state.pt", weights_only=False)["state"]
+    state = torch.load(final[-1] / "training_state.pt", weights_only=True)["state"]
     assert state["step"] == 4 and state["resumed_from"] == [2]
 
 
