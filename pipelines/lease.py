@@ -155,8 +155,8 @@ class Fence:
         age = store_time(fs, written) - store_time(fs, lease_path)
         if age > self.max_age_s:
             raise LeaseLost(f"{self.uri}: this run's lease was last renewed {age:.0f}s ago "
-                            f"(store time, limit {self.max_age_s:.0f}s); it stopped before "
-                            "writing more (finished work is kept)")
+                            f"(store time, limit {self.max_age_s:.0f}s), so this run stopped "
+                            "before writing more (finished work is kept)")
 
 
 @contextlib.contextmanager
