@@ -121,6 +121,7 @@ def _parts_recorded(out: Path) -> int:
     return len(list((out / "_state" / "parts").glob("*/part-*")))
 
 
+@pytest.mark.long  # 120 s on a loaded 2-core box: the first run must reach its encoding
 @pytest.mark.timeout(300)
 def test_a_run_whose_heartbeat_stalls_stops_and_the_next_run_writes_each_id_once(
         ray_session, tiny_bert_dir, encoder, tmp_path) -> None:

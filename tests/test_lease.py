@@ -179,6 +179,26 @@ def test_a_stalled_heartbeat_loses_the_lease_before_a_taker_may_come(tmp_path: P
     taker.release()
 
 
+def test_on_an_object_store_the_lease_ages_and_fences_by_the_objects_times(s3) -> None:
+    """S3 (moto): the age comes from LastModified; a taken lease refuses fenced writes."""
+    import pyarrow.parquet as pq
+
+    lease = OutputLease("s3://bucket/out", stale_after_s=60, settle_s=0.2)
+    lease.acquire()
+    with pytest.raises(LeaseHeld, match=r"heartbeat \ds ago"):
+        OutputLease("s3://bucket/out", stale_after_s=60, settle_s=0.2).check_free()
+    write_table(pa.table({"id": [1]}), "s3://bucket/out/part-a.parquet", lease.fence())
+    s3.pipe_file(f"bucket/out/{LEASE_FILE}", json.dumps({"id": "taker", "host": "h",
+                                                         "pid": 3}).encode())
+    with pytest.raises(LeaseLost, match="held by another run"):
+        write_table(pa.table({"id": [2]}), "s3://bucket/out/part-b.parquet", lease.fence())
+    lease.release()
+    s3.invalidate_cache()
+    assert sorted(p.rsplit("/", 1)[1] for p in s3.find("bucket/out")) == [
+        "lease.json", "part-a.parquet"]
+    assert pq.read_table(s3.open("bucket/out/part-a.parquet", "rb")).num_rows == 1
+
+
 def test_the_embed_job_refuses_an_output_another_run_is_writing(tmp_path: Path,
                                                                 tiny_bert_dir: Path) -> None:
     _write_lease(tmp_path / "out")
