@@ -35,8 +35,10 @@ class EmbedConfig:
             longer text is truncated at the model's limit.
         chunk_rows: rows per read task (Parquet row groups are grouped up to this).
         log_every_s: seconds between progress lines.
-        lease_timeout_s: a second run on this output refuses while the first one's
-            heartbeat is younger than this; after, it takes over and resumes.
+        lease_timeout_s: a second run on this output refuses while the first one's lease
+            is younger than this (store time) and, on this host, its process lives; after,
+            it takes over and resumes. A run that cannot renew its lease for half this
+            stops (`pipelines.lease`).
     """
 
     input: str = SAMPLE_CORPUS

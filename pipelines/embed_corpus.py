@@ -18,12 +18,12 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python pipelines/embed_corpus.py` (ray job submit)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bge_core.storage import StorageError
+from bge_core.storage import StorageError, check_reachable, naming
 from pipelines.cli import run_main
 from pipelines.corpus_io import InputError
 from pipelines.embed_config import SAMPLE_CORPUS, EmbedConfig
 from pipelines.encode_options import EncodeOptions
-from pipelines.lease import LeaseHeld
+from pipelines.lease import LeaseHeld, LeaseLost, OutputLease
 
 __all__ = ["EmbedConfig", "EncodeOptions", "main", "run"]
 log = logging.getLogger("embed_corpus")
@@ -39,7 +39,18 @@ def run(cfg: EmbedConfig) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry: exit 2 with one clear line on bad flags, config or input."""
     return run_main("embed_corpus", EmbedConfig, _announce_and_run, argv,
-                    errors=(InputError, LeaseHeld, StorageError))
+                    errors=(InputError, LeaseHeld, LeaseLost, StorageError),
+                    preflight=_preflight)
+
+
+def _preflight(cfg: EmbedConfig) -> None:
+    """Before Ray starts: the stores answer, and no other live run holds the output (a
+    run killed on this host is seen dead at once, so its rerun goes straight on)."""
+    for uri in (cfg.input, cfg.output, cfg.previous):
+        if uri:
+            check_reachable(uri)
+    with naming(cfg.output, "check the lease on"):
+        OutputLease(cfg.output, stale_after_s=cfg.lease_timeout_s).check_free()
 
 
 def _announce_and_run(cfg: EmbedConfig) -> None:

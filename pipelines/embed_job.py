@@ -22,7 +22,7 @@ from pipelines.embed_config import EmbedConfig
 from pipelines.embed_output import MANIFEST, OutputState, list_parts, read_table, write_table
 from pipelines.embed_plan import compute_plan
 from pipelines.embed_stages import copy_kept, read_for_encoding, write_encoded
-from pipelines.lease import OutputLease, release_quietly
+from pipelines.lease import LeaseLost, OutputLease, find_lease_lost, release_quietly
 from pipelines.progress import Progress
 from pipelines.ray_encode import encode_dataset
 
@@ -35,11 +35,17 @@ def _now() -> str:
 
 
 class EmbedJob:
-    """One run of `embed_corpus` over `cfg` (see `EmbedConfig`)."""
+    """One run of `embed_corpus` over `cfg` (see `EmbedConfig`).
 
-    def __init__(self, cfg: EmbedConfig) -> None:
+    Every part and marker the run writes is fenced by its output lease (`lease`, by
+    default one on `cfg.output` with `cfg.lease_timeout_s`): once the lease is lost, the
+    run stops before it writes anything more.
+    """
+
+    def __init__(self, cfg: EmbedConfig, lease: OutputLease | None = None) -> None:
         self.cfg = cfg
-        self.state = OutputState(cfg.output)
+        self.lease = lease or OutputLease(cfg.output, stale_after_s=cfg.lease_timeout_s)
+        self.state = OutputState(cfg.output, fence=self.lease.fence())
         self.stats: dict[str, int] = defaultdict(int)
         self.nodes: dict[str, int] = defaultdict(int)  # rows encoded per Ray node
         self.seconds: dict[str, float] = {}  # wall time of the plan and encode stages
@@ -50,22 +56,26 @@ class EmbedJob:
         Raises:
             StorageError: a read or write failed for good (a store that stays down, a full
                 disk), naming the URI; work already recorded is kept for the rerun.
+            LeaseLost: the run lost its lease (taken over, or not renewed in time) and
+                stopped before writing more; work already recorded is kept.
         """
         for uri in (self.cfg.input, self.cfg.output, self.cfg.previous):
             if uri:
                 check_reachable(uri)
-        lease = OutputLease(self.cfg.output, stale_after_s=self.cfg.lease_timeout_s)
         with naming(self.cfg.output, "take the lease on"):
-            lease.acquire()
+            self.lease.acquire()
         try:
             return self._run()
         except Exception as err:
-            cause = find_storage_error(err)
+            lost = find_lease_lost(err)
+            if lost is not None and lost is not err:
+                raise LeaseLost(str(lost)) from err  # one line, not a Ray task's traceback
+            cause = None if lost is not None else find_storage_error(err)
             if cause is None or cause is err:
                 raise
-            raise StorageError(str(cause)) from err  # one line, not a Ray task's traceback
+            raise StorageError(str(cause)) from err
         finally:
-            release_quietly(lease)
+            release_quietly(self.lease)
 
     def _run(self) -> dict[str, Any]:
         started = _now()
@@ -181,7 +191,7 @@ class EmbedJob:
             start = time.monotonic()
             table = compute_plan(chunks, self.cfg.stage_dict(), previous)
             if table is not None:
-                write_table(table, path)
+                write_table(table, path, self.state.fence)
             log.info("planned %d rows in %.1fs", sum(c.rows for c in chunks),
                      time.monotonic() - start)
         return _plan_sets(table, incremental=previous is not None)
@@ -198,8 +208,9 @@ class EmbedJob:
                                  override_num_blocks=len(todo)).map_batches(
             copy_kept, batch_size=1, batch_format="numpy", num_cpus=0.5,
             fn_kwargs={"output": self.cfg.output, "id_column": self.cfg.id_column,
-                       "drop_ids": plan["drop_ids"]})
+                       "drop_ids": plan["drop_ids"], "fence": self.state.fence})
         for row in ds.iter_rows():
+            self.lease.check()
             self.state.write_json({"source": row["source"], "parts": [row["part"]],
                                    "rows": row["rows"], "chunks": row["chunks"]},
                                   "_state", "kept",
@@ -219,15 +230,17 @@ class EmbedJob:
                                  override_num_blocks=len(pending)).map_batches(
             read_for_encoding, batch_size=1, batch_format="numpy", num_cpus=0.5,
             fn_kwargs={"cfg": self.cfg.stage_dict(), "losers": plan["losers"],
-                       "to_encode": plan["to_encode"]})
+                       "to_encode": plan["to_encode"], "fence": self.state.fence})
         ds = encode_dataset(ds, self.cfg.encode, embedding_dtype=self.cfg.embedding_dtype)
         ds = ds.map_batches(
             write_encoded, batch_format="pyarrow", batch_size=None, num_cpus=0.25,
-            fn_kwargs={"output": self.cfg.output, "id_column": self.cfg.id_column})
+            fn_kwargs={"output": self.cfg.output, "id_column": self.cfg.id_column,
+                       "fence": self.state.fence})
         tracker = _FileTracker(self.state, chunks_of)
         progress = Progress(sum(c.rows for c in pending), "rows", self.cfg.log_every_s, log)
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for summary in batch.to_pylist():
+                self.lease.check()  # stop at once when lost (each write is fenced too)
                 progress.advance(tracker.add(summary))
                 self.stats["encoded"] += summary["docs"]
                 self.stats["chunks"] += summary["written"]

@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bge_core.storage import naming
+from pipelines.lease import Fence
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +37,16 @@ MANIFEST = "_manifest.json"
 
 
 class OutputState:
-    """Durable progress of one output location (local path or fsspec URI)."""
+    """Durable progress of one output location (local path or fsspec URI).
 
-    def __init__(self, uri: str) -> None:
+    With a `fence` (the run's lease), every write and deletion first checks that this run
+    still holds the output, and raises `pipelines.lease.LeaseLost` if not.
+    """
+
+    def __init__(self, uri: str, fence: Fence | None = None) -> None:
         self.uri_root = uri.rstrip("/")
         self.fs, self.root = fsspec.core.url_to_fs(self.uri_root)
+        self.fence = fence
 
     def path(self, *parts: str) -> str:
         """Path inside `self.fs` (no protocol), for calls on the filesystem object."""
@@ -60,7 +66,7 @@ class OutputState:
     def write_json(self, data: dict[str, Any], *parts: str) -> None:
         """Write via a temporary name then move, so a marker is never half-written."""
         path = self.path(*parts)
-        with naming(self.uri(*parts), "write"), _cleaned(self.fs, path) as tmp:
+        with naming(self.uri(*parts), "write"), _cleaned(self.fs, path, self.fence) as tmp:
             with self.fs.open(tmp, "w") as handle:
                 json.dump(data, handle, indent=2, default=str)
 
@@ -88,6 +94,8 @@ class OutputState:
         """Delete data and reject parts not listed in `keep` (paths relative to the output
         root): parts of unfinished input files, or left by a killed attempt."""
         removed = 0
+        if self.fence is not None:
+            self.fence.check(self.fs)
         for folder in ("", "_rejects"):
             path = self.path(folder) if folder else self.root
             if not self.fs.exists(path):
@@ -102,14 +110,18 @@ class OutputState:
 
 
 @contextlib.contextmanager
-def _cleaned(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[str]:
+def _cleaned(fs: fsspec.AbstractFileSystem, path: str,
+             fence: Fence | None = None) -> Iterator[str]:
     """A temporary name beside `path`, moved onto `path` on success and deleted on failure
-    (a full disk or a dropped connection leaves no half-written file under a real name)."""
+    (a full disk or a dropped connection leaves no half-written file under a real name).
+    With a `fence`, the lease is checked between the write and the move."""
     folder = path.rsplit("/", 1)[0]
     fs.makedirs(folder, exist_ok=True)
     tmp = f"{folder}/.tmp-{uuid.uuid4().hex}"
     try:
         yield tmp
+        if fence is not None:
+            fence.check(fs, tmp)  # the temporary file's mtime is the store's "now"
         fs.mv(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -117,15 +129,16 @@ def _cleaned(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[str]:
         raise
 
 
-def write_table(table: pa.Table, uri: str) -> None:
+def write_table(table: pa.Table, uri: str, fence: Fence | None = None) -> None:
     """Write one Parquet file to a local path or fsspec URI (temp name, then move).
 
     Raises:
+        LeaseLost: `fence` says this run no longer holds the output (nothing is written).
         StorageError: the write failed for good (disk full, permission denied, a store
             that stays down), naming `uri` and the cause.
     """
     fs, path = fsspec.core.url_to_fs(uri)
-    with naming(uri, "write"), _cleaned(fs, path) as tmp:
+    with naming(uri, "write"), _cleaned(fs, path, fence) as tmp:
         with fs.open(tmp, "wb") as handle:
             pq.write_table(table, handle)
 

@@ -23,6 +23,7 @@ from pipelines.corpus_io import (
     validate_rows,
 )
 from pipelines.embed_output import read_table, reject_table, write_table
+from pipelines.lease import Fence
 from pipelines.ray_encode import NODE_COLUMN
 
 ROW_MASK = (1 << ROW_BITS) - 1  # a row key's row number (its low bits)
@@ -53,8 +54,10 @@ class ChunkAccount:
 
 
 def read_for_encoding(batch: dict[str, Any], cfg: dict[str, Any], losers: frozenset[int],
-                      to_encode: frozenset[int] | None) -> pa.Table:
+                      to_encode: frozenset[int] | None, fence: Fence | None = None) -> pa.Table:
     """Main pass: read one chunk, write its rejects, emit the rows to encode.
+
+    Every file it writes is checked against `fence` (the run's lease) first.
 
     Rows not in `to_encode` (incremental runs) are kept from the previous output and not
     emitted; rows an earlier attempt already wrote (its part markers) are not emitted
@@ -71,7 +74,7 @@ def read_for_encoding(batch: dict[str, Any], cfg: dict[str, Any], losers: frozen
         account.rejects_file = f"{file_key(chunk.path)}-c{chunk.index}.parquet"
         write_table(reject_table([ids[i] for i in bad], chunk.path,
                                  [keys[i] & ROW_MASK for i in bad], [reasons[i] for i in bad]),
-                    f"{cfg['output'].rstrip('/')}/_rejects/{account.rejects_file}")
+                    f"{cfg['output'].rstrip('/')}/_rejects/{account.rejects_file}", fence)
     emit = [i for i, r in enumerate(reasons)
             if r is None and (to_encode is None or keys[i] in to_encode)]
     account.kept = len(texts) - len(bad) - len(emit)
@@ -193,8 +196,10 @@ def read_part_markers(output: str, chunk: Chunk) -> tuple[set[tuple[int, int]], 
 CHUNK_COLUMNS = ("chunk", "start_char", "end_char")
 
 
-def write_encoded(batch: pa.Table, output: str, id_column: str) -> pa.Table:
-    """Write each chunk's encoded rows to a part file; return one summary row per part."""
+def write_encoded(batch: pa.Table, output: str, id_column: str,
+                  fence: Fence | None = None) -> pa.Table:
+    """Write each chunk's encoded rows to a part file; return one summary row per part.
+    Each part and its marker are checked against `fence` (the run's lease) first."""
     summaries: list[dict[str, Any]] = []
     for path in pc.unique(batch.column("_file")).to_pylist():
         in_file = batch.filter(pc.equal(batch.column("_file"), path))
@@ -212,13 +217,13 @@ def write_encoded(batch: pa.Table, output: str, id_column: str) -> pa.Table:
                                   **{c: rows.column(c) for c in chunked},
                                   "embedding": rows.column("embedding"),
                                   "text_hash": rows.column("text_hash")})
-                write_table(table, f"{output.rstrip('/')}/{name}")
+                write_table(table, f"{output.rstrip('/')}/{name}", fence)
                 # the part is complete: record its rows at once, so a kill from here on
                 # costs only the batches in flight (`read_part_markers`)
                 pairs = pa.table({"key": rows.column("_row_key"), "chunk": rows.column(
                     "chunk").cast(pa.int32()) if "chunk" in rows.column_names
                     else pa.array([0] * rows.num_rows, type=pa.int32())})
-                write_table(pairs, f"{part_marker_dir(output, path, index)}/{name}")
+                write_table(pairs, f"{part_marker_dir(output, path, index)}/{name}", fence)
             first = part.slice(0, 1).to_pylist()[0]
             docs = (int(pc.sum(rows.column("_last")).as_py() or 0)
                     if "_last" in rows.column_names else rows.num_rows)
@@ -245,8 +250,10 @@ SUMMARY_SCHEMA = pa.schema([
 ])
 
 
-def copy_kept(batch: dict[str, Any], output: str, id_column: str, drop_ids: list[Any]) -> pa.Table:
-    """Incremental pass: copy one previous part minus dropped/changed ids to the output."""
+def copy_kept(batch: dict[str, Any], output: str, id_column: str, drop_ids: list[Any],
+              fence: Fence | None = None) -> pa.Table:
+    """Incremental pass: copy one previous part minus dropped/changed ids to the output
+    (checked against `fence`, the run's lease, first)."""
     path = str(_scalar(batch["path"]))
     table = read_table(path)
     if drop_ids:
@@ -254,7 +261,7 @@ def copy_kept(batch: dict[str, Any], output: str, id_column: str, drop_ids: list
                                                 pa.array(drop_ids, table.schema.field(
                                                     id_column).type))))
     name = f"part-kept-{file_key(path)}.parquet"
-    write_table(table, f"{output.rstrip('/')}/{name}")
+    write_table(table, f"{output.rstrip('/')}/{name}", fence)
     # a chunked output holds several rows (chunks) per document
     docs = len(pc.unique(table.column(id_column))) if "chunk" in table.column_names \
         else table.num_rows

@@ -21,12 +21,15 @@ import pytest
 from bge_core import Encoder
 from pipelines.cli import make_config
 from pipelines.embed_corpus import EmbedConfig, run
+from pipelines.embed_job import EmbedJob
+from pipelines.lease import LeaseLost, OutputLease
 from tests.embed_helpers import (
     assert_matches_encoder,
     encode_actor_pids,
     read_output,
     write_corpus,
 )
+from tests.test_lease import StallingFS
 from tests.tiny_models import WORDS, make_tiny_bert
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,11 +90,10 @@ def test_resume_after_driver_sigkill_redoes_only_what_was_in_flight(
         if _marked_rows(out) != marked:
             marked, settled = _marked_rows(out), time.monotonic()
     assert 0 < marked < files * rows and _done(out) < files
-    # the dead driver's lease is stale after 3 s (the settling above waited that long):
-    # this run takes the output over and resumes
+    # the dead driver ran on this host and its process is gone: this run takes the
+    # output over at once (no waiting for the lease to go stale) and resumes
     result = run(make_config(EmbedConfig, input=str(tmp_path / "c"), output=str(out),
-                             model=str(tiny_bert_dir), cpus_per_actor=0.5, title_column=None,
-                             lease_timeout_s=3))
+                             model=str(tiny_bert_dir), cpus_per_actor=0.5, title_column=None))
     assert result["rows_encoded_this_attempt"] == files * rows - marked
     assert result["rows_in"] == result["rows_written"] == files * rows
     texts = _texts_without_titles(tmp_path / "c")  # no --title-column: text only
@@ -107,6 +109,112 @@ def _texts_without_titles(folder: Path) -> dict[int, str]:
         table = pq.read_table(path)
         out.update(zip(table.column("id").to_pylist(), table.column("text").to_pylist()))
     return out
+
+
+def _files(out: Path) -> dict[str, tuple[int, int]]:
+    """Every file under the output (size, mtime), the lease file aside."""
+    return {str(p.relative_to(out)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in out.rglob("*") if p.is_file() and "lease.json" not in p.name}
+
+
+def _parts_recorded(out: Path) -> int:
+    return len(list((out / "_state" / "parts").glob("*/part-*")))
+
+
+@pytest.mark.long  # 120 s on a loaded 2-core box: the first run must reach its encoding
+@pytest.mark.timeout(300)
+def test_a_run_whose_heartbeat_stalls_stops_and_the_next_run_writes_each_id_once(
+        ray_session, tiny_bert_dir, encoder, tmp_path) -> None:
+    """Two runs on one output: the first one's lease renewal stalls mid-run (injected
+    through its filesystem), so it stops before writing another part or marker, and
+    writes nothing after; the second run encodes exactly the rows the first did not
+    record, and the stalled renewal, waking during the second run, does not take the
+    lease from it. (Enough rows that the first run is still encoding when it notices.)"""
+    files, rows = 16, 40
+    write_corpus(tmp_path / "c", files=files, rows=rows)
+    out = tmp_path / "out"
+    settings = {"input": str(tmp_path / "c"), "output": str(out), "model": str(tiny_bert_dir),
+                "cpus_per_actor": 0.5, "title_column": None, "batch_rows": 2}
+    fs = StallingFS()  # renewals every 0.25 s, so the stall is noticed 2.5 s after it began
+    first = EmbedJob(make_config(EmbedConfig, **settings),
+                     lease=OutputLease(str(out), stale_after_s=5, heartbeat_s=0.25, fs=fs))
+    outcome: dict = {}
+
+    def run_first() -> None:
+        try:
+            outcome["manifest"] = first.run()
+        except Exception as err:  # noqa: BLE001 - the test inspects it
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run_first, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 200
+    while _parts_recorded(out) == 0 and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert thread.is_alive(), f"the first run ended before the stall: {outcome}"
+    fs.stalled.set()
+    stalled_at = time.monotonic()
+    thread.join(timeout=120)
+    stopped_s = time.monotonic() - stalled_at
+    assert not thread.is_alive() and isinstance(outcome.get("error"), LeaseLost), outcome
+    assert "this run stopped before writing more" in str(outcome["error"])
+    before = _files(out)
+    time.sleep(3)  # its tasks still in flight are fenced: nothing lands after it stopped
+    assert _files(out) == before
+    marked = _marked_rows(out)
+    assert 0 < marked < files * rows and _done(out) < files
+    waking = threading.Timer(5, fs.resume.set)  # the stalled renewal lands mid-second-run
+    waking.start()
+    start = time.monotonic()
+    result = run(make_config(EmbedConfig, **settings))
+    waking.join()
+    assert result["rows_encoded_this_attempt"] == files * rows - marked
+    assert result["rows_in"] == result["rows_written"] == files * rows
+    assert_matches_encoder(read_output(out), _texts_without_titles(tmp_path / "c"), encoder)
+    print("LEASE stalled-heartbeat " + json.dumps({
+        "first_stopped_s_after_stall": round(stopped_s, 1), "rows_recorded_by_first": marked,
+        "second_run_s": round(time.monotonic() - start, 1)}))
+
+
+@pytest.mark.long
+@pytest.mark.timeout(400)
+def test_kill_9_then_the_same_command_at_once_finishes_without_redoing_recorded_parts(
+        tiny_bert_dir, encoder, tmp_path) -> None:
+    """`kill -9` of the job's process group (its own local Ray included) once three parts
+    are recorded, then the same command at once: the dead holder of the lease ran on this
+    host, so the rerun takes over without waiting, and encodes only unrecorded rows."""
+    files, rows = 8, 24
+    write_corpus(tmp_path / "c", files=files, rows=rows)
+    out = tmp_path / "out"
+    cmd = _job_cmd(tmp_path / "c", out, tiny_bert_dir, "--batch-rows", "4")
+    log_path = tmp_path / "first.log"
+    with log_path.open("w") as log_file:
+        job = subprocess.Popen(cmd, env=_job_env(), start_new_session=True,
+                               stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            while _parts_recorded(out) < 3 and job.poll() is None \
+                    and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert job.poll() is None, log_path.read_text()[-3000:]
+            os.killpg(job.pid, signal.SIGKILL)
+        finally:
+            job.wait(timeout=60)
+    marked, parts = _marked_rows(out), _parts_recorded(out)
+    assert 0 < marked < files * rows and _done(out) < files
+    start = time.monotonic()
+    rerun = subprocess.run(cmd, env=_job_env(), capture_output=True, text=True, timeout=300)
+    rerun_s = time.monotonic() - start
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"(pid {job.pid} on " in rerun.stderr and "is gone" in rerun.stderr
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["rows_encoded_this_attempt"] == files * rows - marked  # no recorded row
+    assert manifest["rows_in"] == manifest["rows_written"] == files * rows
+    assert_matches_encoder(read_output(out), _texts_without_titles(tmp_path / "c"), encoder)
+    print("LEASE kill-9-rerun " + json.dumps({
+        "parts_recorded_at_kill": parts, "rows_recorded_at_kill": marked,
+        "rows_encoded_by_rerun": manifest["rows_encoded_this_attempt"],
+        "rerun_s": round(rerun_s, 1)}))
 
 
 def test_actor_killed_mid_job_is_restarted(ray_session, tiny_bert_dir, encoder,
