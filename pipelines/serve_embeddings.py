@@ -31,6 +31,7 @@ from ray import serve
 from ray.serve import Application
 
 from bge_core.config import DType
+from bge_core.errors import InputError
 from bge_core.model import Encoder
 from bge_core.presets import OFFLINE_MINILM
 from pipelines.cli import config_from_dict, run_main
@@ -76,15 +77,15 @@ class ServeConfig:
     def __post_init__(self) -> None:
         self.replica_range()
         if self.accelerator_type and self.gpus_per_replica <= 0:
-            raise ValueError("accelerator_type needs gpus_per_replica > 0")
+            raise InputError("accelerator_type needs gpus_per_replica > 0")
         for name in ("max_inputs_per_request", "max_request_bytes", "max_batch_requests",
                      "max_ongoing_requests", "port"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_queued_requests < 0:
-            raise ValueError(f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
+            raise InputError(f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
         if self.max_ongoing_requests < self.max_batch_requests:
-            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= "
+            raise InputError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= "
                              f"max_batch_requests ({self.max_batch_requests}), or batches "
                              "never fill")
 
@@ -95,7 +96,7 @@ class ServeConfig:
         except ValueError:
             sizes = []
         if len(sizes) not in (1, 2) or min(sizes) < 1 or sizes[0] > sizes[-1]:
-            raise ValueError(f"replicas must be 'N' or 'MIN,MAX' with 1 <= MIN <= MAX, "
+            raise InputError(f"replicas must be 'N' or 'MIN,MAX' with 1 <= MIN <= MAX, "
                              f"got {self.replicas!r}")
         return sizes[0], sizes[-1]
 
