@@ -41,7 +41,8 @@ def _failing(err: BaseException):
 
 def _in_task(err: BaseException) -> RayTaskError:
     """What `ray.get` raises for a task that raised `err` (the cause's class is mixed in)."""
-    return RayTaskError("task", "Traceback (most recent call last):\n  ...", err).as_instanceof_cause()
+    trace = "Traceback (most recent call last):\n  ..."
+    return RayTaskError("task", trace, err).as_instanceof_cause()
 
 
 @pytest.mark.parametrize("err", [
