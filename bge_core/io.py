@@ -199,6 +199,10 @@ def parse_line(raw: bytes | str) -> tuple[Any, str | None]:
         return json.loads(line), None
     except json.JSONDecodeError as err:
         return None, f"not valid JSON ({err.msg})"
+    except ValueError as err:  # an integer past Python's 4,300-digit limit
+        return None, f"not valid JSON ({str(err).split(';')[0]})"
+    except RecursionError:
+        return None, "not valid JSON (nested too deeply)"
 
 
 def iter_records(part: FileRange, columns: list[str] | None = None
