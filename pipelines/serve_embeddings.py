@@ -15,8 +15,9 @@ any other address (``--host 0.0.0.0``, or Serve's ``http_options`` for ``serve r
 Past ``--max-queued-requests`` waiting requests, callers get 429 at once.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: run as a script, ServeConfig lives in
+# `__main__` and travels to the replicas by value, where string annotations ("DType")
+# could not be resolved by `config_from_dict`'s `get_type_hints`.
 import asyncio
 import logging
 import sys

@@ -32,7 +32,7 @@ def _post(url: str, body: dict | None, key: str) -> tuple[int, dict]:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as err:
         return err.code, {}
-    except (urllib.error.URLError, ConnectionError):
+    except (urllib.error.URLError, OSError):  # not up yet: refused, reset or timed out
         return 0, {}
 
 
