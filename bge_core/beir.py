@@ -12,6 +12,7 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
+from bge_core.errors import InputError
 from bge_core.jsonl import open_text
 from bge_core.records import (
     RecordError,
@@ -88,7 +89,7 @@ def check_qrels(qrels: dict[str, dict[str, int]], corpus_ids: set[str],
                 query_ids: set[str], source: str) -> None:
     """Raise one message with counts when the qrels name unknown queries or documents."""
     if not qrels:
-        raise ValueError(f"{source}: the split has no judgements (empty qrels)")
+        raise InputError(f"{source}: the split has no judgements (empty qrels)")
     pairs = [(q, d) for q, docs in qrels.items() for d in docs]
     bad_docs = sorted({d for _, d in pairs if d not in corpus_ids})
     bad_queries = sorted(q for q in qrels if q not in query_ids)
@@ -101,7 +102,7 @@ def check_qrels(qrels: dict[str, dict[str, int]], corpus_ids: set[str],
         problems.append(f"{len(bad_queries)} of {len(qrels)} query ids are missing from "
                         f"queries.jsonl (e.g. {bad_queries[:3]})")
     if problems:
-        raise ValueError(f"{source}: " + "; ".join(problems))
+        raise InputError(f"{source}: " + "; ".join(problems))
 
 
 def read_split(directory: str | Path,
@@ -120,6 +121,6 @@ def load_beir(directory: str | Path, split: str = "test") -> BeirData:
     queries, qrels = read_split(root, split)
     corpus_ids, titles, bodies = read_corpus_fields(f"{root}/corpus.jsonl")
     if not corpus_ids:
-        raise ValueError(f"{root}/corpus.jsonl: the corpus is empty")
+        raise InputError(f"{root}/corpus.jsonl: the corpus is empty")
     check_qrels(qrels, set(corpus_ids), set(queries), f"{root}/qrels/{split}.tsv")
     return BeirData(corpus_ids, titles, bodies, queries, qrels)

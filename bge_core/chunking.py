@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from bge_core.errors import InputError
+
 
 @dataclass(frozen=True)
 class ChunkSpec:
@@ -26,9 +28,9 @@ class ChunkSpec:
 
     def __post_init__(self) -> None:
         if self.size < 1:
-            raise ValueError(f"--chunk-tokens must be >= 1, got {self.size}")
+            raise InputError(f"--chunk-tokens must be >= 1, got {self.size}")
         if not 0 <= self.overlap < self.size:
-            raise ValueError(f"--chunk-overlap must be >= 0 and < --chunk-tokens ({self.size}), "
+            raise InputError(f"--chunk-overlap must be >= 0 and < --chunk-tokens ({self.size}), "
                              f"got {self.overlap}")
 
 

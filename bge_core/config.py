@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
+from bge_core.errors import InputError
+
 Pooling = Literal["cls", "mean", "last_token"]
 DType = Literal["fp32", "bf16", "fp16", "int8"]
 
@@ -54,16 +56,16 @@ class EncoderConfig:
 
     def __post_init__(self) -> None:
         if self.pooling not in get_args(Pooling):
-            raise ValueError(f"pooling must be one of {get_args(Pooling)}, got {self.pooling!r}")
+            raise InputError(f"pooling must be one of {get_args(Pooling)}, got {self.pooling!r}")
         if self.dtype not in get_args(DType):
-            raise ValueError(f"dtype must be one of {get_args(DType)}, got {self.dtype!r}")
+            raise InputError(f"dtype must be one of {get_args(DType)}, got {self.dtype!r}")
         for name in ("max_length", "batch_size", "max_tokens_per_batch"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.query_max_length is not None and self.query_max_length < 1:
-            raise ValueError(f"query_max_length must be >= 1, got {self.query_max_length}")
+            raise InputError(f"query_max_length must be >= 1, got {self.query_max_length}")
         if self.temperature is not None and self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+            raise InputError(f"temperature must be > 0, got {self.temperature}")
 
     @property
     def effective_query_max_length(self) -> int:
@@ -88,5 +90,5 @@ class EncoderConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown encoder config keys {unknown}; known: {sorted(known)}")
+            raise InputError(f"unknown encoder config keys {unknown}; known: {sorted(known)}")
         return cls(**values)

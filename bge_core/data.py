@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from bge_core.batching import pad_batch
+from bge_core.errors import InputError
 from bge_core.grad_cache import TokenBatch
 from bge_core.io import RANGE_ROWS, DataFileError, FileRange, iter_records, list_files, plan_ranges
 
@@ -132,7 +133,7 @@ def sample_group(example: dict[str, Any], group_size: int, seed: int, epoch: int
     repetition when there are fewer. Positives are never used as negatives.
     """
     if group_size < 1:
-        raise ValueError(f"train_group_size must be >= 1, got {group_size}")
+        raise InputError(f"train_group_size must be >= 1, got {group_size}")
     rng = group_rng(seed, epoch, int(example["key"]))
     pos = list(example["pos"])
     negs = list(example["neg"])

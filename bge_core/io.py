@@ -27,6 +27,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bge_core.errors import InputError
+
 PARQUET_SUFFIXES = (".parquet", ".pq")
 JSONL_SUFFIXES = (".jsonl", ".json")
 RANGE_ROWS = 100_000  # default rows (JSONL lines) per range
@@ -35,7 +37,7 @@ SCAN_BYTES = 8 << 20  # bytes read at a time when planning a JSONL file
 Format = Literal["parquet", "jsonl"]
 
 
-class DataFileError(ValueError):
+class DataFileError(InputError):
     """A missing, empty or unreadable data location or file; the message names it."""
 
 
@@ -197,6 +199,10 @@ def parse_line(raw: bytes | str) -> tuple[Any, str | None]:
         return json.loads(line), None
     except json.JSONDecodeError as err:
         return None, f"not valid JSON ({err.msg})"
+    except ValueError as err:  # an integer past Python's 4,300-digit limit
+        return None, f"not valid JSON ({str(err).split(';')[0]})"
+    except RecursionError:
+        return None, "not valid JSON (nested too deeply)"
 
 
 def iter_records(part: FileRange, columns: list[str] | None = None

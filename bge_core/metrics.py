@@ -20,6 +20,8 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from bge_core.errors import InputError
+
 Run = Mapping[str, Mapping[str, float]]
 Qrels = Mapping[str, Mapping[str, int]]
 
@@ -71,9 +73,9 @@ def evaluate_run(
     """
     ks = sorted(set(int(k) for k in k_values))
     if not ks or ks[0] < 1:
-        raise ValueError(f"k_values must be positive integers, got {list(k_values)}")
+        raise InputError(f"k_values must be positive integers, got {list(k_values)}")
     if not qrels:
-        raise ValueError("no queries to evaluate: the qrels are empty")
+        raise InputError("no queries to evaluate: the qrels are empty")
     per_query = {
         qid: query_metrics(rank_documents(run.get(qid, {})), judged, ks)
         for qid, judged in qrels.items()
@@ -106,7 +108,7 @@ def spearman(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -
         raise ValueError(f"spearman needs two 1-D sequences of equal length, got {a.shape}, "
                          f"{b.shape}")
     if len(a) < 2:
-        raise ValueError(f"spearman needs at least 2 pairs, got {len(a)}")
+        raise InputError(f"spearman needs at least 2 pairs, got {len(a)}")
     ra, rb = _average_ranks(a), _average_ranks(b)
     ra, rb = ra - ra.mean(), rb - rb.mean()
     denom = math.sqrt(float(ra @ ra) * float(rb @ rb))

@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from bge_core.errors import InputError
+
 T = TypeVar("T", bound=Hashable)
 
 
@@ -34,9 +36,9 @@ class SampleRange:
         try:
             start, end = (int(p) for p in parts)
         except ValueError:
-            raise ValueError(f"--range_for_sampling must be 'START-END', got {text!r}") from None
+            raise InputError(f"--range_for_sampling must be 'START-END', got {text!r}") from None
         if start < 0 or end <= start:
-            raise ValueError(f"--range_for_sampling needs 0 <= START < END, got {text!r}")
+            raise InputError(f"--range_for_sampling needs 0 <= START < END, got {text!r}")
         return cls(start, end)
 
 
@@ -147,4 +149,4 @@ def mine_negatives(
 def check_number(number: int) -> None:
     """``--negative_number`` must be positive."""
     if number < 1:
-        raise ValueError(f"--negative_number must be >= 1, got {number}")
+        raise InputError(f"--negative_number must be >= 1, got {number}")

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from bge_core.errors import InputError
+
 SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
 
 
@@ -24,7 +26,7 @@ def build_adamw(model: nn.Module, lr: float, weight_decay: float = 0.0) -> torch
 def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
     """Warm-up length for `warmup_ratio` of `total_steps` (rounded up, as HF does)."""
     if not 0.0 <= warmup_ratio <= 1.0:
-        raise ValueError(f"warmup_ratio must be in [0, 1], got {warmup_ratio}")
+        raise InputError(f"warmup_ratio must be in [0, 1], got {warmup_ratio}")
     return math.ceil(total_steps * warmup_ratio)
 
 
@@ -40,7 +42,7 @@ def build_scheduler(
     from transformers import get_scheduler
 
     if kind not in SCHEDULES:
-        raise ValueError(f"lr_scheduler_type {kind!r} is not one of {', '.join(SCHEDULES)}")
+        raise InputError(f"lr_scheduler_type {kind!r} is not one of {', '.join(SCHEDULES)}")
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
     return get_scheduler(kind, optimizer, num_warmup_steps=warmup,

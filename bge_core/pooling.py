@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from bge_core.config import Pooling
+from bge_core.errors import InputError
 
 
 def cls_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -40,7 +41,7 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, method: Pooling) -> torch.Ten
     try:
         return _POOLERS[method](hidden, mask)
     except KeyError:
-        raise ValueError(f"unknown pooling {method!r}; choose one of {sorted(_POOLERS)}") from None
+        raise InputError(f"unknown pooling {method!r}; choose one of {sorted(_POOLERS)}") from None
 
 
 def embed_from_hidden(

@@ -8,6 +8,7 @@ import logging
 import torch
 
 from bge_core.config import DType
+from bge_core.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +26,9 @@ def cpu_has_native_bf16() -> bool:
 def check_dtype(dtype: DType, device: torch.device) -> None:
     """Reject fp16 on CPU and int8 on GPU; warn when bf16 on this CPU is emulated."""
     if dtype == "fp16" and device.type != "cuda":
-        raise ValueError("dtype 'fp16' needs a CUDA GPU; on CPU use 'bf16' or 'fp32'")
+        raise InputError("dtype 'fp16' needs a CUDA GPU; on CPU use 'bf16' or 'fp32'")
     if dtype == "int8" and device.type != "cpu":
-        raise ValueError(f"dtype 'int8' runs on CPU only (ONNX Runtime int8 kernels), not on "
+        raise InputError(f"dtype 'int8' runs on CPU only (ONNX Runtime int8 kernels), not on "
                          f"{device}; on a GPU use 'fp16' or 'bf16', or load with device='cpu'")
     if dtype == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
         log.warning("this CPU has no native bf16 (AVX512-BF16/AMX): bf16 is emulated and "

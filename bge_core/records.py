@@ -22,13 +22,14 @@ from typing import Any
 import fsspec
 import numpy as np
 
+from bge_core.errors import InputError
 from bge_core.io import RANGE_ROWS, iter_records, plan_ranges
 
 Check = Callable[[Any], "str | None"]
 _LISTS = (list, tuple, np.ndarray)  # Parquet rows can hold arrays
 
 
-class RecordError(ValueError):
+class RecordError(InputError):
     """An unusable input record; the message names the file, line and field."""
 
 

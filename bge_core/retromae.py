@@ -33,6 +33,7 @@ from transformers.activations import ACT2FN
 from transformers.utils import logging as hf_logging
 
 from bge_core.config import EncoderConfig
+from bge_core.errors import InputError
 from bge_core.loading import resolve_model
 from bge_core.model import Encoder
 from bge_core.retromae_masking import IGNORE
@@ -101,7 +102,7 @@ def _mlm_head(lm: PreTrainedModel) -> nn.Module:
         head = getattr(lm, name, None)
         if isinstance(head, nn.Module):
             return head
-    raise TypeError(f"{type(lm).__name__} has no MLM head (cls / lm_head) RetroMAE can use")
+    raise InputError(f"{type(lm).__name__} has no MLM head (cls / lm_head) RetroMAE can use")
 
 
 def masked_cross_entropy(
@@ -186,7 +187,7 @@ def load_retromae(name_or_path: str) -> tuple[RetroMAE, PreTrainedTokenizerBase]
                  name_or_path, len(head_keys))
     body_keys = [k for k in missing if k not in head_keys]
     if body_keys:
-        raise ValueError(f"{name_or_path}: encoder weights missing from the checkpoint: "
+        raise InputError(f"{name_or_path}: encoder weights missing from the checkpoint: "
                          f"{body_keys[:5]}{'...' if len(body_keys) > 5 else ''}")
     return RetroMAE(lm), AutoTokenizer.from_pretrained(folder)
 

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from bge_core.errors import InputError
+
 IGNORE = -100  # label of positions without a target (CrossEntropyLoss's ignore_index)
 
 
@@ -104,9 +106,9 @@ class RetroMAECollator:
         for name, p in (("encoder_mlm_probability", encoder_mlm_probability),
                         ("decoder_mlm_probability", decoder_mlm_probability)):
             if not 0.0 < p < 1.0:
-                raise ValueError(f"{name} must be in (0, 1), got {p}")
+                raise InputError(f"{name} must be in (0, 1), got {p}")
         if max_seq_length < 3:
-            raise ValueError(f"max_seq_length must be >= 3, got {max_seq_length}")
+            raise InputError(f"max_seq_length must be >= 3, got {max_seq_length}")
         self.max_seq_length = max_seq_length
         self.encoder_p = encoder_mlm_probability
         self.decoder_p = decoder_mlm_probability
@@ -115,7 +117,7 @@ class RetroMAECollator:
         self.mask_id = tokenizer.mask_token_id
         self.pad_id = tokenizer.pad_token_id or 0
         if None in (self.cls_id, self.sep_id, self.mask_id):
-            raise ValueError("RetroMAE needs a tokenizer with [CLS], [SEP] and [MASK] tokens")
+            raise InputError("RetroMAE needs a tokenizer with [CLS], [SEP] and [MASK] tokens")
         self.continuation = continuation_table(tokenizer)
         special = torch.zeros(len(self.continuation), dtype=torch.bool)
         special[list(tokenizer.all_special_ids)] = True

@@ -14,6 +14,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from bge_core.errors import InputError
+
 
 def shard_topk(
     queries: np.ndarray, shard: np.ndarray, k: int, device: str | None = None
@@ -86,7 +88,7 @@ class RunningTopK:
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids), each (Q, min(k, candidates seen)), best first."""
         if self.ids is None:
-            raise ValueError("no corpus shard was searched: the corpus is empty")
+            raise InputError("no corpus shard was searched: the corpus is empty")
         return self.scores, self.ids
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bge_core.config import EncoderConfig
+from bge_core.errors import InputError
 
 _POOLING_KEYS = {
     "cls": "pooling_mode_cls_token",
@@ -40,7 +41,7 @@ def read_st_settings(folder: Path) -> dict[str, Any]:
             modes = [m for m, key in _POOLING_KEYS.items() if pooling_cfg.get(key)]
             others = [k for k in _ALL_POOLING_MODES if pooling_cfg.get(k)]
             if len(modes) != 1 or len(others) != 1:
-                raise ValueError(
+                raise InputError(
                     f"{folder}: pooling {others} is not supported; supported: cls, mean, last_token"
                 )
             settings["pooling"] = modes[0]

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from bge_core.errors import InputError
+
 if TYPE_CHECKING:  # transformers is imported where a tokenizer is built, not on import
     from transformers import PreTrainedTokenizerBase
 
@@ -42,7 +44,7 @@ class TextTokenizer:
         limit = min(max_length or self.max_length, self.max_length)
         budget = limit - len(self.prefix) - len(self.suffix)
         if budget < 0:
-            raise ValueError(f"max_length {limit} leaves no room for special tokens")
+            raise InputError(f"max_length {limit} leaves no room for special tokens")
         if not texts:
             return [], np.zeros(0, dtype=bool)
         # One token past the budget tells truncated texts from those exactly at the limit.

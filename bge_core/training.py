@@ -23,6 +23,7 @@ from torch import nn
 
 from bge_core.config import DType
 from bge_core.distributed import get_rank, get_world_size
+from bge_core.errors import InputError
 from bge_core.precision import autocast_context, check_dtype
 
 log = logging.getLogger("bge.train")
@@ -99,7 +100,7 @@ def resolve_precision(fp16: bool, bf16: bool, device_type: str | None = None) ->
     warning, so a GPU command line also runs on a CPU box.
     """
     if fp16 and bf16:
-        raise ValueError("--fp16 and --bf16 are mutually exclusive")
+        raise InputError("--fp16 and --bf16 are mutually exclusive")
     if fp16 and device_type is not None and device_type != "cuda":
         log.warning("--fp16 needs a CUDA GPU: training in fp32 on %s", device_type)
         return "fp32"

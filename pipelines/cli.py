@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import re
 import sys
 import types
 import typing
@@ -23,10 +24,16 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 import fsspec
 import yaml
 
+from bge_core.errors import InputError
+from bge_core.storage import StorageError
+
 C = TypeVar("C")
+_RAY_RETRY_NOTE = re.compile(r"\nFailed to .* after \d+/\d+ attempts \(total backoff")
+# Failures the user can act on: one line and exit 2 (anything else keeps its traceback).
+USER_ERRORS: tuple[type[BaseException], ...] = (InputError, StorageError, FileNotFoundError)
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A bad config file or flag; the message names the file, key or flag."""
 
 
@@ -241,6 +248,55 @@ def start_ray() -> None:
         ray.init()
 
 
+def keep_task_errors() -> None:
+    """Make Ray Data raise a stage's own exception (inside Ray's task wrapper), not a
+    `UserCodeException` that keeps only its text, so `user_error` can tell its kind."""
+    from ray.data import DataContext
+
+    DataContext.get_current().raise_original_map_exception = True
+
+
+def _is_ray_wrapper(err: BaseException) -> bool:
+    """Ray's own exception types (task, actor, Data and Train wrappers carry the cause)."""
+    return any(c.__module__.split(".")[0] == "ray" for c in type(err).__mro__)
+
+
+def _wrapped(err: BaseException) -> list[BaseException]:
+    """What a Ray wrapper carries: the task's cause, Train's per-worker or controller error."""
+    found = [getattr(err, "cause", None), err.__cause__,
+             getattr(err, "controller_failure", None)]
+    failures = getattr(err, "worker_failures", None)  # Ray Train's WorkerGroupError
+    if isinstance(failures, dict):
+        found += list(failures.values())
+    return [e for e in found if isinstance(e, BaseException)]
+
+
+def user_error(err: BaseException,
+               kinds: tuple[type[BaseException], ...] = USER_ERRORS) -> BaseException | None:
+    """The user-facing error `err` is, or carries inside Ray's wrappers; None for a bug.
+
+    Only Ray's wrappers are looked into: an internal error raised ``from`` a bad input is
+    still an internal error.
+    """
+    pending, seen = [err], set()
+    while pending:
+        current = pending.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if _is_ray_wrapper(current):
+            pending += _wrapped(current)
+        elif isinstance(current, kinds):
+            return current
+    return None
+
+
+def one_line(err: BaseException) -> str:
+    """`err`'s message on one line, without the retry advice Ray Data appends to it."""
+    text = _RAY_RETRY_NOTE.split(str(err), maxsplit=1)[0]
+    return " | ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
 def run_main(
     prog: str,
     cls: type[C],
@@ -252,8 +308,10 @@ def run_main(
 ) -> int:
     """A job's CLI entry: parse flags/YAML into `cls`, start Ray, run `job`, return the status.
 
-    Bad flags, config or input (`ConfigError`, `ValueError`, `FileNotFoundError` and
-    `errors`) print one line ``prog: error: ...`` to stderr and return 2, without a trace.
+    Bad input (`InputError`: flags, config, files, records), storage failures
+    (`StorageError`, `FileNotFoundError`) and `errors`, raised here or inside a Ray task,
+    actor or Train worker, print one line ``prog: error: ...`` to stderr and return 2.
+    Anything else is a bug: it propagates with its traceback (exit status 1).
     Ray starts after the flags parse and `preflight(cfg)` (cheap input checks) pass, so a
     bad flag or a missing file answers at once.
     """
@@ -264,8 +322,12 @@ def run_main(
             preflight(cfg)
         if uses_ray:
             start_ray()
+        keep_task_errors()
         job(cfg)
-    except (ConfigError, ValueError, FileNotFoundError, *errors) as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
+    except Exception as err:
+        found = user_error(err, (*USER_ERRORS, *errors))
+        if found is None:
+            raise
+        print(f"{prog}: error: {one_line(found)}", file=sys.stderr)
         return 2
     return 0

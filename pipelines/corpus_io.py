@@ -13,6 +13,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from bge_core.errors import InputError  # the jobs' one bad-input type, re-exported
 from bge_core.io import (
     DataFileError,
     FileRange,
@@ -27,10 +28,6 @@ from bge_core.texts import join_title
 ROW_BITS = 40  # rows per file < 2**40
 
 Chunk = FileRange  # the embedding job's unit of reading, resume and accounting
-
-
-class InputError(DataFileError):
-    """Bad input (missing file or column, unreadable file); the message names it."""
 
 
 def file_key(path: str) -> str:

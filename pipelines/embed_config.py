@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 from bge_core.chunking import ChunkSpec
+from bge_core.errors import InputError
 from pipelines.encode_options import EncodeOptions
 
 SAMPLE_CORPUS = str(Path(__file__).resolve().parent / "sample_data" / "corpus.jsonl")
@@ -58,16 +59,16 @@ class EmbedConfig:
 
     def __post_init__(self) -> None:
         if self.mode == "incremental" and not self.previous:
-            raise ValueError("--mode incremental needs --previous (the last run's output)")
+            raise InputError("--mode incremental needs --previous (the last run's output)")
         if self.previous and self.previous.rstrip("/") == self.output.rstrip("/"):
-            raise ValueError("--previous and --output must differ: an incremental run writes "
+            raise InputError("--previous and --output must differ: an incremental run writes "
                              "a new complete output beside the previous one")
         if self.lease_timeout_s <= 0:
-            raise ValueError(f"--lease-timeout-s must be > 0, got {self.lease_timeout_s}")
+            raise InputError(f"--lease-timeout-s must be > 0, got {self.lease_timeout_s}")
         if self.chunk_rows < 1:
-            raise ValueError(f"--chunk-rows must be >= 1, got {self.chunk_rows}")
+            raise InputError(f"--chunk-rows must be >= 1, got {self.chunk_rows}")
         if self.chunk_tokens is None and self.chunk_overlap:
-            raise ValueError("--chunk-overlap needs --chunk-tokens")
+            raise InputError("--chunk-overlap needs --chunk-tokens")
         self.chunk_spec()  # checks size and overlap
 
     def chunk_spec(self) -> ChunkSpec | None:

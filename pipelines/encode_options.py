@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from bge_core.config import DType
+from bge_core.errors import InputError
 from bge_core.presets import OFFLINE_MINILM
 
 
@@ -80,21 +81,21 @@ class EncodeOptions:
         for name in ("max_length", "max_tokens_per_batch"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"--{_flag(name)} must be >= 1, got {value}")
+                raise InputError(f"--{_flag(name)} must be >= 1, got {value}")
         if self.batch_rows < 1:
-            raise ValueError(f"--batch-rows must be >= 1, got {self.batch_rows}")
+            raise InputError(f"--batch-rows must be >= 1, got {self.batch_rows}")
         if self.gpus_per_actor < 0 or (self.cpus_per_actor is not None
                                        and self.cpus_per_actor <= 0):
-            raise ValueError(f"--gpus-per-actor must be >= 0 and --cpus-per-actor > 0, got "
+            raise InputError(f"--gpus-per-actor must be >= 0 and --cpus-per-actor > 0, got "
                              f"{self.gpus_per_actor} and {self.cpus_per_actor}")
         if self.accelerator_type and not self.gpus_per_actor:
-            raise ValueError(f"--accelerator-type {self.accelerator_type} needs "
+            raise InputError(f"--accelerator-type {self.accelerator_type} needs "
                              f"--gpus-per-actor > 0 (it selects a GPU type)")
         if self.dtype == "int8" and self.gpus_per_actor:
-            raise ValueError("--dtype int8 runs on CPU actors only (ONNX Runtime int8): drop "
+            raise InputError("--dtype int8 runs on CPU actors only (ONNX Runtime int8): drop "
                              "--gpus-per-actor, or use fp16 / bf16 on GPUs")
         if self.dtype == "fp16" and not self.gpus_per_actor:
-            raise ValueError("--dtype fp16 needs --gpus-per-actor > 0 (fp16 runs on GPUs only; "
+            raise InputError("--dtype fp16 needs --gpus-per-actor > 0 (fp16 runs on GPUs only; "
                              "use fp32 on CPU)")
 
     def pool_size(self) -> int | tuple[int, int]:
@@ -103,10 +104,10 @@ class EncodeOptions:
         try:
             sizes = [int(p) for p in parts]
         except ValueError:
-            raise ValueError(f"--num-actors must be 'N' or 'MIN,MAX', got "
+            raise InputError(f"--num-actors must be 'N' or 'MIN,MAX', got "
                              f"{self.num_actors!r}") from None
         if len(sizes) not in (1, 2) or min(sizes) < 1 or sizes[0] > sizes[-1]:
-            raise ValueError(f"--num-actors must be 'N' or 'MIN,MAX' with 1 <= MIN <= MAX, "
+            raise InputError(f"--num-actors must be 'N' or 'MIN,MAX' with 1 <= MIN <= MAX, "
                              f"got {self.num_actors!r}")
         return sizes[0] if len(sizes) == 1 else (sizes[0], sizes[1])
 
@@ -143,9 +144,9 @@ class SearchOptions:
 
     def __post_init__(self) -> None:
         if self.search_shard_rows < 1:
-            raise ValueError(f"--search-shard-rows must be >= 1, got {self.search_shard_rows}")
+            raise InputError(f"--search-shard-rows must be >= 1, got {self.search_shard_rows}")
         if self.search_cpus <= 0:
-            raise ValueError(f"--search-cpus must be > 0, got {self.search_cpus}")
+            raise InputError(f"--search-cpus must be > 0, got {self.search_cpus}")
 
 
 def _flag(name: str) -> str:

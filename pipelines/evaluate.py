@@ -27,6 +27,7 @@ import ray
 
 from bge_core.beir import check_qrels, read_split
 from bge_core.chunking import ChunkSpec
+from bge_core.errors import InputError
 from bge_core.jsonl import open_text
 from bge_core.metrics import evaluate_run, format_table, rank_documents, spearman
 from bge_core.search import best_chunk_per_document
@@ -64,16 +65,16 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         if (self.beir_dir is None) == (self.sts is None):
-            raise ValueError("give exactly one of --beir_dir (retrieval) or --sts (STS pairs)")
+            raise InputError("give exactly one of --beir_dir (retrieval) or --sts (STS pairs)")
         try:
             ks = [int(k) for k in self.k_values.split(",")]
         except ValueError:
-            raise ValueError(f"--k_values must be comma-separated integers, got "
+            raise InputError(f"--k_values must be comma-separated integers, got "
                              f"{self.k_values!r}") from None
         if min(ks) < 1:
-            raise ValueError(f"--k_values must be positive, got {self.k_values!r}")
+            raise InputError(f"--k_values must be positive, got {self.k_values!r}")
         if self.chunk_tokens is None and self.chunk_overlap:
-            raise ValueError("--chunk_overlap needs --chunk_tokens")
+            raise InputError("--chunk_overlap needs --chunk_tokens")
         if self.chunk_tokens is not None:
             ChunkSpec(self.chunk_tokens, self.chunk_overlap)
 
@@ -173,10 +174,10 @@ def read_sts(path: str) -> tuple[list[str], list[str], np.ndarray]:
                 left.append(fields[5])
                 right.append(fields[6])
             except (IndexError, ValueError):
-                raise ValueError(f"{path} row {row}: expected a score in column 5 and two "
+                raise InputError(f"{path} row {row}: expected a score in column 5 and two "
                                  f"sentences in columns 6-7 (tab-separated)") from None
     if len(gold) < 2:
-        raise ValueError(f"{path}: need at least 2 sentence pairs, found {len(gold)}")
+        raise InputError(f"{path}: need at least 2 sentence pairs, found {len(gold)}")
     return left, right, np.asarray(gold)
 
 

@@ -41,6 +41,7 @@ from bge_core.data import (
     split_bad,
 )
 from bge_core.distributed import all_reduce_mean
+from bge_core.errors import InputError
 from bge_core.grad_cache import contrastive_step
 from bge_core.losses import DEFAULT_TEMPERATURE, info_nce
 from bge_core.model import Encoder
@@ -96,17 +97,17 @@ class FinetuneConfig(TrainArgs):
         super().__post_init__()
         for name in ("train_group_size", "query_max_len", "passage_max_len"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+                raise InputError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.gradient_cache_chunk_size is not None and self.gradient_cache_chunk_size < 1:
-            raise ValueError("--gradient_cache_chunk_size must be >= 1 (or unset), got "
+            raise InputError("--gradient_cache_chunk_size must be >= 1 (or unset), got "
                              f"{self.gradient_cache_chunk_size}")
         if self.temperature is not None and self.temperature <= 0:
-            raise ValueError(f"--temperature must be > 0, got {self.temperature}")
+            raise InputError(f"--temperature must be > 0, got {self.temperature}")
         if self.max_example_num_per_dataset is not None and self.max_example_num_per_dataset < 1:
-            raise ValueError("--max_example_num_per_dataset must be >= 1, got "
+            raise InputError("--max_example_num_per_dataset must be >= 1, got "
                              f"{self.max_example_num_per_dataset}")
         if self.passage_instruction_for_retrieval:
-            raise ValueError(
+            raise InputError(
                 "--passage_instruction_for_retrieval is not offered: a saved model carries a "
                 "query instruction only, so inference would not add it; prepend it to the "
                 "'pos'/'neg' passages of the training data and to the corpus you encode")

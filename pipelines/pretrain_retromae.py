@@ -84,9 +84,9 @@ class RetroMAEConfig(TrainArgs):
         super().__post_init__()
         for name in ("rows_per_range", "max_seq_length"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+                raise InputError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.shuffle_buffer_size < 0:
-            raise ValueError(f"--shuffle_buffer_size must be >= 0, got "
+            raise InputError(f"--shuffle_buffer_size must be >= 0, got "
                              f"{self.shuffle_buffer_size}")
 
 
@@ -276,7 +276,7 @@ def _check_model(cfg: RetroMAEConfig) -> None:
     AutoTokenizer.from_pretrained(folder)
     positions = AutoConfig.from_pretrained(folder).max_position_embeddings
     if cfg.max_seq_length > positions:
-        raise ValueError(f"--max_seq_length {cfg.max_seq_length} exceeds the "
+        raise InputError(f"--max_seq_length {cfg.max_seq_length} exceeds the "
                          f"{positions} positions of {cfg.model_name_or_path}")
 
 

@@ -19,6 +19,7 @@ from ray.data.expressions import col
 
 from bge_core.beir import doc_fields
 from bge_core.chunking import ChunkSpec, split_texts
+from bge_core.errors import InputError
 from bge_core.records import RecordError, check_beir_doc, located
 from bge_core.texts import join_title
 from pipelines.ray_encode import tokenizer_for
@@ -39,7 +40,7 @@ def read_corpus(path: str) -> tuple[ray.data.Dataset, int]:
     corpus = read_records(path, check_beir_doc, _doc_row, DOC_SCHEMA, "BEIR corpus")
     size = corpus.count()
     if not size:
-        raise ValueError(f"{path}: the corpus is empty")
+        raise InputError(f"{path}: the corpus is empty")
     ids = corpus.select_columns(["_id", "line"])
     counts = ids.groupby("_id", num_partitions=shuffle_partitions(ids)).aggregate(
         Count(alias_name="copies"), Max("line", alias_name="line"))

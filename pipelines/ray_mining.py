@@ -21,6 +21,7 @@ import pyarrow as pa
 import ray
 from ray.data.aggregate import Min
 
+from bge_core.errors import InputError
 from bge_core.records import check_candidate, check_training_example
 from pipelines.ray_records import number_rows, read_records, shuffle_partitions, write_lines
 
@@ -45,7 +46,7 @@ def read_examples(path: str) -> tuple[ray.data.Dataset, int]:
     ds = number_rows(ds, "row", by="key").drop_columns(["key"])
     count = ds.count()
     if not count:
-        raise ValueError(f"{path}: no training examples")
+        raise InputError(f"{path}: no training examples")
     return ds, count
 
 
@@ -62,7 +63,7 @@ def _passages(batch: pa.Table) -> pa.Table:
                              batch["neg"].to_pylist()):
         passages = [*pos, *neg]
         if len(passages) >= 1 << SLOT_BITS:
-            raise ValueError(f"example {row} has {len(passages)} passages: at most "
+            raise InputError(f"example {row} has {len(passages)} passages: at most "
                              f"{(1 << SLOT_BITS) - 1} can form the default pool")
         keys += [(row << SLOT_BITS) + j for j in range(len(passages))]
         texts += passages
@@ -80,7 +81,7 @@ def build_corpus(examples: ray.data.Dataset,
     corpus = number_rows(unique.sort("key"), "row").select_columns(["row", "text"])
     size = corpus.count()
     if not size:
-        raise ValueError("the corpus is empty: no candidate texts")
+        raise InputError("the corpus is empty: no candidate texts")
     return corpus, size
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
+from bge_core.errors import InputError
 from bge_core.loading import resolve_model
 from bge_core.presets import resolve_instruction
 from bge_core.search import RunningTopK, search_shards
@@ -59,14 +60,14 @@ def encode_rows(ds: ray.data.Dataset, n: int, opts: EncodeOptions, prefix: str =
             out = np.zeros((n, vectors.shape[1]), dtype=np.float32)
         out[batch.column("row").to_numpy()] = vectors
     if out is None:
-        raise ValueError("nothing to encode: no texts")
+        raise InputError("nothing to encode: no texts")
     return out
 
 
 def encode_texts(texts: Sequence[str], opts: EncodeOptions, prefix: str = "") -> np.ndarray:
     """Encode a small list (queries, STS sentences) on Ray: (n, D) float32 in input order."""
     if not texts:
-        raise ValueError("nothing to encode: the list of texts is empty")
+        raise InputError("nothing to encode: the list of texts is empty")
     return encode_rows(text_dataset(texts, opts.batch_rows), len(texts), opts, prefix)
 
 

@@ -1,23 +1,29 @@
-"""The OpenAI-compatible embeddings API without Ray: request checks, tokens, responses.
+"""The OpenAI-compatible embeddings API without Ray: routes, request checks, tokens, responses.
 
-`pipelines/serve_embeddings.py` wires these into a Ray Serve deployment; everything here is
-plain Python (plus the `Encoder`'s tokenizer), so bad-input handling is tested without a
-cluster. Every rejection is an `ApiError` carrying its HTTP status and a message naming
-the problem, answered in OpenAI's error shape.
+`build_api` is the FastAPI app a replica serves (`pipelines/serve_embeddings.py` only adds
+Ray Serve's cross-request batcher as its `encode`); everything here is plain Python, FastAPI
+and the `Encoder`'s tokenizer, so the whole HTTP path is tested in-process without a
+cluster. Every rejection is an `ApiError` carrying its HTTP status and a message naming the
+problem, answered in OpenAI's error shape. ``GET /health`` is open (for probes); every
+``/v1/*`` route needs the API key when one is set.
 """
 
 from __future__ import annotations
 
 import base64
 import hmac
+import ipaddress
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 import numpy as np
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
 
+from bge_core.errors import InputError
 from bge_core.model import Encoder
 
 API_KEY_ENV = "BGE_SERVE_API_KEY"
@@ -80,6 +86,32 @@ def check_auth(authorization: str | None, api_key: str | None) -> None:
         raise ApiError(401, "invalid API key")
 
 
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` keeps the server on this machine (127.0.0.0/8, ::1, localhost)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
+
+
+def check_exposure(host: str | None, api_key: str | None, allow_unauthenticated: bool) -> None:
+    """Refuse to serve a non-loopback `host` (None: unknown) openly unless asked to on purpose.
+
+    Raises:
+        InputError: `host` is not loopback, no API key is set and `allow_unauthenticated`
+            is off; the one line names both ways out.
+    """
+    if api_key or allow_unauthenticated or (host is not None and is_loopback(host)):
+        return
+    where = f"on {host}" if host else "on an address that may not be loopback"
+    raise InputError(f"refusing to serve {where} without an API key: set {API_KEY_ENV} "
+                     "(clients then send 'Authorization: Bearer <key>'), or pass "
+                     "--allow-unauthenticated (allow_unauthenticated: true in a Serve "
+                     "config) to serve it open on purpose")
+
+
 def check_declared_size(content_length: str | None, max_bytes: int) -> None:
     """Refuse a body by its ``Content-Length`` header before reading it (413)."""
     try:
@@ -88,6 +120,17 @@ def check_declared_size(content_length: str | None, max_bytes: int) -> None:
         raise ApiError(400, f"bad Content-Length header {content_length!r}") from None
     if declared > max_bytes:
         raise ApiError(413, f"request body is {declared} bytes; the limit is {max_bytes}")
+
+
+async def read_body(chunks: AsyncIterator[bytes], max_bytes: int) -> bytes:
+    """The body, read chunk by chunk; 413 as soon as it passes `max_bytes`, declared or not
+    (a chunked body has no ``Content-Length``), so an endless body is never held whole."""
+    body = bytearray()
+    async for chunk in chunks:
+        body += chunk
+        if len(body) > max_bytes:
+            raise ApiError(413, f"request body is over the limit of {max_bytes} bytes")
+    return bytes(body)
 
 
 def parse_request(
@@ -105,7 +148,8 @@ def parse_request(
         raise ApiError(413, f"request body is {len(body)} bytes; the limit is {max_bytes}")
     try:
         payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:  # deep nesting
+    # ValueError: also an integer of over 4,300 digits; RecursionError: deep nesting
+    except (ValueError, RecursionError) as err:
         raise ApiError(400, f"request body is not valid JSON: {err}") from None
     if not isinstance(payload, Mapping):
         raise ApiError(400, f"request body must be a JSON object, got {type(payload).__name__}")
@@ -194,3 +238,57 @@ def models_response(model: str, created: int, dim: int) -> dict[str, Any]:
     entry = {"id": model, "object": "model", "created": created, "owned_by": "bge-ray",
              "dimensions": dim}
     return {"object": "list", "data": [entry]}
+
+
+Encode = Callable[[list[list[int]]], Awaitable[np.ndarray]]  # token rows → (n, D) vectors
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServedModel:
+    """What a replica's routes need: the encoder, its public name, the key and the limits."""
+
+    encoder: Encoder
+    encode: Encode  # Serve's cross-request batcher in a replica, or any coroutine in tests
+    name: str
+    created: int
+    api_key: str | None = None
+    max_inputs: int = 512
+    max_bytes: int = 8_000_000
+
+
+def build_api(served: ServedModel) -> FastAPI:
+    """The replica's HTTP app: ``GET /health`` open; ``/v1/models`` and ``/v1/embeddings``
+    behind the key. Refusals (`ApiError`) answer in OpenAI's error shape."""
+    api = FastAPI(title="bge-ray embeddings", docs_url=None, redoc_url=None, openapi_url=None)
+    api.add_exception_handler(ApiError, _refusal)  # type: ignore[arg-type]
+
+    async def authorized(request: Request) -> None:
+        check_auth(request.headers.get("authorization"), served.api_key)
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorized)])
+
+    @api.get("/health")
+    async def health() -> JSONResponse:
+        return JSONResponse({"status": "ok", "model": served.name})
+
+    @v1.get("/models")
+    async def models() -> JSONResponse:
+        return JSONResponse(models_response(served.name, served.created, served.encoder.dim))
+
+    @v1.post("/embeddings")
+    async def embeddings(request: Request) -> JSONResponse:
+        check_declared_size(request.headers.get("content-length"), served.max_bytes)
+        body = await read_body(request.stream(), served.max_bytes)
+        req = parse_request(body, max_inputs=served.max_inputs, max_bytes=served.max_bytes,
+                            dim=served.encoder.dim)
+        tokens = tokenize_request(served.encoder, req)
+        vectors = await served.encode(tokens.rows)  # (n, D)
+        return JSONResponse(embedding_response(vectors, tokens, model=served.name,
+                                               encoding_format=req.encoding_format))
+
+    api.include_router(v1)
+    return api
+
+
+async def _refusal(request: Request, err: ApiError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status)

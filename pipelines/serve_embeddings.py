@@ -1,18 +1,23 @@
 """Online embeddings on Ray Serve: OpenAI-compatible ``/v1/embeddings`` with the bulk job's model.
 
-    python pipelines/serve_embeddings.py --model bge-base-en-v1.5 --host 0.0.0.0 --port 8000
+    BGE_SERVE_API_KEY=... python pipelines/serve_embeddings.py --model bge-base-en-v1.5 \
+        --host 0.0.0.0 --port 8000
     serve run pipelines/configs/serve.yaml          # or `serve deploy` to a running cluster
 
 Starts a local Ray unless ``RAY_ADDRESS`` names a cluster, and serves until stopped.
 Requests from concurrent callers are gathered (`@serve.batch`) and encoded together in the
 encoder's length-sorted token-budget micro-batches. ``input_type: query`` adds the model's
 query instruction (`Encoder.encode_queries`); ``passage`` (default) embeds text as given.
-Set ``BGE_SERVE_API_KEY`` to require ``Authorization: Bearer <key>`` on every request.
+Set ``BGE_SERVE_API_KEY`` to require ``Authorization: Bearer <key>`` on every ``/v1/*``
+request (``/health`` stays open for probes). Without a key the server binds only loopback:
+any other address (``--host 0.0.0.0``, or Serve's ``http_options`` for ``serve run`` /
+``serve deploy``) is refused unless ``--allow-unauthenticated`` says so on purpose.
 Past ``--max-queued-requests`` waiting requests, callers get 429 at once.
 """
 
-# No `from __future__ import annotations` here: Serve's class-based FastAPI routes resolve
-# parameter annotations at run time, and a string "Request" would turn into a query field.
+# No `from __future__ import annotations` here: run as a script, ServeConfig lives in
+# `__main__` and travels to the replicas by value, where string annotations ("DType")
+# could not be resolved by `config_from_dict`'s `get_type_hints`.
 import asyncio
 import logging
 import sys
@@ -25,25 +30,16 @@ if __package__ in (None, ""):  # `python pipelines/serve_embeddings.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
 from ray import serve
 from ray.serve import Application
 
 from bge_core.config import DType
+from bge_core.errors import InputError
 from bge_core.model import Encoder
 from bge_core.presets import OFFLINE_MINILM
 from pipelines.cli import config_from_dict, run_main
-from pipelines.serve_api import (
-    ApiError,
-    check_auth,
-    check_declared_size,
-    embedding_response,
-    models_response,
-    parse_request,
-    resolve_api_key,
-    tokenize_request,
-)
+from pipelines.serve_api import ServedModel, build_api, check_exposure, resolve_api_key
 
 log = logging.getLogger("serve_embeddings")
 
@@ -72,19 +68,20 @@ class ServeConfig:
     batch_wait_timeout_s: float = 0.005  # how long a batch waits to fill after its first request
     max_ongoing_requests: int = 64  # per replica: batching + in-flight requests
     max_queued_requests: int = 128  # waiting at the proxy beyond that; then 429
+    allow_unauthenticated: bool = False  # serve a non-loopback address without an API key
 
     def __post_init__(self) -> None:
         self.replica_range()
         if self.accelerator_type and self.gpus_per_replica <= 0:
-            raise ValueError("accelerator_type needs gpus_per_replica > 0")
+            raise InputError("accelerator_type needs gpus_per_replica > 0")
         for name in ("max_inputs_per_request", "max_request_bytes", "max_batch_requests",
                      "max_ongoing_requests", "port"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_queued_requests < 0:
-            raise ValueError(f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
+            raise InputError(f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
         if self.max_ongoing_requests < self.max_batch_requests:
-            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= "
+            raise InputError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= "
                              f"max_batch_requests ({self.max_batch_requests}), or batches "
                              "never fill")
 
@@ -95,7 +92,7 @@ class ServeConfig:
         except ValueError:
             sizes = []
         if len(sizes) not in (1, 2) or min(sizes) < 1 or sizes[0] > sizes[-1]:
-            raise ValueError(f"replicas must be 'N' or 'MIN,MAX' with 1 <= MIN <= MAX, "
+            raise InputError(f"replicas must be 'N' or 'MIN,MAX' with 1 <= MIN <= MAX, "
                              f"got {self.replicas!r}")
         return sizes[0], sizes[-1]
 
@@ -107,47 +104,25 @@ class ServeConfig:
         return {k: v for k, v in values.items() if v is not None}
 
 
-api = FastAPI(title="bge-ray embeddings", docs_url=None, redoc_url=None)
-
-
 @serve.deployment
-@serve.ingress(api)
+@serve.ingress()  # the app comes from `__serve_build_asgi_app__`, after __init__
 class Embedder:
-    """One replica: an `Encoder`, the HTTP routes, and the cross-request batcher."""
+    """One replica: an `Encoder`, the HTTP app of `build_api`, and the cross-request batcher."""
 
     def __init__(self, settings: dict[str, Any], api_key: str | None) -> None:
         self.cfg = config_from_dict(ServeConfig, settings, source="serve settings")
         device = "cuda" if self.cfg.gpus_per_replica > 0 else "cpu"
         self.encoder = Encoder.from_pretrained(self.cfg.model, device=device,
                                                **self.cfg.encoder_overrides())
-        self.api_key = api_key
-        self.model_name = self.cfg.served_model_name or self.cfg.model
-        self.created = int(time.time())
+        self.served = ServedModel(
+            encoder=self.encoder, encode=self.encode_rows, api_key=api_key,
+            name=self.cfg.served_model_name or self.cfg.model, created=int(time.time()),
+            max_inputs=self.cfg.max_inputs_per_request, max_bytes=self.cfg.max_request_bytes)
         self.encode_rows.set_max_batch_size(self.cfg.max_batch_requests)
         self.encode_rows.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
 
-    @api.get("/health")
-    async def health(self, request: Request) -> JSONResponse:
-        return self._answer(request, lambda: {"status": "ok", "model": self.model_name})
-
-    @api.get("/v1/models")
-    async def models(self, request: Request) -> JSONResponse:
-        return self._answer(
-            request, lambda: models_response(self.model_name, self.created, self.encoder.dim))
-
-    @api.post("/v1/embeddings")
-    async def embeddings(self, request: Request) -> JSONResponse:
-        try:
-            check_auth(request.headers.get("authorization"), self.api_key)
-            check_declared_size(request.headers.get("content-length"), self.cfg.max_request_bytes)
-            req = parse_request(await request.body(), max_inputs=self.cfg.max_inputs_per_request,
-                                max_bytes=self.cfg.max_request_bytes, dim=self.encoder.dim)
-            tokens = tokenize_request(self.encoder, req)
-        except ApiError as err:
-            return JSONResponse(err.body(), status_code=err.status)
-        vectors = await self.encode_rows(tokens.rows)
-        return JSONResponse(embedding_response(vectors, tokens, model=self.model_name,
-                                               encoding_format=req.encoding_format))
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_api(self.served)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def encode_rows(self, requests: list[list[list[int]]]) -> list[np.ndarray]:
@@ -156,13 +131,6 @@ class Embedder:
         # off the event loop, so requests keep arriving (and queueing) while this batch runs
         vectors = await asyncio.to_thread(self.encoder.encode_tokenized, flat)  # (sum n, D)
         return np.split(vectors, np.cumsum([len(rows) for rows in requests])[:-1])
-
-    def _answer(self, request: Request, make: Any) -> JSONResponse:
-        try:
-            check_auth(request.headers.get("authorization"), self.api_key)
-        except ApiError as err:
-            return JSONResponse(err.body(), status_code=err.status)
-        return JSONResponse(make())
 
 
 def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
@@ -192,13 +160,40 @@ def build_app(cfg: ServeConfig, api_key: str | None = None) -> Application:
     return deployment.bind(asdict(cfg), resolve_api_key(api_key))
 
 
+def serve_http_host() -> str | None:
+    """The host the running Serve instance's HTTP proxies bind; None when unknown."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    try:  # Serve has no public API for its HTTP options; unknown means "maybe exposed"
+        from ray.serve.context import _get_global_client
+
+        client = _get_global_client(raise_if_no_controller_running=False)
+        return client.http_config.host if client is not None else None
+    except Exception:  # any failure leaves the host unknown, i.e. guarded
+        return None
+
+
 def app_builder(args: dict[str, Any]) -> Application:
-    """Entry for ``serve run`` / ``serve deploy``: the application's `args` are ServeConfig."""
-    return build_app(config_from_dict(ServeConfig, dict(args), source="serve application args"))
+    """Entry for ``serve run`` / ``serve deploy``: the application's `args` are ServeConfig.
+
+    Refuses (`InputError`) when Serve's proxies may bind a non-loopback address, no
+    ``$BGE_SERVE_API_KEY`` is set and ``allow_unauthenticated`` is not true.
+    """
+    cfg = config_from_dict(ServeConfig, dict(args), source="serve application args")
+    check_exposure(serve_http_host(), resolve_api_key(), cfg.allow_unauthenticated)
+    return build_app(cfg)
 
 
 def start(cfg: ServeConfig, api_key: str | None = None) -> None:
-    """Deploy on the connected Ray cluster (HTTP on cfg.host:cfg.port) and return."""
+    """Deploy on the connected Ray cluster (HTTP on cfg.host:cfg.port) and return.
+
+    Raises:
+        InputError: `cfg.host` is not loopback, there is no API key and
+            `cfg.allow_unauthenticated` is off.
+    """
+    check_exposure(cfg.host, resolve_api_key(api_key), cfg.allow_unauthenticated)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(build_app(cfg, api_key), name=cfg.app_name, route_prefix=cfg.route_prefix)
 
@@ -216,9 +211,14 @@ def run(cfg: ServeConfig) -> None:
         serve.delete(cfg.app_name)
 
 
+def _preflight(cfg: ServeConfig) -> None:
+    check_exposure(cfg.host, resolve_api_key(), cfg.allow_unauthenticated)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry: exit 2 with one clear line on bad flags or config."""
-    return run_main("serve_embeddings", ServeConfig, run, argv)
+    """CLI entry: exit 2 with one clear line on bad flags or config, or an unguarded host
+    (before Ray starts)."""
+    return run_main("serve_embeddings", ServeConfig, run, argv, preflight=_preflight)
 
 
 if __name__ == "__main__":

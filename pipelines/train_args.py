@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from bge_core.errors import InputError
 from bge_core.training import resolve_precision
 from pipelines.train_common import check_accelerator
 
@@ -89,25 +90,25 @@ class TrainArgs:
         for name in ("per_device_train_batch_size", "num_train_epochs", "num_workers",
                      "save_steps", "logging_steps"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+                raise InputError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1 and self.max_steps != -1:
-            raise ValueError(f"--max_steps must be >= 1 (or -1/unset), got {self.max_steps}")
+            raise InputError(f"--max_steps must be >= 1 (or -1/unset), got {self.max_steps}")
         if self.save_total_limit is not None and self.save_total_limit < 1:
-            raise ValueError(f"--save_total_limit must be >= 1, got {self.save_total_limit}")
+            raise InputError(f"--save_total_limit must be >= 1, got {self.save_total_limit}")
         if self.gradient_accumulation_steps != 1:
-            raise ValueError(
+            raise InputError(
                 "--gradient_accumulation_steps is not offered: accumulating micro-batches "
                 "would change the contrastive loss (each micro-batch sees only its own "
                 "in-batch negatives). For a big batch in little memory use "
                 "--gradient_cache_chunk_size (finetuning: the exact full-batch loss) or "
                 "--gradient_checkpointing, and more --num_workers")
         if self.deepspeed:
-            raise ValueError(
+            raise InputError(
                 "--deepspeed is not offered (no ZeRO sharding): Ray Train runs plain DDP; "
                 "for big batches use --negatives_cross_device with --gradient_cache_chunk_size "
                 "and --gradient_checkpointing, --bf16/--fp16 for memory")
         if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
-            raise ValueError(f"--cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+            raise InputError(f"--cpus_per_worker must be > 0, got {self.cpus_per_worker}")
         check_accelerator(self.use_gpu, self.accelerator_type)
         resolve_precision(self.fp16, self.bf16)  # --fp16 with --bf16 is an error
 

@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from bge_core.distributed import all_gather_objects, get_rank, get_world_size
+from bge_core.errors import InputError
 from bge_core.storage import (
     StorageError,
     arrow_filesystem,
@@ -113,7 +114,7 @@ def storage_path(output_dir: str) -> str:
 def check_accelerator(use_gpu: bool, accelerator_type: str | None) -> None:
     """A GPU type only makes sense for GPU workers (configs call this before Ray starts)."""
     if accelerator_type and not use_gpu:
-        raise ValueError("--accelerator_type needs --use_gpu")
+        raise InputError("--accelerator_type needs --use_gpu")
 
 
 def scaling_config(settings: RunSettings) -> Any:

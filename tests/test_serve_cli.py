@@ -32,7 +32,7 @@ def _post(url: str, body: dict | None, key: str) -> tuple[int, dict]:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as err:
         return err.code, {}
-    except (urllib.error.URLError, ConnectionError):
+    except (urllib.error.URLError, OSError):  # not up yet: refused, reset or timed out
         return 0, {}
 
 
@@ -56,7 +56,8 @@ def test_script_serves_with_the_key_from_the_environment_until_ctrl_c(tiny_bert_
             assert proc.poll() is None, proc.stdout.read()
             assert time.monotonic() < deadline, "server did not come up"
             time.sleep(1)
-        assert _post(f"{base}/health", None, "wrong")[0] == 401
+        assert _post(f"{base}/health", None, "wrong")[0] == 200  # open, for probes
+        assert _post(f"{base}/v1/models", None, "wrong")[0] == 401
         status, body = _post(f"{base}/v1/embeddings", {"input": ["the cat", "blue sky"]}, "k3y")
         assert status == 200
         got = np.array([d["embedding"] for d in body["data"]], dtype=np.float32)

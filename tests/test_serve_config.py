@@ -15,7 +15,9 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
+from bge_core.errors import InputError
 from pipelines.cli import ConfigError, config_from_dict, parse_config
+from pipelines.serve_api import API_KEY_ENV
 from pipelines.serve_embeddings import (
     Embedder,
     ServeConfig,
@@ -85,7 +87,9 @@ def test_deployment_takes_gpus_limits_and_answers_429_when_the_queue_is_full():
 # ----------------------------------------------------------------------------- serve.yaml
 
 
-def test_serve_yaml_passes_serves_own_schema_and_builds_the_app():
+def test_serve_yaml_passes_serves_own_schema_and_builds_the_app(
+        monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv(API_KEY_ENV, "k3y")
     config = ServeDeploySchema.model_validate(yaml.safe_load(SERVE_YAML.read_text()))
     (app,) = config.applications
     assert app.import_path == "pipelines.serve_embeddings:app_builder"
@@ -94,6 +98,19 @@ def test_serve_yaml_passes_serves_own_schema_and_builds_the_app():
     assert app_builder(app.args) is not None  # builds without loading the model
     with pytest.raises(ConfigError, match="max_batch_requets"):
         app_builder({**app.args, "max_batch_requets": 8})
+
+
+def test_serve_yaml_binds_every_interface_only_behind_the_key(monkeypatch: pytest.MonkeyPatch):
+    """serve.yaml's proxies listen on 0.0.0.0: without BGE_SERVE_API_KEY its application
+    refuses to build, unless its args open it on purpose (they do not)."""
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    config = yaml.safe_load(SERVE_YAML.read_text())
+    (app,) = config["applications"]
+    assert config["http_options"]["host"] == "0.0.0.0"
+    assert not app["args"].get("allow_unauthenticated", False)
+    with pytest.raises(InputError, match=f"{API_KEY_ENV}.*--allow-unauthenticated"):
+        app_builder(app["args"])
+    assert app_builder({**app["args"], "allow_unauthenticated": True}) is not None
 
 
 def test_rayservice_serves_the_same_applications_as_serve_yaml():
@@ -133,3 +150,34 @@ def test_cli_bad_flag_exits_2_with_one_line_before_starting_ray(capsys: pytest.C
     assert main(["--replicas", "3,1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("serve_embeddings: error:") and "replicas" in err[0]
+
+
+def test_cli_open_host_without_a_key_exits_2_with_one_line_before_starting_ray(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+    import ray
+
+    from pipelines.serve_embeddings import main
+
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    assert not ray.is_initialized()
+    assert main(["--host", "0.0.0.0"]) == 2
+    assert not ray.is_initialized()
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("serve_embeddings: error: refusing to serve on 0.0.0.0")
+    assert API_KEY_ENV in line and "--allow-unauthenticated" in line
+
+
+def test_the_script_refuses_an_open_host_without_a_key_as_a_user_runs_it():
+    """`python pipelines/serve_embeddings.py --host 0.0.0.0`: non-zero, one line, no Ray."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV}
+    done = subprocess.run([sys.executable, "pipelines/serve_embeddings.py", "--host", "0.0.0.0"],
+                          cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    assert API_KEY_ENV in line and "--allow-unauthenticated" in line
+    assert "Started a local Ray" not in done.stdout + done.stderr

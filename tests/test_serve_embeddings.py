@@ -122,9 +122,10 @@ def test_concurrent_callers_each_get_their_own_vectors(server: Server):
         assert _cosines(got, server.encoder.encode(texts)).min() >= 0.99999
 
 
-def test_health_and_models_need_the_key(server: Server):
+def test_health_is_open_and_models_need_the_key(server: Server):
     assert _call(f"{server.url}/health") == (200, {"status": "ok", "model": "tiny-bert"})
-    assert _call(f"{server.url}/health", key=None)[0] == 401
+    assert _call(f"{server.url}/health", key=None) == (200, {"status": "ok", "model": "tiny-bert"})
+    assert _call(f"{server.url}/v1/models", key=None)[0] == 401
     (model,) = _client(server).models.list().data
     assert model.id == "tiny-bert" and model.model_extra["dimensions"] == server.encoder.dim
 
