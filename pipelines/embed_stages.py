@@ -193,8 +193,14 @@ def read_part_markers(output: str, chunk: Chunk) -> tuple[set[tuple[int, int]], 
 CHUNK_COLUMNS = ("chunk", "start_char", "end_char")
 
 
-def write_encoded(batch: pa.Table, output: str, id_column: str) -> pa.Table:
-    """Write each chunk's encoded rows to a part file; return one summary row per part."""
+def write_encoded(batch: pa.Table, output: str, id_column: str,
+                  vectors: dict[str, Any] | None = None) -> pa.Table:
+    """Write each chunk's encoded rows to a part file; return one summary row per part.
+
+    `vectors`: the stored form (`pipelines.embed_quantize.vector_spec`; None: as encoded).
+    """
+    from pipelines.embed_quantize import stored_column
+
     summaries: list[dict[str, Any]] = []
     for path in pc.unique(batch.column("_file")).to_pylist():
         in_file = batch.filter(pc.equal(batch.column("_file"), path))
@@ -210,7 +216,8 @@ def write_encoded(batch: pa.Table, output: str, id_column: str) -> pa.Table:
                 chunked = [c for c in CHUNK_COLUMNS if c in rows.column_names]
                 table = pa.table({id_column: rows.column("id"),
                                   **{c: rows.column(c) for c in chunked},
-                                  "embedding": rows.column("embedding"),
+                                  "embedding": stored_column(rows.column("embedding"),
+                                                             vectors),
                                   "text_hash": rows.column("text_hash")})
                 write_table(table, f"{output.rstrip('/')}/{name}")
                 # the part is complete: record its rows at once, so a kill from here on
