@@ -30,9 +30,10 @@ KILL_SCRIPT = ROOT / "tests" / "scripts" / "lance_kill_embed.py"
 
 
 def _cfg(model: Path, source: Path | str, out: Path | str, **extra: Any) -> EmbedConfig:
+    settings = {"title_column": "title", "cpus_per_actor": 0.5, "batch_rows": 8,
+                "format": "lance", "log_every_s": 1.0, **extra}
     return make_config(EmbedConfig, input=str(source), output=str(out), model=str(model),
-                       title_column="title", cpus_per_actor=0.5, batch_rows=8,
-                       format="lance", log_every_s=1.0, **extra)
+                       **settings)
 
 
 @pytest.fixture(scope="module")
