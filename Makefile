@@ -13,7 +13,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev,mteb,int8]'
+	$(BIN)/pip install --quiet -e '.[dev,mteb,int8,lance]'
 	touch $@
 
 setup: $(BIN)/.installed

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from bge_core.chunking import ChunkSpec
 from bge_core.errors import InputError
-from pipelines.encode_options import EncodeOptions
+from bge_core.quantize_vectors import OutputDType
+from pipelines.encode_options import Alias, EncodeOptions
 
 SAMPLE_CORPUS = str(Path(__file__).resolve().parent / "sample_data" / "corpus.jsonl")
 
@@ -23,13 +24,23 @@ class EmbedConfig:
 
     Args:
         input: Parquet/JSONL file, folder or glob (local or fsspec URI).
-        output: output folder (local or fsspec URI).
+        output: output folder (local or fsspec URI); with ``format="lance"`` the Lance
+            table (`pipelines/embed_lance.py`).
+        format: ``parquet`` (part files + manifest) or ``lance`` (one table, exactly one
+            row per current id after every run, one commit per run).
         encode: model, precision, actor pool and batch sizes (flags shared by every job).
         id_column / text_column / title_column: input columns; a title is embedded as
             ``title + " " + text``.
-        embedding_dtype: stored precision of the vectors.
+        output_dtype: stored vectors (`bge_core.quantize_vectors`): float32, float16, int8
+            (per-dimension ranges calibrated on the corpus, in the manifest) or binary
+            (packed bits).
+        calibration_rows: int8: valid rows (the corpus's first ones) encoded to calibrate
+            the ranges; an incremental run reuses the previous output's ranges.
+        index: ``lance`` only: build an ANN index on the table at the end of the run
+            (``ivf_pq`` or ``ivf_hnsw_sq``, parameters from the table's size).
         mode / previous: ``incremental`` re-encodes only rows new or changed since the
-            `previous` output.
+            `previous` output (Parquet); a Lance table is updated in place (no
+            `previous`: the table is its own).
         chunk_tokens / chunk_overlap: split each text into windows of at most this many
             tokens (special tokens excluded) overlapping by about `chunk_overlap`, cut
             between words; one output row per window (`bge_core.chunking`). Off by default:
@@ -48,7 +59,10 @@ class EmbedConfig:
     id_column: str = "id"
     text_column: str = "text"
     title_column: str | None = None
-    embedding_dtype: Literal["float32", "float16"] = "float32"
+    format: Literal["parquet", "lance"] = "parquet"
+    output_dtype: OutputDType = "float32"
+    calibration_rows: int = 1000
+    index: Literal["none", "ivf_pq", "ivf_hnsw_sq"] = "none"
     mode: Literal["full", "incremental"] = "full"
     previous: str | None = None
     chunk_rows: int = 100_000
@@ -57,9 +71,19 @@ class EmbedConfig:
     log_every_s: float = 10.0
     lease_timeout_s: float = 120.0
 
+    ALIASES: ClassVar[dict[str, Alias]] = {
+        "embedding_dtype": Alias(str, lambda v: {"output_dtype": v}, "same as --output-dtype"),
+    }
+
     def __post_init__(self) -> None:
-        if self.mode == "incremental" and not self.previous:
+        if self.format == "lance":
+            self._check_lance()
+        elif self.mode == "incremental" and not self.previous:
             raise InputError("--mode incremental needs --previous (the last run's output)")
+        if self.index != "none" and self.format != "lance":
+            raise InputError("--index needs --format lance")
+        if self.calibration_rows < 1:
+            raise InputError(f"--calibration-rows must be >= 1, got {self.calibration_rows}")
         if self.previous and self.previous.rstrip("/") == self.output.rstrip("/"):
             raise InputError("--previous and --output must differ: an incremental run writes "
                              "a new complete output beside the previous one")
@@ -70,6 +94,13 @@ class EmbedConfig:
         if self.chunk_tokens is None and self.chunk_overlap:
             raise InputError("--chunk-overlap needs --chunk-tokens")
         self.chunk_spec()  # checks size and overlap
+
+    def _check_lance(self) -> None:
+        if self.previous:
+            raise InputError("--format lance updates --output in place: drop --previous")
+        if self.index != "none" and self.output_dtype not in ("float32", "float16"):
+            raise InputError(f"--index needs float vectors, not --output-dtype "
+                             f"{self.output_dtype}")
 
     def chunk_spec(self) -> ChunkSpec | None:
         """The token windows to split texts into, or None (no chunking)."""

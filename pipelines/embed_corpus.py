@@ -31,6 +31,10 @@ log = logging.getLogger("embed_corpus")
 
 def run(cfg: EmbedConfig) -> dict:
     """Run the job; returns the manifest it wrote."""
+    if cfg.format == "lance":
+        from pipelines.embed_lance import LanceEmbedJob
+
+        return LanceEmbedJob(cfg).run()
     from pipelines.embed_job import EmbedJob
 
     return EmbedJob(cfg).run()

@@ -21,6 +21,7 @@ from pipelines.corpus_io import Chunk, InputError, file_key, list_input_files, p
 from pipelines.embed_config import EmbedConfig
 from pipelines.embed_output import MANIFEST, OutputState, list_parts, read_table, write_table
 from pipelines.embed_plan import compute_plan
+from pipelines.embed_quantize import actor_dtype, describe, vector_spec
 from pipelines.embed_stages import copy_kept, read_for_encoding, write_encoded
 from pipelines.lease import LeaseLost, OutputLease, find_lease_lost, release_quietly
 from pipelines.progress import Progress
@@ -49,6 +50,8 @@ class EmbedJob:
         self.stats: dict[str, int] = defaultdict(int)
         self.nodes: dict[str, int] = defaultdict(int)  # rows encoded per Ray node
         self.seconds: dict[str, float] = {}  # wall time of the plan and encode stages
+        self.previous_manifest: dict[str, Any] | None = None  # incremental runs
+        self.vectors: dict[str, Any] = {"dtype": cfg.output_dtype}  # stored form
 
     def run(self) -> dict[str, Any]:
         """Hold the output's lease (one live run per output) and run the job.
@@ -93,6 +96,7 @@ class EmbedJob:
         done = self.state.done_markers()
         self._remove_unreferenced()
         pending = [c for c in chunks if file_key(c.path) not in done]
+        self.vectors = vector_spec(self.cfg, self.state, pending, self.previous_manifest)
         log.info("%d input files, %d already done; %d rows to read",
                  len(files), len(done), sum(c.rows for c in pending))
         start = time.monotonic()
@@ -146,6 +150,12 @@ class EmbedJob:
                         "re-embedding everything (full run)",
                         manifest.get("model_fingerprint"), fingerprint)
             return None
+        stored = manifest.get("output_dtype", manifest.get("embedding_dtype", "float32"))
+        if stored != self.cfg.output_dtype:
+            log.warning("output dtype changed since the previous output (%s, now %s): "
+                        "re-embedding everything (full run)", stored, self.cfg.output_dtype)
+            return None
+        self.previous_manifest = manifest
         chunking = (self.cfg.chunk_tokens, self.cfg.chunk_overlap)
         if (manifest.get("chunk_tokens"), manifest.get("chunk_overlap", 0)) != chunking:
             log.warning("chunking changed since the previous output (%s/%s tokens, now %s/%s): "
@@ -158,7 +168,7 @@ class EmbedJob:
         """Record what this output holds; refuse to mix runs of different settings."""
         record = {**model, "id_column": self.cfg.id_column, "text_column": self.cfg.text_column,
                   "title_column": self.cfg.title_column, "dtype": self.cfg.encode.dtype,
-                  "embedding_dtype": self.cfg.embedding_dtype, "input": self.cfg.input,
+                  "output_dtype": self.cfg.output_dtype, "input": self.cfg.input,
                   "incremental": incremental, "previous": self.cfg.previous,
                   "chunk_tokens": self.cfg.chunk_tokens, "chunk_overlap": self.cfg.chunk_overlap}
         existing = self.state.read_json("_state", "run.json")
@@ -231,11 +241,12 @@ class EmbedJob:
             read_for_encoding, batch_size=1, batch_format="numpy", num_cpus=0.5,
             fn_kwargs={"cfg": self.cfg.stage_dict(), "losers": plan["losers"],
                        "to_encode": plan["to_encode"], "fence": self.state.fence})
-        ds = encode_dataset(ds, self.cfg.encode, embedding_dtype=self.cfg.embedding_dtype)
+        ds = encode_dataset(ds, self.cfg.encode,
+                            embedding_dtype=actor_dtype(self.cfg.output_dtype))
         ds = ds.map_batches(
             write_encoded, batch_format="pyarrow", batch_size=None, num_cpus=0.25,
             fn_kwargs={"output": self.cfg.output, "id_column": self.cfg.id_column,
-                       "fence": self.state.fence})
+                       "vectors": self.vectors, "fence": self.state.fence})
         tracker = _FileTracker(self.state, chunks_of)
         progress = Progress(sum(c.rows for c in pending), "rows", self.cfg.log_every_s, log)
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -261,7 +272,7 @@ class EmbedJob:
             for key in ("rows", "written", "chunks", "rejected", "truncated", "kept_rows"):
                 totals[key] += marker.get(key, 0)
         manifest = {
-            **model, "dtype": self.cfg.encode.dtype, "embedding_dtype": self.cfg.embedding_dtype,
+            **model, "dtype": self.cfg.encode.dtype, **describe(self.vectors, model["dim"]),
             "input": self.cfg.input, "output": self.cfg.output, "mode": self.cfg.mode,
             "previous": self.cfg.previous, "id_column": self.cfg.id_column,
             "rows_in": totals["rows"], "rows_rejected": totals["rejected"],

@@ -197,9 +197,15 @@ CHUNK_COLUMNS = ("chunk", "start_char", "end_char")
 
 
 def write_encoded(batch: pa.Table, output: str, id_column: str,
+                  vectors: dict[str, Any] | None = None,
                   fence: Fence | None = None) -> pa.Table:
     """Write each chunk's encoded rows to a part file; return one summary row per part.
-    Each part and its marker are checked against `fence` (the run's lease) first."""
+
+    `vectors`: the stored form (`pipelines.embed_quantize.vector_spec`; None: as encoded).
+    Each part and its marker are checked against `fence` (the run's lease) first.
+    """
+    from pipelines.embed_quantize import stored_column
+
     summaries: list[dict[str, Any]] = []
     for path in pc.unique(batch.column("_file")).to_pylist():
         in_file = batch.filter(pc.equal(batch.column("_file"), path))
@@ -215,7 +221,8 @@ def write_encoded(batch: pa.Table, output: str, id_column: str,
                 chunked = [c for c in CHUNK_COLUMNS if c in rows.column_names]
                 table = pa.table({id_column: rows.column("id"),
                                   **{c: rows.column(c) for c in chunked},
-                                  "embedding": rows.column("embedding"),
+                                  "embedding": stored_column(rows.column("embedding"),
+                                                             vectors),
                                   "text_hash": rows.column("text_hash")})
                 write_table(table, f"{output.rstrip('/')}/{name}", fence)
                 # the part is complete: record its rows at once, so a kill from here on

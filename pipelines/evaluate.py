@@ -48,6 +48,13 @@ class EvaluateConfig:
             `embed_corpus.py --chunk-tokens` embeds them) instead of truncating them.
         encode: model, precision, actor pool and batch sizes (flags shared by every job).
         search: exact top-k search over corpus shards.
+        vectors: an `embed_corpus.py` output (Parquet folder or Lance table) to score
+            instead of encoding the corpus (any `--output-dtype`; `evaluate_stored`).
+        index: with a Lance `vectors` table: search its ANN index and report the recall
+            lost against exact search and the latency per query.
+        nprobes / refine_factor: index search settings (Lance's defaults when unset).
+        rescore_multiplier: binary vectors: candidates per result rescored with the float
+            query (k × this).
     """
 
     beir_dir: str | None = None
@@ -62,8 +69,21 @@ class EvaluateConfig:
     chunk_overlap: int = 0
     encode: EncodeOptions = field(default_factory=EncodeOptions)
     search: SearchOptions = field(default_factory=SearchOptions)
+    vectors: str | None = None
+    index: bool = False
+    nprobes: int | None = None
+    refine_factor: int | None = None
+    rescore_multiplier: int = 4
 
     def __post_init__(self) -> None:
+        if self.vectors and (self.sts or self.chunk_tokens is not None):
+            raise ValueError("--vectors scores stored document vectors: not with --sts or "
+                             "--chunk_tokens")
+        if self.index and not self.vectors:
+            raise ValueError("--index searches the Lance table given as --vectors")
+        if self.rescore_multiplier < 1:
+            raise ValueError(f"--rescore_multiplier must be >= 1, got "
+                             f"{self.rescore_multiplier}")
         if (self.beir_dir is None) == (self.sts is None):
             raise InputError("give exactly one of --beir_dir (retrieval) or --sts (STS pairs)")
         try:
@@ -146,8 +166,16 @@ def evaluate_beir(cfg: EvaluateConfig) -> dict[str, Any]:
                 f"{root}/qrels/{cfg.split}.tsv")
     qids = list(queries)
     k = max(cfg.ks)
-    scores, doc_ids, timings = retrieve_documents(cfg, corpus, [queries[q] for q in qids],
-                                                  k + int(cfg.ignore_identical_ids))
+    texts, want = [queries[q] for q in qids], k + int(cfg.ignore_identical_ids)
+    if cfg.vectors:
+        from pipelines.evaluate_stored import retrieve_stored
+
+        scores, doc_ids, timings = retrieve_stored(
+            cfg.vectors, cfg.encode, cfg.query_instruction_for_retrieval, texts, want,
+            index=cfg.index, nprobes=cfg.nprobes, refine_factor=cfg.refine_factor,
+            rescore_multiplier=cfg.rescore_multiplier)
+    else:
+        scores, doc_ids, timings = retrieve_documents(cfg, corpus, texts, want)
     run = _run_dict(qids, scores, doc_ids, k, cfg.ignore_identical_ids)
     means, _ = evaluate_run(run, qrels, cfg.ks)
     if cfg.run_file:
@@ -160,7 +188,7 @@ def evaluate_beir(cfg: EvaluateConfig) -> dict[str, Any]:
             "query_instruction": query_instruction(cfg.encode.model,
                                                    cfg.query_instruction_for_retrieval),
             "chunk_tokens": cfg.chunk_tokens, "chunk_overlap": cfg.chunk_overlap,
-            "metrics": means, "timings": timings}
+            "vectors": cfg.vectors, "metrics": means, "timings": timings}
 
 
 def read_sts(path: str) -> tuple[list[str], list[str], np.ndarray]:

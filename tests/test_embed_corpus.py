@@ -59,7 +59,7 @@ def test_float16_output_and_truncation_count(ray_session, tiny_bert_dir, tmp_pat
                                        {"id": "b", "text": "a dog"}])
     result = run(make_config(EmbedConfig, input=str(tmp_path / "c.jsonl"),
                              output=str(tmp_path / "o"), model=str(tiny_bert_dir),
-                             max_length=16, cpus_per_actor=0.5, embedding_dtype="float16"))
+                             max_length=16, cpus_per_actor=0.5, output_dtype="float16"))
     assert result["rows_truncated"] == 1 and result["max_length"] == 16
     schema = pq.read_schema(next((tmp_path / "o").glob("part-*.parquet")))
     assert schema.field("embedding").type.value_type == pa.float16()

@@ -235,7 +235,7 @@ def test_embed_corpus_job_runs_with_token_auth(
                 "text_column": "text",
                 "max_length": 32,
                 "dtype": "fp32",
-                "embedding_dtype": "float32",
+                "output_dtype": "float32",
                 "num_actors": "1",
                 "gpus_per_actor": 0.0,
                 "cpus_per_actor": 0.5,

@@ -92,6 +92,6 @@ def test_incremental_config_continues_the_full_one():
         "text_column",
         "title_column",
         "max_length",
-        "embedding_dtype",
+        "output_dtype",
     )
     assert {k: nightly[k] for k in same} == {k: full[k] for k in same}
