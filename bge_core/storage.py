@@ -33,8 +33,9 @@ S3FS_RETRIES = 4  # s3fs: tries per call, on SlowDown / timeouts / cut-off bodie
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 30.0
 
-STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-               "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION")
+# Where the store is, never who we are: the only AWS settings a Ray task may carry.
+# Credentials (keys, session tokens) stay in each node's own environment or identity.
+STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION")
 
 S3_SETTINGS: dict[str, Any] = {  # s3fs.S3FileSystem keyword arguments
     "config_kwargs": {"retries": {"max_attempts": S3_ATTEMPTS, "mode": "standard"},
@@ -151,8 +152,14 @@ def arrow_filesystem(uri: str) -> tuple[Any, str]:
 
 
 def storage_runtime_env() -> dict[str, Any]:
-    """Ray task options carrying this process's storage settings (``AWS_*``), so a task
-    reaches the store the driver does even when they were set after Ray started; empty
-    when there are none."""
+    """Ray task options carrying where this process's store is (`STORAGE_ENV`: endpoint
+    and region), so a task reaches the store the driver does even when they were set after
+    Ray started; empty when there are none.
+
+    Credentials never travel: a task's `runtime_env` is shown by the dashboard, the state
+    API (`ray list tasks --detail`) and Ray's logs. Each worker takes them from its own
+    node (the raylet's environment, ``~/.aws``, an instance profile or IRSA), as s3fs and
+    pyarrow do by default; docs/cluster.md says how nodes get them.
+    """
     env = {k: os.environ[k] for k in STORAGE_ENV if k in os.environ}
     return {"runtime_env": {"env_vars": env}} if env else {}

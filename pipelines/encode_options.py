@@ -50,9 +50,10 @@ class EncodeOptions:
         gpus_per_actor: GPUs per actor; > 0 places the model on CUDA.
         cpus_per_actor: CPUs per actor (fractions allowed); on CPU it is also the actor's
             torch thread count. Default (None): 1 for GPU actors; for CPU actors, all but
-            one of the largest node's CPUs (one actor per node, one CPU left to the read /
-            tokenise / write tasks), with a torch thread per CPU of the node: the encode
-            pool takes the cores the other stages leave free (`cpu_plan`).
+            one of the largest node's CPUs, half of a node with fewer than 2 (one actor per
+            node, room left to the read / tokenise / write tasks), with a torch thread per
+            CPU of the node: the encode pool takes the cores the other stages leave free
+            (`cpu_plan`).
         accelerator_type: GPU type the actors need (e.g. ``"L4"``: Ray's
             `accelerator_type:L4` node resource); needs ``gpus_per_actor > 0``.
         batch_rows: rows per Ray Data batch sent to an actor: also the window the actor
@@ -115,16 +116,18 @@ class EncodeOptions:
         """(CPUs each actor asks Ray for, torch threads it runs) on nodes of `node_cpus`.
 
         An explicit `cpus_per_actor` is both (threads at least 1). By default a GPU actor
-        asks 1 CPU; a CPU actor asks all but one of the node's CPUs, so Ray places one per
-        node and the CPU tasks still fit beside it, and runs a thread per core of the node:
-        those tasks are short, and a thread idle while they run costs less than a core left
-        idle for the whole job (what 1 CPU per actor did on small nodes).
+        asks 1 CPU; a CPU actor asks all but one of the node's CPUs (half of a node with
+        fewer than 2), so Ray places one per node and the read / tokenise / write tasks
+        always fit beside it (an actor holding a whole 1-CPU node left them none: the job
+        hung), and runs a thread per core of the node: those tasks are short, and a thread
+        idle while they run costs less than a core left idle for the whole job (what 1 CPU
+        per actor did on small nodes).
         """
         if self.cpus_per_actor is not None:
             return self.cpus_per_actor, max(1, int(self.cpus_per_actor))
         if self.gpus_per_actor:
             return 1.0, 1
-        return max(1.0, float(int(node_cpus)) - 1.0), max(1, int(node_cpus))
+        return max(node_cpus / 2, float(int(node_cpus)) - 1.0), max(1, int(node_cpus))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -35,7 +35,7 @@ IO_CPUS = 0.25  # a read/write task waits on storage more than it computes
 
 def io_remote_args() -> dict[str, Any]:
     """Ray args of a task that reads or writes the job's files: few CPUs, and the driver's
-    storage settings (``AWS_*``) when it has any, so workers reach the same store."""
+    store endpoint and region when it has any (never credentials: `storage_runtime_env`)."""
     return {"num_cpus": IO_CPUS, **storage_runtime_env()}
 
 

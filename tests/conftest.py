@@ -8,6 +8,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -33,16 +35,36 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.ray)
 
 
+NODE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+
+
+@contextmanager
+def monkeypatch_env(values: dict[str, str]) -> Iterator[None]:
+    """`values` set in this process's environment (where unset) for the block only."""
+    added = {k: v for k, v in values.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
-    """Start Ray once for the whole test session (2 CPUs, no dashboard) and stop it after."""
+    """Start Ray once for the whole test session (2 CPUs, no dashboard) and stop it after.
+
+    The node holds the loopback S3's (fake) credentials in its own environment, as a real
+    node would: tasks never carry credentials, only the endpoint (`storage_runtime_env`).
+    """
     import ray
 
     if not ray.is_initialized():
         env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        # address="local": never join a cluster another test (or process) left behind
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": env})
+        with monkeypatch_env(NODE_CREDENTIALS):  # the raylet (and its workers) inherit them
+            # address="local": never join a cluster another test (or process) left behind
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                     runtime_env={"env_vars": env})
     yield ray
     ray.shutdown()
 
@@ -81,8 +103,7 @@ def s3(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch):
     ``bucket`` made; yields an `s3fs.S3FileSystem` on it."""
     import s3fs
 
-    for key, value in {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                       "AWS_SECRET_ACCESS_KEY": "testing",
+    for key, value in {"AWS_ENDPOINT_URL": s3_endpoint, **NODE_CREDENTIALS,
                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch.setenv(key, value)
     s3fs.S3FileSystem.clear_instance_cache()

@@ -119,11 +119,12 @@ def test_actor_resources_follow_the_options() -> None:
 @pytest.mark.parametrize(("opts", "node_cpus", "plan"), [
     (EncodeOptions(), 2, (1.0, 2)),  # a 2-core box: both cores encode, 1 CPU left to tasks
     (EncodeOptions(), 16, (15.0, 16)),
-    (EncodeOptions(), 1, (1.0, 1)),
+    (EncodeOptions(), 1, (0.5, 1)),  # a 1-CPU node: half left to the tasks (1.0 hung)
+    (EncodeOptions(), 1.5, (0.75, 1)),
     (EncodeOptions(gpus_per_actor=1), 16, (1.0, 1)),
     (EncodeOptions(cpus_per_actor=0.5), 16, (0.5, 1)),
     (EncodeOptions(cpus_per_actor=4), 16, (4, 4)),
 ])
-def test_default_cpu_actors_take_the_cores_the_tasks_leave(opts: EncodeOptions, node_cpus: int,
+def test_default_cpu_actors_take_the_cores_the_tasks_leave(opts: EncodeOptions, node_cpus: float,
                                                            plan: tuple[float, int]) -> None:
     assert opts.cpu_plan(node_cpus) == plan

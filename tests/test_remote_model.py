@@ -53,5 +53,48 @@ def test_a_training_output_with_folder_markers_loads(s3, tiny_bert_dir: Path, tm
 
 def test_nothing_at_the_uri_is_a_clear_error(s3, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("BGE_RAY_CACHE", str(tmp_path / "cache"))
-    with pytest.raises(FileNotFoundError, match="s3://bucket/none/.*no files there"):
+    with pytest.raises(FileNotFoundError, match="s3://bucket/none/.*no model files there"):
         Encoder.from_pretrained("s3://bucket/none/", device="cpu")
+
+
+def test_only_what_loading_needs_is_fetched(s3, tiny_bert_dir: Path, tmp_path: Path,
+                                            monkeypatch) -> None:
+    """A training output on S3: the final model beside the run's checkpoints (a loadable
+    model, optimizer and RNG state each) and trainer files. Only the model's own files come
+    down; the copy gives the same vectors; a new checkpoint does not invalidate the copy,
+    new weights do."""
+    monkeypatch.setenv("BGE_RAY_CACHE", str(tmp_path / "cache"))
+    local = Encoder.from_pretrained(str(tiny_bert_dir), device="cpu", pooling="mean")
+    local.save(tmp_path / "ft")
+    model_files = {str(p.relative_to(tmp_path / "ft")) for p in (tmp_path / "ft").rglob("*")
+                   if p.is_file()}
+    s3.put(str(tmp_path / "ft") + "/", "bucket/ft/", recursive=True)
+    s3.put(str(tmp_path / "ft") + "/", "bucket/ft/finetune/checkpoint_step_00000002/model/",
+           recursive=True)
+    s3.pipe({"bucket/ft/finetune/checkpoint_step_00000002/training_state.pt": b"state" * 100,
+             "bucket/ft/finetune/result.json": b"{}",
+             "bucket/ft/_state/lease.json": b"{}",
+             "bucket/ft/checkpoint-500/model.safetensors": b"hf trainer checkpoint",
+             "bucket/ft/optimizer.pt": b"adam moments", "bucket/ft/optimizer.bin": b"x",
+             "bucket/ft/scheduler.pt": b"x", "bucket/ft/training_args.bin": b"x",
+             "bucket/ft/trainer_state.json": b"{}", "bucket/ft/rng_state.pth": b"x"})
+
+    remote = Encoder.from_pretrained("s3://bucket/ft/", device="cpu")
+    (copy,) = [p for p in cache_root().iterdir() if p.is_dir()]
+    fetched = {str(p.relative_to(copy)) for p in copy.rglob("*") if p.is_file()}
+    assert fetched == model_files  # weights, tokenizer, configs, 1_Pooling/: nothing else
+    assert remote.config.pooling == "mean"
+    np.testing.assert_allclose(remote.encode(TEXTS), local.encode(TEXTS), atol=1e-6)
+
+    # a later checkpoint beside the model: the same copy serves
+    s3.pipe("bucket/ft/finetune/checkpoint_step_00000004/training_state.pt", b"later")
+    Encoder.from_pretrained("s3://bucket/ft/", device="cpu")
+    assert [p for p in cache_root().iterdir() if p.is_dir()] == [copy]
+    # new weights at the same URI: fetched anew, and they are what loads
+    retrained = Encoder.from_pretrained(str(tiny_bert_dir), device="cpu", pooling="cls")
+    retrained.save(tmp_path / "ft2")
+    s3.put(str(tmp_path / "ft2") + "/", "bucket/ft/", recursive=True)
+    again = Encoder.from_pretrained("s3://bucket/ft/", device="cpu")
+    assert len([p for p in cache_root().iterdir() if p.is_dir()]) == 2
+    assert again.config.pooling == "cls"
+    np.testing.assert_allclose(again.encode(TEXTS), retrained.encode(TEXTS), atol=1e-6)
