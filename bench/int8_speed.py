@@ -234,6 +234,10 @@ def drive(args: argparse.Namespace) -> dict:
                 "x_st_fp32_median": statistics.median(b / o for b, o in zip(base, own)),
                 "x_st_fp32_min_max": [min(b / o for b, o in zip(base, own)),
                                       max(b / o for b, o in zip(base, own))]}
+            if "st-openvino-qint8" in times and not name.endswith("@base"):
+                peer = times["st-openvino-qint8"][set_name]  # the target: ≥ 1.15× this
+                row[set_name]["x_st_openvino_qint8_median"] = statistics.median(
+                    p / o for p, o in zip(peer, own))
         results["engines"][name] = row
     return results
 
