@@ -1,25 +1,33 @@
-"""int8 inference on CPU: the backbone in ONNX Runtime with per-channel int8 weights.
+"""int8 inference on CPU: the backbone in OpenVINO, quantised statically by NNCF.
 
-Recipe (chosen by measurement, BENCHMARKS.md "int8 on CPU"): export the bare transformer
-to ONNX, fuse attention / LayerNorm / GELU with ONNX Runtime's transformer optimizer, then
-quantise every MatMul dynamically — int8 weights with one scale per output channel, uint8
-activations with a scale computed per batch at run time. No calibration data is needed, so
-the build is deterministic for given weights.
+Recipe (chosen by measurement, BENCHMARKS.md "int8 on CPU"): convert the bare transformer
+to OpenVINO IR, then let NNCF quantise it statically (``ModelType.TRANSFORMER``: int8
+weights and activations with scales fixed from calibration statistics, SmoothQuant on the
+MatMul inputs, fast bias correction). Static scales need calibration data; it comes from
+the data being encoded — the first `CALIBRATION_TEXTS` texts an encoder is given, or a
+calibration file — never from a download. The calibration set is part of the recipe: its
+digest is in the fingerprint, so two runs share vectors (and a cache entry) only when they
+share weights, settings and calibration texts.
 
-The quantised model is built once per model and cached on disk under its fingerprint
+The quantised model is built once per fingerprint and node, and cached on disk
 (``$BGE_RAY_INT8_CACHE``, default ``~/.cache/bge-ray/int8``); a file lock makes concurrent
-builders on one node (several Ray actors starting together) build it once. Pooling and
-normalisation stay in torch (`bge_core.pooling`), so int8 and fp32 share that code.
+builders on one node (several Ray actors starting together) build it once, and a build is
+written to a scratch folder renamed into place when complete, so an interrupted build never
+leaves an entry that a later run loads. Pooling and normalisation stay in torch
+(`bge_core.pooling`), so int8 and fp32 share that code.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,15 +35,20 @@ import torch
 from filelock import FileLock
 from torch import nn
 
+from bge_core.errors import InputError
+
 log = logging.getLogger(__name__)
 
 # What the manifest records as the precision of int8 vectors; bump the version whenever the
 # recipe changes the vectors, so fingerprints and cache entries change with it.
-PRECISION = "int8/onnxruntime-dynamic-per-channel/v1"
+PRECISION = "int8/openvino-nncf-static-smoothquant/v2"
 CACHE_ENV = "BGE_RAY_INT8_CACHE"
-MODEL_FILE = "model.onnx"
-_MISSING = ("dtype 'int8' needs ONNX Runtime: pip install 'bge-ray[int8]' "
-            "(onnxruntime and onnx)")
+MODEL_FILE = "model.xml"  # beside it: model.bin (the weights)
+CALIBRATION_TEXTS = 300  # how many texts calibrate the activation scales
+_MISSING = ("dtype 'int8' needs OpenVINO and NNCF: pip install 'bge-ray[int8]' "
+            "(openvino and nncf)")
+
+TokenRows = Sequence[Sequence[int]]
 
 
 def cache_root() -> Path:
@@ -43,49 +56,52 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "bge-ray" / "int8")
 
 
-def cpu_has_vnni() -> bool:
-    """True when the CPU has int8 dot-product instructions (AVX512-VNNI or AVX-VNNI).
-
-    Without them, ONNX Runtime's uint8 × int8 kernels can saturate 16-bit sums, so weights
-    are then quantised to 7 bits (``reduce_range``), as ONNX Runtime's docs advise.
-    """
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_vnni" in flags or " avx_vnni" in flags
+def calibration_digest(rows: TokenRows) -> str:
+    """Short sha256 of the calibration token ids (what the fingerprint records)."""
+    digest = hashlib.sha256(json.dumps([list(map(int, r)) for r in rows]).encode())
+    return digest.hexdigest()[:16]
 
 
-class Int8Backbone:
-    """An ONNX Runtime session: (B, T) ids and mask → (B, T, H) float32 hidden states."""
+def compile_options(threads: int | None, precision: str = "f32") -> dict[str, object]:
+    """OpenVINO CPU settings: one stream of `threads` threads, latency mode, and the
+    floating-point precision of what is not int8 (``f32``, or ``bf16`` for dtype bf16)."""
+    return {"INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads()),
+            "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
+            "INFERENCE_PRECISION_HINT": precision}
 
-    def __init__(self, path: Path, threads: int | None = None) -> None:
-        ort = _import_ort()
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        options.inter_op_num_threads = 1
+
+class OpenVINOBackbone:
+    """A compiled OpenVINO model: (B, T) ids and mask → (B, T, H) float32 hidden states."""
+
+    def __init__(self, model: object, threads: int | None = None, precision: str = "f32",
+                 path: Path | None = None) -> None:
+        ov = import_openvino()
         self.path = path
-        self.session = ort.InferenceSession(str(path), options,
-                                            providers=["CPUExecutionProvider"])
+        compiled = ov.Core().compile_model(model, "CPU", compile_options(threads, precision))
+        self.request = compiled.create_infer_request()
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         feeds = {"input_ids": input_ids.cpu().numpy().astype(np.int64, copy=False),
                  "attention_mask": attention_mask.cpu().numpy().astype(np.int64, copy=False)}
-        (hidden,) = self.session.run(["last_hidden_state"], feeds)  # (B, T, H)
-        return torch.from_numpy(hidden)
+        hidden = self.request.infer(feeds)[0]  # (B, T, H); the request reuses this buffer
+        return torch.from_numpy(np.array(hidden, dtype=np.float32))
 
 
-def load_int8_backbone(backbone: nn.Module, fingerprint: str,
-                       threads: int | None = None) -> Int8Backbone:
+Int8Backbone = OpenVINOBackbone  # the int8 model is an OpenVINO model of int8 ops
+
+
+def load_int8_backbone(backbone: nn.Module, fingerprint: str, calibration: TokenRows,
+                       threads: int | None = None) -> OpenVINOBackbone:
     """The cached int8 model for `fingerprint`, built from `backbone` if not on disk yet."""
-    return Int8Backbone(quantized_model_path(backbone, fingerprint), threads)
+    path = quantized_model_path(backbone, fingerprint, calibration)
+    return OpenVINOBackbone(str(path), threads, path=path)
 
 
-def quantized_model_path(backbone: nn.Module, fingerprint: str,
+def quantized_model_path(backbone: nn.Module, fingerprint: str, calibration: TokenRows,
                          root: Path | None = None) -> Path:
-    """Path of the quantised ONNX model for `fingerprint`; builds it on a cache miss."""
-    _import_ort()
-    folder = (root or cache_root()) / f"{fingerprint}-{'vnni' if cpu_has_vnni() else 'r7'}"
+    """Path of the quantised model for `fingerprint`; builds it on a cache miss."""
+    import_openvino()
+    folder = (root or cache_root()) / fingerprint
     target = folder / MODEL_FILE
     if target.is_file():
         return target
@@ -93,61 +109,70 @@ def quantized_model_path(backbone: nn.Module, fingerprint: str,
     with FileLock(str(folder.with_suffix(".lock"))):  # as bge_core.remote fetches: one per node
         if target.is_file():  # another process built it while we waited
             return target
+        for stale in folder.parent.glob(f".build-{fingerprint}-*"):  # a killed build's
+            shutil.rmtree(stale, ignore_errors=True)  # (we hold the lock: none is running)
         start = time.perf_counter()
-        scratch = Path(tempfile.mkdtemp(prefix=".build-", dir=folder.parent))
+        scratch = Path(tempfile.mkdtemp(prefix=f".build-{fingerprint}-", dir=folder.parent))
         try:
-            build_quantized(backbone, scratch / MODEL_FILE, reduce_range=not cpu_has_vnni())
+            build_quantized(backbone, scratch / MODEL_FILE, calibration)
             scratch.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
             scratch.rename(folder)  # atomic: readers never see a half-written model
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        log.info("built int8 model %s in %.1f s", target, time.perf_counter() - start)
+        log.info("built int8 model %s from %d calibration texts in %.1f s", target,
+                 len(calibration), time.perf_counter() - start)
     return target
 
 
-def build_quantized(backbone: nn.Module, target: Path, reduce_range: bool = False) -> None:
-    """Export `backbone` to ONNX, fuse it, quantise it per channel; writes only `target`."""
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.transformers.optimizer import optimize_model
+def build_quantized(backbone: nn.Module, target: Path, calibration: TokenRows) -> None:
+    """Convert `backbone`, quantise it on `calibration` (token id rows); writes `target`
+    and its ``.bin`` only."""
+    ov = import_openvino()
+    import nncf
 
-    work = target.parent
-    exported, fused = work / "fp32.onnx", work / "fused.onnx"
-    export_onnx(backbone, exported)
-    config = backbone.config
-    fusion = optimize_model(str(exported), model_type="bert", opt_level=1,
-                            num_heads=int(config.num_attention_heads),
-                            hidden_size=int(config.hidden_size))
-    fusion.save_model_to_file(str(fused))
-    # The fused graph holds ONNX Runtime's own ops, which ONNX shape inference cannot type:
-    # tell the quantiser their outputs are float32.
-    quantize_dynamic(fused, target, per_channel=True, reduce_range=reduce_range,
-                     weight_type=QuantType.QInt8,
-                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-    for path in (exported, fused):
-        path.unlink()
+    if not calibration:
+        raise ValueError("int8 calibration needs at least one text")
+    model = convert_backbone(backbone)
+    # One text per item: NNCF collects activation ranges per item, and no padding enters
+    # the statistics.
+    items = [{"input_ids": np.asarray([row], dtype=np.int64),
+              "attention_mask": np.ones((1, len(row)), dtype=np.int64)} for row in calibration]
+    previous = logging.getLogger("nncf").level
+    logging.getLogger("nncf").setLevel(logging.WARNING)  # its progress bars and notes
+    try:
+        quantized = nncf.quantize(model, nncf.Dataset(items), subset_size=len(items),
+                                  model_type=nncf.ModelType.TRANSFORMER)
+    finally:
+        logging.getLogger("nncf").setLevel(previous)
+    save_model(ov, quantized, target)
 
 
-def export_onnx(backbone: nn.Module, path: Path) -> None:
-    """The bare transformer as ONNX: (input_ids, attention_mask) → last_hidden_state."""
+def save_model(ov: object, model: object, target: Path) -> None:
+    """Write the IR (``.xml`` + ``.bin``), weights kept at their precision."""
+    ov.save_model(model, str(target), compress_to_fp16=False)
+
+
+def convert_backbone(backbone: nn.Module) -> object:
+    """The bare transformer as an OpenVINO model: (input_ids, attention_mask) →
+    last_hidden_state, both dynamic in batch and length."""
+    ov = import_openvino()
     ids = torch.ones(2, 8, dtype=torch.long)  # (B, T)
     mask = torch.tensor([[1] * 8, [1] * 5 + [0] * 3])  # padded: no all-ones shortcut traced
-    names = ("input_ids", "attention_mask", "last_hidden_state")
-    axes = {name: {0: "batch", 1: "tokens"} for name in names}
     was_training = backbone.training
     backbone.eval()
     try:
-        # The legacy TorchScript exporter: it handles transformers' BERTs without onnxscript.
-        # Its tracer warnings (shape-dependent Python branches in the mask code) concern
-        # branches that take the same way for every batch; the int8 tests check that.
+        # Tracer warnings concern shape-dependent branches in the mask code that take the
+        # same way for every batch; the int8 tests check vectors on other shapes.
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(_HiddenStates(backbone), (ids, mask), str(path),
-                              input_names=["input_ids", "attention_mask"],
-                              output_names=["last_hidden_state"], dynamic_axes=axes,
-                              opset_version=17, dynamo=False)
+            model = ov.convert_model(_HiddenStates(backbone),
+                                     example_input={"input_ids": ids, "attention_mask": mask})
     finally:
         backbone.train(was_training)
+    for port, name in zip(model.inputs, ("input_ids", "attention_mask")):
+        port.get_tensor().set_names({name})
+    model.reshape({name: ov.PartialShape([-1, -1]) for name in ("input_ids", "attention_mask")})
+    return model
 
 
 class _HiddenStates(nn.Module):
@@ -161,9 +186,26 @@ class _HiddenStates(nn.Module):
         return self.backbone(input_ids=input_ids, attention_mask=attention_mask)[0]
 
 
-def _import_ort():  # noqa: ANN202 - the module object
+def import_openvino():  # noqa: ANN201 - the module object
     try:
-        import onnxruntime
+        import nncf  # noqa: F401 - checked here so the error names both
+        import openvino
     except ImportError as err:
         raise ImportError(_MISSING) from err
-    return onnxruntime
+    return openvino
+
+
+def read_calibration(path: str | Path) -> list[str]:
+    """Calibration texts from a UTF-8 file, one text per line (the first non-empty ones).
+
+    Raises:
+        ValueError: the file is missing, unreadable or holds no text (names it).
+    """
+    try:
+        with open(path, encoding="utf-8") as handle:
+            texts = [line.strip() for line in handle if line.strip()][:CALIBRATION_TEXTS]
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"--calibration {path}: cannot read it ({err})") from None
+    if not texts:
+        raise InputError(f"--calibration {path}: no text in it (one text per line)")
+    return texts

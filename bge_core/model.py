@@ -22,11 +22,17 @@ from transformers.utils import logging as hf_logging
 
 from bge_core.batching import pad_batch, plan_batches
 from bge_core.config import DType, EncoderConfig
+from bge_core.int8 import (
+    CALIBRATION_TEXTS,
+    Int8Backbone,
+    calibration_digest,
+    load_int8_backbone,
+    read_calibration,
+)
 from bge_core.int8 import PRECISION as INT8_PRECISION
-from bge_core.int8 import Int8Backbone, load_int8_backbone
 from bge_core.loading import BGE_CONFIG_FILE, FORMAT_VERSION, resolve_model
 from bge_core.pooling import embed_from_hidden
-from bge_core.precision import autocast_context, check_dtype
+from bge_core.precision import autocast_context, check_dtype, cpu_dtype
 from bge_core.st_format import write_st_files
 from bge_core.texts import check_texts, corpus_texts
 from bge_core.tokenization import TextTokenizer
@@ -50,10 +56,12 @@ class Encoder(nn.Module):
         self.config = config
         self.name = name or getattr(backbone, "name_or_path", "")
         self._int8: Int8Backbone | None = None
+        self._calibration: list[list[int]] | None = None  # token ids that calibrate int8
 
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str, *, device: str | torch.device | None = None, **overrides: Any
+        cls, name_or_path: str, *, device: str | torch.device | None = None,
+        calibration: str | Path | Sequence[str] | None = None, **overrides: Any
     ) -> Encoder:
         """Load from a local folder, a preset name or a hub id.
 
@@ -62,6 +70,10 @@ class Encoder(nn.Module):
                 (``bge-base-en-v1.5``, ``all-MiniLM-L6-v2``) or hub id.
             device: ``cpu``, ``cuda``, ``cuda:1``...; default CUDA when available
                 (``dtype="int8"`` is CPU only, so it defaults to ``cpu`` there).
+            calibration: for ``dtype="int8"``: texts (or a file of them, one per line) whose
+                activations calibrate the static int8 scales; the first
+                `bge_core.int8.CALIBRATION_TEXTS` are used. Default: the first texts this
+                encoder is asked to encode.
             **overrides: `EncoderConfig` fields (pooling, normalize, query_instruction,
                 max_length, query_max_length, dtype, batch_size, max_tokens_per_batch).
         """
@@ -76,9 +88,11 @@ class Encoder(nn.Module):
             config = config.replace(max_length=limit)
         gpu = torch.cuda.is_available() and config.dtype != "int8"
         target = torch.device(device or ("cuda" if gpu else "cpu"))
+        config = config.replace(dtype=cpu_dtype(config.dtype, target))  # bf16 → fp32 if emulated
         check_dtype(config.dtype, target)
         encoder = cls(backbone, tokenizer, config, name=resolved.name).to(target).eval()
-        if config.dtype == "int8":
+        if config.dtype == "int8" and calibration is not None:
+            encoder.set_calibration(calibration)
             encoder.int8_backbone()  # build or load the quantised model now, not mid-stream
         return encoder
 
@@ -96,6 +110,11 @@ class Encoder(nn.Module):
         """What the vectors are computed in, as a manifest records it: ``fp32``, ``bf16``,
         ``fp16``, or the int8 recipe (`bge_core.int8.PRECISION`)."""
         return INT8_PRECISION if self.config.dtype == "int8" else self.config.dtype
+
+    @property
+    def calibration_digest(self) -> str | None:
+        """Digest of the int8 calibration token ids (None until they are set)."""
+        return None if self._calibration is None else calibration_digest(self._calibration)
 
     # ------------------------------------------------------------------ training
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -132,15 +151,34 @@ class Encoder(nn.Module):
         finally:
             self.train(was_training)
 
-    def int8_backbone(self) -> Int8Backbone:
-        """The int8 ONNX Runtime model of these weights (built or loaded on first use).
+    def set_calibration(self, texts: str | Path | Sequence[str]) -> None:
+        """Calibrate int8 on `texts` (or a file of texts, one per line): the first
+        `CALIBRATION_TEXTS` non-empty ones, tokenised as this encoder tokenises."""
+        items = read_calibration(texts) if isinstance(texts, (str, Path)) else list(texts)
+        items = [t for t in check_texts(items) if t.strip()][:CALIBRATION_TEXTS]
+        if not items:
+            raise ValueError("int8 calibration: no non-empty texts given")
+        self.set_calibration_rows(self.tokenize(items)[0])
 
-        It is built from the weights as they are at that moment and kept; after changing the
-        weights in place (training), call `reset_int8` before encoding in int8 again.
+    def set_calibration_rows(self, rows: Sequence[Sequence[int]]) -> None:
+        """Calibrate int8 on token id rows (the first `CALIBRATION_TEXTS`)."""
+        self._calibration = [list(map(int, r)) for r in rows[:CALIBRATION_TEXTS]]
+        self._int8 = None
+
+    def int8_backbone(self) -> Int8Backbone:
+        """The int8 OpenVINO model of these weights (built or loaded on first use).
+
+        It is built from the weights and calibration as they are at that moment and kept;
+        after changing the weights in place (training), call `reset_int8` before encoding in
+        int8 again.
         """
         if self._int8 is None:
             check_dtype("int8", self.device)
-            self._int8 = load_int8_backbone(self.backbone, self.fingerprint())
+            if self._calibration is None:
+                raise ValueError("int8 needs calibration texts: pass calibration= to "
+                                 "Encoder.from_pretrained, call set_calibration, or encode")
+            self._int8 = load_int8_backbone(self.backbone, self.fingerprint(),
+                                            self._calibration, torch.get_num_threads())
         return self._int8
 
     def reset_int8(self) -> None:
@@ -162,6 +200,10 @@ class Encoder(nn.Module):
         out = np.zeros((len(rows), self.dim), dtype=np.float32)
         pad_id = self.text_tokenizer.pad_id
         max_rows, max_tokens = self.config.batch_limits(self.device.type)
+        if self.config.dtype == "int8" and self._calibration is None and rows:
+            log.info("int8: calibrating on the first %d texts encoded",
+                     min(len(rows), CALIBRATION_TEXTS))
+            self.set_calibration_rows(rows)
         batches = plan_batches([len(r) for r in rows], max_tokens, batch_size or max_rows)
         with self._inference():
             for idx in batches:
@@ -230,6 +272,11 @@ class Encoder(nn.Module):
         """
         precision = self.precision if dtype is None else (
             INT8_PRECISION if dtype == "int8" else dtype)
+        if precision == INT8_PRECISION:  # the int8 scales depend on the calibration texts
+            if self._calibration is None:
+                raise ValueError("the int8 fingerprint depends on the calibration texts: "
+                                 "set them first (calibration=, set_calibration)")
+            precision = f"{precision}/calibration-{self.calibration_digest}"
         digest = hashlib.sha256()
         for key, tensor in sorted(self.backbone.state_dict().items()):
             flat = tensor.detach().cpu().contiguous().reshape(-1)

@@ -28,11 +28,21 @@ def check_dtype(dtype: DType, device: torch.device) -> None:
     if dtype == "fp16" and device.type != "cuda":
         raise InputError("dtype 'fp16' needs a CUDA GPU; on CPU use 'bf16' or 'fp32'")
     if dtype == "int8" and device.type != "cpu":
-        raise InputError(f"dtype 'int8' runs on CPU only (ONNX Runtime int8 kernels), not on "
+        raise InputError(f"dtype 'int8' runs on CPU only (OpenVINO int8 kernels), not on "
                          f"{device}; on a GPU use 'fp16' or 'bf16', or load with device='cpu'")
     if dtype == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
         log.warning("this CPU has no native bf16 (AVX512-BF16/AMX): bf16 is emulated and "
                     "usually slower than fp32 here")
+
+
+def cpu_dtype(dtype: DType, device: torch.device) -> DType:
+    """The dtype an encoder computes in on `device`: bf16 on a CPU without native bf16 is
+    emulated, slower than fp32 and no more exact, so it runs in fp32 (with one warning)."""
+    if dtype == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        log.warning("dtype bf16: this CPU has no native bf16 (AVX512-BF16 or AMX); "
+                    "encoding in fp32 instead")
+        return "fp32"
+    return dtype
 
 
 def autocast_context(dtype: DType, device: torch.device) -> contextlib.AbstractContextManager:

@@ -14,15 +14,17 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import torch
 
 from bge_core.int8 import PRECISION as INT8_PRECISION
+from bge_core.precision import cpu_dtype
 from bge_core.storage import StorageError, check_reachable, find_storage_error, naming
 from pipelines.corpus_io import Chunk, InputError, file_key, list_input_files, plan_files
 from pipelines.embed_config import EmbedConfig
 from pipelines.embed_output import MANIFEST, OutputState, list_parts, read_table, write_table
 from pipelines.embed_plan import compute_plan
 from pipelines.embed_quantize import actor_dtype, describe, vector_spec
-from pipelines.embed_stages import copy_kept, read_for_encoding, write_encoded
+from pipelines.embed_stages import copy_kept, first_texts, read_for_encoding, write_encoded
 from pipelines.lease import LeaseLost, OutputLease, find_lease_lost, release_quietly
 from pipelines.progress import Progress
 from pipelines.ray_encode import encode_dataset
@@ -52,6 +54,7 @@ class EmbedJob:
         self.seconds: dict[str, float] = {}  # wall time of the plan and encode stages
         self.previous_manifest: dict[str, Any] | None = None  # incremental runs
         self.vectors: dict[str, Any] = {"dtype": cfg.output_dtype}  # stored form
+        self.calibration: list[str] | None = None  # int8 only: the texts every actor uses
 
     def run(self) -> dict[str, Any]:
         """Hold the output's lease (one live run per output) and run the job.
@@ -82,12 +85,13 @@ class EmbedJob:
 
     def _run(self) -> dict[str, Any]:
         started = _now()
-        model = self._describe_model()
-        previous = self._previous_parts(model["model_fingerprint"])
-        self._claim_output(model, incremental=previous is not None)
         files = list_input_files(self.cfg.input)
         required = [self.cfg.id_column, self.cfg.text_column]
         chunks = plan_files(files, self.cfg.chunk_rows, required)  # Ray tasks, one per file
+        self.calibration = self._calibration(chunks)
+        model = self._describe_model()
+        previous = self._previous_parts(model["model_fingerprint"])
+        self._claim_output(model, incremental=previous is not None)
         start = time.monotonic()
         plan = self._plan(chunks, previous)
         self.seconds["plan"] = round(time.monotonic() - start, 3)
@@ -107,20 +111,39 @@ class EmbedJob:
         return manifest
 
     # --------------------------------------------------------------- model / output
+    def _calibration(self, chunks: list[Chunk]) -> list[str] | None:
+        """int8's calibration texts: ``--calibration``'s, else the input's first ones (in
+        plan order, so a resumed run calibrates, and fingerprints, as the first did)."""
+        from bge_core.int8 import CALIBRATION_TEXTS, read_calibration
+
+        if self.cfg.encode.dtype != "int8":
+            return None
+        if self.cfg.encode.calibration:
+            return read_calibration(self.cfg.encode.calibration)
+        return first_texts(chunks, self.cfg.stage_dict(), CALIBRATION_TEXTS) or None
+
     def _describe_model(self) -> dict[str, Any]:
         from bge_core.model import Encoder
 
         enc = self.cfg.encode
         overrides = {"max_length": enc.max_length} if enc.max_length else {}
         encoder = Encoder.from_pretrained(enc.model, device="cpu", **overrides)
-        # the actors' precision is part of the fingerprint: vectors differ with it
-        info = {"model": enc.model, "model_fingerprint": encoder.fingerprint(enc.dtype),
+        if self.calibration:  # int8: the calibration texts are part of the fingerprint
+            encoder.set_calibration(self.calibration)
+        # the actors' precision is part of the fingerprint: vectors differ with it (bf16 on
+        # CPU actors without native bf16 runs in fp32, as the actors will)
+        dtype = cpu_dtype(enc.dtype, torch.device("cuda" if enc.gpus_per_actor else "cpu"))
+        info = {"model": enc.model, "model_fingerprint": encoder.fingerprint(dtype),
                 "pooling": encoder.config.pooling, "normalize": encoder.config.normalize,
                 "max_length": encoder.config.max_length, "dim": encoder.dim}
         self._check_chunk_size(encoder)
         log.info("model %s (fingerprint %s): %s pooling, normalize=%s, max %d tokens, dim %d",
                  *info.values())
-        info["precision"] = INT8_PRECISION if enc.dtype == "int8" else enc.dtype
+        info["precision"] = INT8_PRECISION if dtype == "int8" else dtype
+        if self.calibration:
+            info["int8_calibration"] = {"texts": len(encoder._calibration or ()),
+                                        "digest": encoder.calibration_digest,
+                                        "source": enc.calibration or "input"}
         return info
 
     def _check_chunk_size(self, encoder: Any) -> None:
@@ -242,7 +265,8 @@ class EmbedJob:
             fn_kwargs={"cfg": self.cfg.stage_dict(), "losers": plan["losers"],
                        "to_encode": plan["to_encode"], "fence": self.state.fence})
         ds = encode_dataset(ds, self.cfg.encode,
-                            embedding_dtype=actor_dtype(self.cfg.output_dtype))
+                            embedding_dtype=actor_dtype(self.cfg.output_dtype),
+                            calibration=self.calibration)
         ds = ds.map_batches(
             write_encoded, batch_format="pyarrow", batch_size=None, num_cpus=0.25,
             fn_kwargs={"output": self.cfg.output, "id_column": self.cfg.id_column,

@@ -282,3 +282,22 @@ def _scalar(value: Any) -> Any:
     if isinstance(item, (list, tuple)):
         return tuple(item)
     return item.tolist() if hasattr(item, "tolist") else item
+
+
+def first_texts(chunks: list[Chunk], cfg: dict[str, Any], n: int) -> list[str]:
+    """The first `n` valid texts of the input in plan order (title joined as it is
+    embedded), read in one Ray task, for the int8 calibration every actor shares."""
+    import ray
+
+    from bge_core.storage import storage_runtime_env
+
+    def read(chunks: list[Chunk]) -> list[str]:
+        out: list[str] = []
+        for chunk in chunks:
+            out += [t for t in read_valid(chunk, cfg)[1] if t and t.strip()]
+            if len(out) >= n:
+                break
+        return out[:n]
+
+    task = ray.remote(num_cpus=0.25)(read).options(**storage_runtime_env())
+    return ray.get(task.remote(chunks))

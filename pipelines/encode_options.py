@@ -44,7 +44,12 @@ class EncodeOptions:
         model: preset name, local folder, hub id or a saved checkpoint's URI
             (`Encoder.from_pretrained`).
         dtype: compute precision on the actors (``fp16`` needs GPUs; ``int8`` runs on CPU
-            actors only, with the `int8` extra installed on the workers).
+            actors only — OpenVINO, static int8 — with the `int8` extra installed on the
+            workers; ``bf16`` on a CPU without native bf16 runs in fp32).
+        calibration: ``int8`` only: a local text file (one text per line) whose first 300
+            texts calibrate the int8 activation scales; default the first 300 texts of the
+            data being encoded. The same texts go to every actor, and their digest is in
+            the model fingerprint.
         max_length: token limit (default: the model's); longer text is truncated.
         num_actors: actor pool size, ``"N"`` or autoscaling ``"MIN,MAX"``.
         gpus_per_actor: GPUs per actor; > 0 places the model on CUDA.
@@ -65,6 +70,7 @@ class EncodeOptions:
 
     model: str = OFFLINE_MINILM
     dtype: DType = "fp32"
+    calibration: str | None = None
     max_length: int | None = None
     num_actors: str = "1"
     gpus_per_actor: float = 0.0
@@ -93,8 +99,11 @@ class EncodeOptions:
             raise InputError(f"--accelerator-type {self.accelerator_type} needs "
                              f"--gpus-per-actor > 0 (it selects a GPU type)")
         if self.dtype == "int8" and self.gpus_per_actor:
-            raise InputError("--dtype int8 runs on CPU actors only (ONNX Runtime int8): drop "
+            raise InputError("--dtype int8 runs on CPU actors only (OpenVINO int8): drop "
                              "--gpus-per-actor, or use fp16 / bf16 on GPUs")
+        if self.calibration and self.dtype != "int8":
+            raise InputError(f"--calibration {self.calibration} is for --dtype int8 only "
+                             f"(got --dtype {self.dtype})")
         if self.dtype == "fp16" and not self.gpus_per_actor:
             raise InputError("--dtype fp16 needs --gpus-per-actor > 0 (fp16 runs on GPUs only; "
                              "use fp32 on CPU)")

@@ -54,7 +54,7 @@ class EncodeActor:
 
     def __init__(self, options: dict[str, Any],
                  embedding_dtype: Literal["float32", "float16"] = "float32",
-                 threads: int = 1) -> None:
+                 threads: int = 1, calibration: list[str] | None = None) -> None:
         import torch
 
         from bge_core.model import Encoder
@@ -71,7 +71,8 @@ class EncodeActor:
         if not cuda:  # the threads `EncodeOptions.cpu_plan` gives this actor, not torch's guess
             torch.set_num_threads(threads)
         self.encoder = Encoder.from_pretrained(
-            self.options.model, device="cuda" if cuda else "cpu", **overrides)
+            self.options.model, device="cuda" if cuda else "cpu", calibration=calibration,
+            **overrides)
         import ray
 
         self.node = ray.get_runtime_context().get_node_id()
@@ -125,9 +126,24 @@ def actor_resources(opts: EncodeOptions, node_cpus: float) -> dict[str, Any]:
             "accelerator_type": opts.accelerator_type}
 
 
+def calibration_texts(ds: Any, opts: EncodeOptions, text_column: str = "text",
+                      prefix: str = "") -> list[str] | None:
+    """The texts that calibrate int8 on every actor (None unless ``dtype="int8"``): those
+    of ``--calibration``, else the first `CALIBRATION_TEXTS` of `ds` as they are encoded."""
+    from bge_core.int8 import CALIBRATION_TEXTS, read_calibration
+
+    if opts.dtype != "int8":
+        return None
+    if opts.calibration:
+        return read_calibration(opts.calibration)
+    rows = ds.select_columns([text_column]).limit(CALIBRATION_TEXTS).take_all()
+    return [prefix + row[text_column] for row in rows]
+
+
 def encode_dataset(ds: Any, opts: EncodeOptions, *, text_column: str = "text",
                    prefix: str = "",
-                   embedding_dtype: Literal["float32", "float16"] = "float32") -> Any:
+                   embedding_dtype: Literal["float32", "float16"] = "float32",
+                   calibration: list[str] | None = None) -> Any:
     """Add `embedding` and `truncated` columns to a Ray Dataset with a text column.
 
     Args:
@@ -136,7 +152,10 @@ def encode_dataset(ds: Any, opts: EncodeOptions, *, text_column: str = "text",
         text_column: column to embed.
         prefix: prepended to every text (a query instruction); ``""`` for passages.
         embedding_dtype: stored precision of the vectors.
+        calibration: int8 calibration texts (default `calibration_texts` of `ds`).
     """
+    if calibration is None:
+        calibration = calibration_texts(ds, opts, text_column, prefix)
     # Ray Data fuses a task stage into the actor stage only when their remote args match;
     # GPU actors ask for GPUs and the tokeniser does not, so GPU actors never tokenise
     # between forward passes (tests check the optimized plan). A CPU actor with
@@ -152,6 +171,6 @@ def encode_dataset(ds: Any, opts: EncodeOptions, *, text_column: str = "text",
     return tokenized.map_batches(
         EncodeActor, batch_format="pyarrow", batch_size=opts.batch_rows,
         fn_constructor_kwargs={"options": asdict(opts), "embedding_dtype": embedding_dtype,
-                               "threads": threads},
+                               "threads": threads, "calibration": calibration},
         compute=_actor_pool(opts.pool_size()), **actor_resources(opts, node_cpus),
     )

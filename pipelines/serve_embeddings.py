@@ -55,6 +55,9 @@ class ServeConfig:
     route_prefix: str = "/"
     app_name: str = "bge-embeddings"
     dtype: DType = "fp32"
+    # int8 only: a text file (one text per line) calibrating the int8 scales; default the
+    # first request's texts (the replica then builds the int8 model on that request)
+    calibration: str | None = None
     max_length: int | None = None  # tokens per input (truncated beyond); default the model's
     query_instruction_for_retrieval: str | None = None  # "" = none; default the model's own
     max_tokens_per_batch: int | None = None  # padded tokens per forward pass
@@ -113,6 +116,7 @@ class Embedder:
         self.cfg = config_from_dict(ServeConfig, settings, source="serve settings")
         device = "cuda" if self.cfg.gpus_per_replica > 0 else "cpu"
         self.encoder = Encoder.from_pretrained(self.cfg.model, device=device,
+                                               calibration=self.cfg.calibration,
                                                **self.cfg.encoder_overrides())
         self.served = ServedModel(
             encoder=self.encoder, encode=self.encode_rows, api_key=api_key,

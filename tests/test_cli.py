@@ -46,6 +46,7 @@ def test_every_job_has_the_encode_flags_with_the_same_defaults(cls: type) -> Non
     (["--accelerator-type", "L4"], "needs --gpus-per-actor > 0"),
     (["--dtype", "fp16"], "fp16 runs on GPUs only"),
     (["--dtype", "int8", "--gpus-per-actor", "1"], "int8 runs on CPU actors only"),
+    (["--calibration", "c.txt"], "--calibration c.txt is for --dtype int8 only"),
     (["--batch-rows", "0"], "--batch-rows must be >= 1"),
     (["--cpus-per-actor", "0"], "--cpus-per-actor > 0"),
 ])

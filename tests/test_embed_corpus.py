@@ -225,16 +225,28 @@ def test_chunk_size_must_fit_the_model(ray_session, tiny_bert_dir, tmp_path) -> 
         run(_cfg(tiny_bert_dir, tmp_path / "c.jsonl", tmp_path / "o", chunk_tokens=200))
 
 
+@pytest.mark.timeout(600)
 def test_int8_actors_match_the_int8_encoder_and_the_manifest_says_so(
         ray_session, tiny_bert_dir, tmp_path) -> None:
-    """`--dtype int8`: the actors run the cached ONNX Runtime int8 model (bge_core.int8),
-    and the precision is in the manifest and the fingerprint."""
+    """`--dtype int8`: both actors run the cached OpenVINO int8 model (bge_core.int8),
+    calibrated on the input's first texts (the driver reads them once and hands them to
+    every actor), so their vectors are the in-process int8 `Encoder`'s, which calibrates on
+    the first texts it encodes; the recipe and calibration digest are in the manifest and
+    the fingerprint."""
     from bge_core.int8 import PRECISION
 
-    expected = write_corpus(tmp_path / "c", files=1, rows=12)
-    result = run(_cfg(tiny_bert_dir, tmp_path / "c", tmp_path / "o", dtype="int8"))
+    expected = write_corpus(tmp_path / "c", files=2, rows=12)
+    result = run(_cfg(tiny_bert_dir, tmp_path / "c", tmp_path / "o", dtype="int8",
+                      num_actors="2"))
     int8 = Encoder.from_pretrained(str(tiny_bert_dir), device="cpu", dtype="int8")
     fp32 = Encoder.from_pretrained(str(tiny_bert_dir), device="cpu")
+    assert_matches_encoder(read_output(tmp_path / "o"), expected, int8)  # calibrates int8
     assert (result["dtype"], result["precision"]) == ("int8", PRECISION)
+    assert result["int8_calibration"] == {"texts": 24, "digest": int8.calibration_digest,
+                                          "source": "input"}
     assert result["model_fingerprint"] == int8.fingerprint() != fp32.fingerprint()
-    assert_matches_encoder(read_output(tmp_path / "o"), expected, int8)
+    # and not fp32's vectors
+    output = read_output(tmp_path / "o")
+    ids = sorted(expected)
+    reference = fp32.encode([expected[i] for i in ids])
+    assert np.abs(np.stack([output[i] for i in ids]) - reference).max() > 1e-5
