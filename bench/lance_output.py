@@ -52,7 +52,7 @@ def store_as(table_uri: Path, manifest: dict, dtype: str, out: Path) -> None:
     ranges = None
     if dtype == "int8":
         ranges = calibrate_int8(vectors[:1000])
-        extra = {"int8_ranges": ranges.tolist(), "int8_calibration": "first 1000 valid rows"}
+        extra = {"int8_ranges": ranges.tolist(), "int8_ranges_source": "first 1000 valid rows"}
     out.mkdir(parents=True, exist_ok=True)
     stored = quantize(vectors, dtype, ranges)
     pq.write_table(pa.table({"_id": table.column("_id"), "embedding": vectors_to_arrow(stored)}),

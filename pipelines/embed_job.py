@@ -120,6 +120,14 @@ class EmbedJob:
             return None
         if self.cfg.encode.calibration:
             return read_calibration(self.cfg.encode.calibration)
+        if self.cfg.mode == "incremental" and self.cfg.previous:
+            # a scheduled refresh calibrates as the run before it did, so unchanged rows keep
+            # their vectors and the model fingerprint (the input's first texts may change)
+            previous = OutputState(self.cfg.previous).read_json(MANIFEST) or {}
+            sample = (previous.get("int8_calibration") or {}).get("sample")
+            if sample:
+                log.info("int8: calibrating on the previous run's %d texts", len(sample))
+                return list(sample)
         return first_texts(chunks, self.cfg.stage_dict(), CALIBRATION_TEXTS) or None
 
     def _describe_model(self) -> dict[str, Any]:
@@ -143,7 +151,8 @@ class EmbedJob:
         if self.calibration:
             info["int8_calibration"] = {"texts": len(encoder._calibration or ()),
                                         "digest": encoder.calibration_digest,
-                                        "source": enc.calibration or "input"}
+                                        "source": enc.calibration or "input",
+                                        "sample": self.calibration}
         return info
 
     def _check_chunk_size(self, encoder: Any) -> None:

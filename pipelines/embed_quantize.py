@@ -57,7 +57,7 @@ def vector_spec(cfg: EmbedConfig, state: OutputState, chunks: list[Chunk],
                  len(sample))
     state.write_json(saved, "_state", RANGES_FILE)
     spec["int8_ranges"] = saved["int8_ranges"]
-    spec["int8_calibration"] = saved["source"]
+    spec["int8_ranges_source"] = saved["source"]
     return spec
 
 
@@ -91,4 +91,4 @@ def describe(spec: dict[str, Any], dim: int) -> dict[str, Any]:
 
     return {"output_dtype": spec["dtype"], "bytes_per_vector": bytes_per_vector(spec["dtype"],
                                                                                dim),
-            **{k: spec[k] for k in ("int8_ranges", "int8_calibration") if k in spec}}
+            **{k: spec[k] for k in ("int8_ranges", "int8_ranges_source") if k in spec}}

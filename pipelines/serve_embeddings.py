@@ -55,8 +55,9 @@ class ServeConfig:
     route_prefix: str = "/"
     app_name: str = "bge-embeddings"
     dtype: DType = "fp32"
-    # int8 only: a text file (one text per line) calibrating the int8 scales; default the
-    # first request's texts (the replica then builds the int8 model on that request)
+    # int8 only, and then required: a text file (one text per line) calibrating the int8
+    # scales, the same on every replica (use the embed job's, so queries and corpus share one
+    # int8 model); without it each replica would calibrate on whatever it is asked first
     calibration: str | None = None
     max_length: int | None = None  # tokens per input (truncated beyond); default the model's
     query_instruction_for_retrieval: str | None = None  # "" = none; default the model's own
@@ -75,6 +76,12 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         self.replica_range()
+        if self.dtype == "int8" and not self.calibration:
+            raise InputError("dtype int8 needs calibration: a text file (one text per line) "
+                             "like the texts served, the same for every replica (the embed "
+                             "job's --calibration file, if it had one)")
+        if self.calibration and self.dtype != "int8":
+            raise InputError(f"calibration is for dtype int8 only (got dtype {self.dtype})")
         if self.accelerator_type and self.gpus_per_replica <= 0:
             raise InputError("accelerator_type needs gpus_per_replica > 0")
         for name in ("max_inputs_per_request", "max_request_bytes", "max_batch_requests",

@@ -242,11 +242,26 @@ def test_int8_actors_match_the_int8_encoder_and_the_manifest_says_so(
     fp32 = Encoder.from_pretrained(str(tiny_bert_dir), device="cpu")
     assert_matches_encoder(read_output(tmp_path / "o"), expected, int8)  # calibrates int8
     assert (result["dtype"], result["precision"]) == ("int8", PRECISION)
-    assert result["int8_calibration"] == {"texts": 24, "digest": int8.calibration_digest,
-                                          "source": "input"}
+    calibration = result["int8_calibration"]
+    assert {k: calibration[k] for k in ("texts", "digest", "source")} == {
+        "texts": 24, "digest": int8.calibration_digest, "source": "input"}
+    assert sorted(calibration["sample"]) == sorted(expected.values())  # kept for refreshes
     assert result["model_fingerprint"] == int8.fingerprint() != fp32.fingerprint()
     # and not fp32's vectors
     output = read_output(tmp_path / "o")
     ids = sorted(expected)
     reference = fp32.encode([expected[i] for i in ids])
     assert np.abs(np.stack([output[i] for i in ids]) - reference).max() > 1e-5
+
+    # next night: the first texts changed; the refresh calibrates on the kept sample, so the
+    # fingerprint stays and only the changed rows are encoded again
+    first = tmp_path / "c" / "part-000.parquet"
+    table = pq.read_table(first).to_pylist()
+    for row in table[:3]:
+        row["text"] += " changed"
+    pq.write_table(pa.Table.from_pylist(table), first)
+    again = run(_cfg(tiny_bert_dir, tmp_path / "c", tmp_path / "o2", dtype="int8",
+                     num_actors="2", mode="incremental", previous=str(tmp_path / "o")))
+    assert again["model_fingerprint"] == result["model_fingerprint"]
+    assert again["int8_calibration"]["digest"] == calibration["digest"]
+    assert again["rows_encoded_this_attempt"] == 3

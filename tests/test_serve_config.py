@@ -57,6 +57,8 @@ def test_cli_flags_parse_into_the_config():
     (["--max-inputs-per-request", "0"], "max_inputs_per_request"),
     (["--accelerator-type", "L4"], "accelerator_type needs gpus_per_replica"),
     (["--max_queued_requests", "-1"], "max_queued_requests"),
+    (["--dtype", "int8"], "dtype int8 needs calibration"),
+    (["--calibration", "texts.txt"], "calibration is for dtype int8 only"),
 ])
 def test_bad_settings_are_errors_naming_the_flag(flags: list[str], message: str):
     with pytest.raises(ConfigError, match=message):
