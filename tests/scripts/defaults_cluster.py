@@ -1,8 +1,10 @@
-"""Every Ray Data job at its defaults on a two-node cluster on this machine.
+"""Every job at its defaults on a two-node cluster on this machine.
 
-Two 1-CPU raylets (`ray.cluster_utils.Cluster`): a default CPU encode actor takes a whole
-node, so everything else runs on the other. Runs the jobs of `tests/test_defaults.py` one
-after another, each with only its required paths and the model, and prints per job::
+Two 2-CPU raylets (`ray.cluster_utils.Cluster`): a default CPU encode actor takes all but
+one CPU of a node, a default training worker 1.5 CPUs (one per node, two workers), and the
+read, tokenise and search tasks must find room beside them. Runs the jobs of
+`tests/test_defaults.py` one after another, each with only its required paths, the model
+and (training) a few steps, and prints per job::
 
     JOB {"job": ..., "seconds": ..., "settings": {...}, "result": {...}}
 
@@ -23,7 +25,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 from tests.test_defaults import JOBS, job_settings, run_job  # noqa: E402
 
-NODE_CPUS = 1
+NODE_CPUS = 2
 
 
 def main() -> None:
@@ -36,7 +38,7 @@ def main() -> None:
     ray.init(address=cluster.address, runtime_env={"env_vars": env}, log_to_driver=False)
     try:
         for job in JOBS:
-            settings = job_settings(job, root / job, model)
+            settings = job_settings(job, root / job, model, workers=2)
             start = time.monotonic()
             result = run_job(job, settings)
             print("JOB " + json.dumps({"job": job, "seconds": round(time.monotonic() - start, 1),
