@@ -51,7 +51,7 @@ def stored_dataset(uri: str, manifest: dict[str, Any]) -> ray.data.Dataset:
         return ray.data.read_lance(uri, columns=columns, storage_options=storage_options(uri))
     from pipelines.embed_output import list_parts
 
-    return ray.data.read_parquet(list_parts(uri), columns=columns)
+    return ray.data.read_parquet(list_parts(uri)).select_columns(columns)
 
 
 def stored_topk_task(batch: pa.Table, queries: Any, k: int, id_column: str, dtype: str,
