@@ -160,3 +160,65 @@ def test_stored_vectors_of_each_dtype_score_as_the_model(ray_session, mean_bert:
                     distance <= cut)
         at_cut = sum(distance[ids.index(d)] == cut for d, _ in job)
         assert at_cut <= candidates - (distance < cut).sum()
+
+
+def _index_type(table_uri: Path) -> tuple[str, dict[str, Any]]:
+    """The vector index's type and Lance's statistics of it."""
+    import lance
+
+    table = lance.dataset(str(table_uri))
+    (index,) = [d for d in table.describe_indices() if "embedding" in d.field_names]
+    stats = table.stats.index_stats(index.name)
+    return stats["index_type"], stats
+
+
+def _grow(beir: Path) -> tuple[set[str], set[str]]:
+    """Append 20 documents to the corpus, edit two, delete two unjudged ones: (the ids now
+    in it, the deleted ids)."""
+    judged = {line.split("\t")[1] for line in
+              (beir / "qrels" / "test.tsv").read_text().splitlines()[1:]}
+    rows = [json.loads(line) for line in (beir / "corpus.jsonl").read_text().splitlines()]
+    gone = set(sorted(r["_id"] for r in rows if r["_id"] not in judged)[:2])
+    rows = [r for r in rows if r["_id"] not in gone]
+    for r in rows[:2]:
+        r["text"] = "an edited text corpusonly"
+    rows += [{"_id": f"n{i}", "title": "", "text": f"word{i} new corpusonly"} for i in range(20)]
+    (beir / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {r["_id"] for r in rows}, gone
+
+
+@pytest.mark.timeout(420)
+def test_index_recall_vs_exact_and_an_incremental_run_updates_the_index(
+        ray_session, mean_bert: Path, tmp_path: Path) -> None:
+    import lance
+
+    from pipelines.lance_table import MIN_INDEX_ROWS
+
+    beir = write_beir(tmp_path / "beir", n_docs=MIN_INDEX_ROWS + 44)
+    table = tmp_path / "emb.lance"
+    first = _embed(mean_bert, beir, table, format="lance", index="ivf_pq")
+    assert first["index"]["kind"] == "ivf_pq" and _index_type(table)[0] == "IVF_PQ"
+
+    # Incremental: 20 new rows, 2 changed, 2 deleted; the index takes the new rows.
+    ids, gone = _grow(beir)
+    second = _embed(mean_bert, beir, table, format="lance", index="ivf_pq", mode="incremental")
+    assert second["rows_encoded_this_attempt"] == 22 and second["table_rows"] == len(ids)
+    stored = lance.dataset(str(table)).to_table(columns=["_id"]).column("_id").to_pylist()
+    assert sorted(stored) == sorted(ids)  # one row per current id
+    kind, stats = _index_type(table)
+    assert kind == "IVF_PQ" and stats["num_unindexed_rows"] == 0
+
+    result = _evaluate(mean_bert, beir, tmp_path / "pq.trec", vectors=str(table), index=True,
+                       refine_factor=5)
+    timings = result["timings"]
+    assert 0.9 <= timings["index_recall@10_vs_exact"] <= 1.0  # PQ, refined on the vectors
+    assert timings["index_query_ms_p50"] > 0 and timings["flat_query_ms_p50"] > 0
+    assert all(0.0 <= v <= 1.0 for v in result["metrics"].values())
+    found = {d for docs in _read_run(tmp_path / "pq.trec").values() for d, _ in docs}
+    assert found <= ids and not found & gone
+
+    # A full run with the other kind replaces the index.
+    third = _embed(mean_bert, beir, table, format="lance", index="ivf_hnsw_sq")
+    assert third["index"]["kind"] == "ivf_hnsw_sq" and _index_type(table)[0] == "IVF_HNSW_SQ"
+    hnsw = _evaluate(mean_bert, beir, tmp_path / "hnsw.trec", vectors=str(table), index=True)
+    assert 0.8 <= hnsw["timings"]["index_recall@10_vs_exact"] <= 1.0
