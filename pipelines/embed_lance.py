@@ -129,18 +129,22 @@ class LanceEmbedJob(EmbedJob):
         return manifest
 
     def _index(self, table: Any, staged: dict[str, Any]) -> dict[str, Any] | None:
-        """Build the index (full run), or add the new rows to the one the table has."""
+        """Build the index (full run, or another `--index` kind than the table's), or add
+        the new rows to the one the table has (incremental run)."""
         kind = self.lance_cfg.index
-        normalized = bool(staged.get("normalize", True))
-        if kind != "none" and not (staged["rows_kept"] and has_vector_index(table)):
-            return build_index(table, kind, normalized)
-        if has_vector_index(table):  # an incremental run: add the new rows to the index
-            start = time.monotonic()
-            table.optimize.optimize_indices()
-            self.seconds["index"] = round(time.monotonic() - start, 3)
-            previous = self.previous_manifest or {}
-            return previous.get("index")
-        return None
+        # the index the previous run built (T/_manifest.json is rewritten after this)
+        built = (self.table_state.read_json(MANIFEST) or {}).get("index") or {}
+        indexed = has_vector_index(table)
+        keep = indexed and (kind == "none" or (staged["rows_kept"] and
+                                               built.get("kind", kind) == kind))
+        if not keep and kind == "none":
+            return None
+        if not keep:
+            return build_index(table, kind, bool(staged.get("normalize", True)))
+        start = time.monotonic()
+        table.optimize.optimize_indices()
+        self.seconds["index"] = round(time.monotonic() - start, 3)
+        return built or None
 
     # ------------------------------------------------- the Parquet job's hooks
     def _previous_parts(self, fingerprint: str) -> list[str] | None:
