@@ -129,7 +129,10 @@ def find_storage_error(err: BaseException) -> StorageError | None:
             continue
         seen.add(id(item))
         if isinstance(item, StorageError) and getattr(item, "cause", None) is None:
-            return item  # the original, not Ray's wrapper of it (which has `.cause`)
+            # the original, not Ray's wrapper of it (which has `.cause`); our messages are
+            # one line, so what follows is what Ray Data appended (its retry advice)
+            first = str(item).split("\n", 1)[0]
+            return item if first == str(item) else StorageError(first)
         todo += [item.__cause__, item.__context__, getattr(item, "cause", None)]
     prefix = f"{StorageError.__module__}.{StorageError.__qualname__}: "
     named = [line.strip()[len(prefix):] for line in str(err).splitlines()

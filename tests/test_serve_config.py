@@ -156,14 +156,14 @@ def test_cli_bad_flag_exits_2_with_one_line_before_starting_ray(capsys: pytest.C
 
 def test_cli_open_host_without_a_key_exits_2_with_one_line_before_starting_ray(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
-    import ray
-
+    from pipelines import cli
     from pipelines.serve_embeddings import main
 
+    started: list[bool] = []  # the suite's Ray may be up already: watch the one start call
+    monkeypatch.setattr(cli, "start_ray", lambda: started.append(True))
     monkeypatch.delenv(API_KEY_ENV, raising=False)
-    assert not ray.is_initialized()
     assert main(["--host", "0.0.0.0"]) == 2
-    assert not ray.is_initialized()
+    assert not started
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("serve_embeddings: error: refusing to serve on 0.0.0.0")
     assert API_KEY_ENV in line and "--allow-unauthenticated" in line
