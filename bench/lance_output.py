@@ -1,7 +1,7 @@
 """Lance output, compact vectors and the ANN index: quality, size, speed (BENCHMARKS.md).
 
-    PYTHONPATH=. python bench/lance_output.py --nfcorpus /work/shared/data/nfcorpus \\
-        --out /tmp/lance_bench --rows 100000
+    PYTHONPATH=. python bench/lance_output.py [--nfcorpus ../shared/data/nfcorpus] \\
+        [--out /tmp/lance_bench] [--rows 100000]
 
 1. NFCorpus with all-MiniLM-L6-v2: `embed_corpus.py --format lance` (float32, IVF_PQ
    index), then the same vectors stored as float16 / int8 / binary (the job's own
@@ -36,6 +36,7 @@ from pipelines.lance_table import build_index, open_table
 from pipelines.ray_encode import arrow_to_vectors, vectors_to_arrow
 
 MODEL = "all-MiniLM-L6-v2"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"  # outside the repo
 
 
 def embed_nfcorpus(data: Path, out: Path) -> dict:
@@ -148,7 +149,7 @@ def incremental(root: Path, rows: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--nfcorpus", default="/work/shared/data/nfcorpus")
+    parser.add_argument("--nfcorpus", default=str(SHARED / "nfcorpus"))
     parser.add_argument("--out", default="/tmp/lance_bench")
     parser.add_argument("--rows", type=int, default=100_000)
     args = parser.parse_args()
