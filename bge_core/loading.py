@@ -78,3 +78,13 @@ def resolve_model(name_or_path: str) -> ResolvedModel:
         )
     name = preset.name if preset else name_or_path
     return ResolvedModel(folder=folder, name=name, settings=settings)
+
+
+def token_limit(folder: str | Path, max_length: int) -> int:
+    """The most tokens the model in `folder` takes: `max_length`, within its position table
+    (a checkpoint may configure more than its ``max_position_embeddings``). The one rule for
+    the in-process `Encoder` and the jobs' tokenise stage alike."""
+    path = Path(folder) / "config.json"
+    positions = json.loads(path.read_text()).get("max_position_embeddings") if path.is_file() \
+        else None
+    return min(max_length, int(positions)) if positions else max_length

@@ -30,7 +30,7 @@ from bge_core.int8 import (
     read_calibration,
 )
 from bge_core.int8 import PRECISION as INT8_PRECISION
-from bge_core.loading import BGE_CONFIG_FILE, FORMAT_VERSION, resolve_model
+from bge_core.loading import BGE_CONFIG_FILE, FORMAT_VERSION, resolve_model, token_limit
 from bge_core.pooling import embed_from_hidden
 from bge_core.precision import autocast_context, check_dtype, cpu_dtype
 from bge_core.st_format import write_st_files
@@ -81,7 +81,7 @@ class Encoder(nn.Module):
         config = EncoderConfig.from_dict({**resolved.settings, **overrides})
         tokenizer = AutoTokenizer.from_pretrained(resolved.folder)
         backbone = _load_backbone(resolved.folder)
-        limit = int(getattr(backbone.config, "max_position_embeddings", config.max_length))
+        limit = token_limit(resolved.folder, config.max_length)
         if config.max_length > limit:
             log.warning("max_length %d exceeds the model's %d positions; using %d",
                         config.max_length, limit, limit)

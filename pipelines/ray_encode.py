@@ -21,7 +21,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
-from bge_core.loading import resolve_model
+from bge_core.loading import resolve_model, token_limit
 from bge_core.tokenization import TextTokenizer
 from pipelines.encode_options import EncodeOptions
 
@@ -36,7 +36,7 @@ TOKENIZE_CPUS = 0.5  # CPUs per tokenise task
 def tokenizer_for(model: str, max_length: int | None = None) -> TextTokenizer:
     """One tokenizer per worker process and model (CPU tasks reuse their process)."""
     resolved = resolve_model(model)
-    limit = int(resolved.settings.get("max_length", 512))
+    limit = token_limit(resolved.folder, int(resolved.settings.get("max_length", 512)))
     return TextTokenizer.from_folder(resolved.folder, min(max_length or limit, limit))
 
 

@@ -87,3 +87,17 @@ def test_a_jsonl_file_is_read_in_line_ranges_keyed_and_rejected_by_line(
         "_rejects_file")[0].as_py()).to_pylist()
     assert [(r["row"], r["reason"]) for r in rejects] == [
         (3, "missing 'text' (a string is required)")]
+
+
+def test_the_tokenise_stage_truncates_within_the_models_positions(tmp_path, tiny_bert_dir):
+    """A model folder without our config gets the default 512-token limit, but the tiny
+    BERT has 128 positions: the job's tokenise stage must cut at 128, as `Encoder` does (it
+    sent 143 tokens to the actors, which failed)."""
+    from bge_core import Encoder
+    from pipelines.ray_encode import TOKENS_COLUMN, tokenize_batch
+
+    batch = pa.table({"text": [" ".join(WORDS * 20)]})
+    out = tokenize_batch(batch, str(tiny_bert_dir), None, "text", "")
+    (ids,) = out.column(TOKENS_COLUMN).to_pylist()
+    assert len(ids) == 128 and out.column("truncated").to_pylist() == [True]
+    assert Encoder.from_pretrained(str(tiny_bert_dir), device="cpu").config.max_length == 128
