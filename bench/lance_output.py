@@ -152,15 +152,20 @@ def main() -> None:
     parser.add_argument("--nfcorpus", default=str(SHARED / "nfcorpus"))
     parser.add_argument("--out", default="/tmp/lance_bench")
     parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--parts", default="nfcorpus,incremental",
+                        help="which parts to run, comma-separated (each printed when done)")
     args = parser.parse_args()
     root = Path(args.out)
     shutil.rmtree(root, ignore_errors=True)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    results = {"nfcorpus": nfcorpus(Path(args.nfcorpus), root),
-               "incremental": incremental(root, args.rows)}
-    print(json.dumps(results, indent=2, default=str))
-    (root / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    results: dict = {}
+    parts = {"nfcorpus": lambda: nfcorpus(Path(args.nfcorpus), root),
+             "incremental": lambda: incremental(root, args.rows)}
+    for name in args.parts.split(","):
+        results[name] = parts[name]()
+        print(f"RESULT {name} " + json.dumps(results[name], default=str), flush=True)
+        (root / "results.json").write_text(json.dumps(results, indent=2, default=str))
 
 
 if __name__ == "__main__":
