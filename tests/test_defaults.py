@@ -24,21 +24,13 @@ import pytest
 from tests.embed_helpers import read_output
 from tests.test_embed_faults import _job_env
 from tests.test_evaluate_job import write_beir
-from tests.test_finetune_job import write_train_data
+from tests.test_finetune_job import unequal_files
 from tests.test_mine_job import _write_data as write_mining_data
 from tests.test_pretrain_retromae_job import write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = ("embed_corpus", "mine_hard_negatives", "evaluate", "finetune", "pretrain_retromae")
 TRAINING = ("finetune", "pretrain_retromae")
-
-
-def unequal_files(folder: Path) -> Path:
-    """16 finetuning examples in three files of 9, 2 and 5 (uneven shards)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, n, seed in (("a", 9, 0), ("b", 2, 1), ("c", 5, 2)):
-        write_train_data(folder / f"{name}.jsonl", n=n, seed=seed)
-    return folder
 
 
 def job_settings(job: str, root: Path, model: str, workers: int = 1) -> dict[str, Any]:

@@ -30,6 +30,14 @@ def write_train_data(path, n=16, seed=0):
     return path
 
 
+def unequal_files(folder):
+    """16 finetuning examples in three files of 9, 2 and 5 (uneven shards)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, n, seed in (("a", 9, 0), ("b", 2, 1), ("c", 5, 2)):
+        write_train_data(folder / f"{name}.jsonl", n=n, seed=seed)
+    return folder
+
+
 def make_config(tiny_bert_dir, tmp_path, **overrides):
     values = dict(
         model_name_or_path=str(tiny_bert_dir), train_data=str(tmp_path / "train.jsonl"),
@@ -128,7 +136,6 @@ def _resume_config(tiny_bert_dir, data, out):
 
 @pytest.fixture(scope="module")
 def uninterrupted_finetune(ray_session, tiny_bert_dir, tmp_path_factory):
-    from tests.test_train_defaults import unequal_files
 
     root = tmp_path_factory.mktemp("finetune_resume")
     data = unequal_files(root / "data")
