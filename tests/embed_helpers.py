@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +41,21 @@ def write_corpus(folder: Path, files: int, rows: int, seed: int = 0,
                        folder / f"part-{f:03d}.parquet", row_group_size=max(1, rows // 2))
         expected.update({i: f"{t} {x}".strip() if t else x for i, t, x in zip(ids, titles, texts)})
     return expected
+
+
+def kill_group_when(job: subprocess.Popen, ready: Callable[[], bool], poll_s: float = 0.1,
+                    log: Path | None = None, timeout_s: float = 300) -> None:
+    """SIGKILL `job`'s process group (it was started with ``start_new_session``) as soon as
+    `ready()`; fail if the job ended first (showing the tail of its `log`)."""
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not ready() and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(poll_s)
+        assert job.poll() is None, (log.read_text()[-3000:] if log
+                                    else "the job finished before it could be killed")
+        os.killpg(job.pid, signal.SIGKILL)
+    finally:
+        job.wait(timeout=60)
 
 
 def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:

@@ -26,6 +26,7 @@ from pipelines.lease import LeaseLost, OutputLease
 from tests.embed_helpers import (
     assert_matches_encoder,
     encode_actor_pids,
+    kill_group_when,
     read_output,
     write_corpus,
 )
@@ -76,14 +77,7 @@ def test_resume_after_driver_sigkill_redoes_only_what_was_in_flight(
     job = subprocess.Popen(_job_cmd(tmp_path / "c", out, tiny_bert_dir, "--batch-rows", "4"),
                            env=_job_env(RAY_ADDRESS=address), start_new_session=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        while _marked_rows(out) == 0 and job.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert job.poll() is None, "the job finished before it could be killed"
-        os.killpg(job.pid, signal.SIGKILL)
-    finally:
-        job.wait(timeout=60)
+    kill_group_when(job, lambda: _marked_rows(out) > 0)
     marked, settled = _marked_rows(out), time.monotonic()
     while time.monotonic() - settled < 3:  # Ray ends the dead driver's tasks: let it finish
         time.sleep(0.5)
@@ -191,17 +185,18 @@ def test_kill_9_then_the_same_command_at_once_finishes_without_redoing_recorded_
     with log_path.open("w") as log_file:
         job = subprocess.Popen(cmd, env=_job_env(), start_new_session=True,
                                stdout=log_file, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 300
-            while _parts_recorded(out) < 3 and job.poll() is None \
-                    and time.monotonic() < deadline:
-                time.sleep(0.02)
-            assert job.poll() is None, log_path.read_text()[-3000:]
-            os.killpg(job.pid, signal.SIGKILL)
-        finally:
-            job.wait(timeout=60)
-    marked, parts = _marked_rows(out), _parts_recorded(out)
-    assert 0 < marked < files * rows and _done(out) < files
+        kill_group_when(job, lambda: _parts_recorded(out) >= 3, poll_s=0.02, log=log_path)
+    # the killed driver's Ray may finish the tasks in flight before its reaper stops it: wait
+    # until nothing more lands, then count what is recorded
+    marked, settled = _marked_rows(out), time.monotonic()
+    while time.monotonic() - settled < 3:
+        time.sleep(0.5)
+        if _marked_rows(out) != marked:
+            marked, settled = _marked_rows(out), time.monotonic()
+    parts = _parts_recorded(out)
+    # (on an idle box the dead run's tasks may record every row: the driver, which marks
+    # files done and writes the manifest, is gone all the same)
+    assert 0 < marked <= files * rows and _done(out) < files
     start = time.monotonic()
     rerun = subprocess.run(cmd, env=_job_env(), capture_output=True, text=True, timeout=300)
     rerun_s = time.monotonic() - start

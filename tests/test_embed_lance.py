@@ -4,7 +4,6 @@ upsert + delete in one commit, kill -9 between parts and around the commit, stor
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from bge_core.quantize_vectors import dequantize
 from pipelines.cli import make_config
 from pipelines.embed_corpus import EmbedConfig, run
 from pipelines.ray_encode import arrow_to_vectors
-from tests.embed_helpers import assert_matches_encoder, write_corpus
+from tests.embed_helpers import assert_matches_encoder, kill_group_when, write_corpus
 from tests.test_embed_faults import _job_cmd, _job_env
 
 pytestmark = pytest.mark.timeout(600)
@@ -149,14 +148,7 @@ def test_kill_between_parts_then_rerun_leaves_every_id_once(
                                     "--title-column", "title", "--batch-rows", "4"),
                            env=_job_env(RAY_ADDRESS=address), start_new_session=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        while _marked_rows(out) == 0 and job.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert job.poll() is None, "the job finished before it could be killed"
-        os.killpg(job.pid, signal.SIGKILL)
-    finally:
-        job.wait(timeout=60)
+    kill_group_when(job, lambda: _marked_rows(out) > 0)
     assert not (out / "_versions").exists()  # nothing committed: readers see no table
     time.sleep(3)  # the dead run's lease goes stale
     result = run(_cfg(tiny_bert_dir, tmp_path / "c", out, lease_timeout_s=2))
