@@ -3,7 +3,9 @@ loopback S3 server."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -26,6 +28,16 @@ os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
 def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A plain Hugging Face folder holding a random 2-layer, 32-wide BERT and its tokenizer."""
     return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture(scope="session")
+def mean_bert_dir(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny BERT with mean pooling: its CLS vectors are near-identical (cosines ~0.99999),
+    so retrieval tests need mean-pooled vectors to tell documents apart."""
+    folder = tmp_path_factory.mktemp("mean_bert") / "model"
+    shutil.copytree(tiny_bert_dir, folder)
+    (folder / "bge_config.json").write_text(json.dumps({"pooling": "mean", "normalize": True}))
+    return folder
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -94,15 +93,6 @@ def test_cli_rejects_bad_flags(capsys: pytest.CaptureFixture) -> None:
     assert "exactly one of --beir_dir" in capsys.readouterr().err
     assert main(["--model", "m", "--sts", "x.csv", "--k_values", "1,a"]) == 2
     assert "k_values" in capsys.readouterr().err
-
-
-@pytest.fixture(scope="module")
-def mean_bert_dir(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny BERT with mean pooling: its CLS vectors are near-identical (cosines ~0.99999)."""
-    folder = tmp_path_factory.mktemp("mean_bert") / "model"
-    shutil.copytree(tiny_bert_dir, folder)
-    (folder / "bge_config.json").write_text(json.dumps({"pooling": "mean", "normalize": True}))
-    return folder
 
 
 def _reference_encoder(model_dir: Path, instruction: str):

@@ -30,15 +30,6 @@ RAY = {"cpus_per_actor": 0.5, "batch_rows": 64}  # one part per 64 rows
 EPS = 2e-5  # the run file keeps 6 decimals
 
 
-@pytest.fixture(scope="module")
-def mean_bert(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny BERT with mean pooling (its CLS vectors are all alike)."""
-    folder = tmp_path_factory.mktemp("stored_mean_bert") / "model"
-    shutil.copytree(tiny_bert_dir, folder)
-    (folder / "bge_config.json").write_text(json.dumps({"pooling": "mean", "normalize": True}))
-    return folder
-
-
 def _embed(model: Path, beir: Path, out: Path, **extra: Any) -> dict[str, Any]:
     return embed(make_config(EmbedConfig, input=str(beir / "corpus.jsonl"), output=str(out),
                              model=str(model), id_column="_id", title_column="title",
@@ -99,19 +90,19 @@ def _assert_top(job: list[tuple[str, float]], ids: list[str], scores: np.ndarray
 
 
 @pytest.mark.timeout(420)
-def test_stored_vectors_of_each_dtype_score_as_the_model(ray_session, mean_bert: Path,
+def test_stored_vectors_of_each_dtype_score_as_the_model(ray_session, mean_bert_dir: Path,
                                                          tmp_path: Path) -> None:
     beir = write_beir(tmp_path / "beir", n_docs=40)
     data = load_beir(beir, "test")
     qids = list(data.queries)
-    queries = Encoder.from_pretrained(str(mean_bert), device="cpu").encode_queries(
+    queries = Encoder.from_pretrained(str(mean_bert_dir), device="cpu").encode_queries(
         [data.queries[q] for q in qids])  # (Q, D) float32, in process
-    direct = _evaluate(mean_bert, beir, tmp_path / "direct.trec")
+    direct = _evaluate(mean_bert_dir, beir, tmp_path / "direct.trec")
     expected = _read_run(tmp_path / "direct.trec")
 
     # float32, Parquet: the same run as encoding the corpus, to float precision.
-    assert _embed(mean_bert, beir, tmp_path / "f32")["output_dtype"] == "float32"
-    f32 = _evaluate(mean_bert, beir, tmp_path / "f32.trec", vectors=str(tmp_path / "f32"))
+    assert _embed(mean_bert_dir, beir, tmp_path / "f32")["output_dtype"] == "float32"
+    f32 = _evaluate(mean_bert_dir, beir, tmp_path / "f32.trec", vectors=str(tmp_path / "f32"))
     for name, value in direct["metrics"].items():
         assert f32["metrics"][name] == pytest.approx(value, abs=1e-6), name
     got = _read_run(tmp_path / "f32.trec")
@@ -120,7 +111,7 @@ def test_stored_vectors_of_each_dtype_score_as_the_model(ray_session, mean_bert:
 
     # float16 (the float32 output converted as the job stores it): exact over float16 vectors.
     _to_float16(tmp_path / "f32", tmp_path / "f16")
-    f16 = _evaluate(mean_bert, beir, tmp_path / "f16.trec", vectors=str(tmp_path / "f16"))
+    f16 = _evaluate(mean_bert_dir, beir, tmp_path / "f16.trec", vectors=str(tmp_path / "f16"))
     ids, stored = _stored(tmp_path / "f16")
     assert stored.dtype == np.float16 and f16["timings"]["output_dtype"] == "float16"
     everyone = np.ones(len(ids), dtype=bool)
@@ -133,8 +124,8 @@ def test_stored_vectors_of_each_dtype_score_as_the_model(ray_session, mean_bert:
         assert f16["metrics"][name] == pytest.approx(value, abs=0.05), name
 
     # int8 in a Lance table (a real job run): exact over the dequantized vectors.
-    int8 = _embed(mean_bert, beir, tmp_path / "i8.lance", format="lance", output_dtype="int8")
-    i8 = _evaluate(mean_bert, beir, tmp_path / "i8.trec", vectors=str(tmp_path / "i8.lance"))
+    int8 = _embed(mean_bert_dir, beir, tmp_path / "i8.lance", format="lance", output_dtype="int8")
+    i8 = _evaluate(mean_bert_dir, beir, tmp_path / "i8.trec", vectors=str(tmp_path / "i8.lance"))
     ids, stored = _stored(tmp_path / "i8.lance")
     approx = dequantize(stored, "int8", np.asarray(int8["int8_ranges"], np.float32))
     assert stored.dtype == np.int8 and i8["timings"]["bytes_per_vector"] == queries.shape[1]
@@ -144,8 +135,8 @@ def test_stored_vectors_of_each_dtype_score_as_the_model(ray_session, mean_bert:
                     everyone, eps=1e-4)
 
     # binary, Parquet (a real job run): Hamming top 11 × 2, rescored as query · (±1 bits).
-    _embed(mean_bert, beir, tmp_path / "bin", output_dtype="binary")
-    binary = _evaluate(mean_bert, beir, tmp_path / "bin.trec", vectors=str(tmp_path / "bin"),
+    _embed(mean_bert_dir, beir, tmp_path / "bin", output_dtype="binary")
+    binary = _evaluate(mean_bert_dir, beir, tmp_path / "bin.trec", vectors=str(tmp_path / "bin"),
                        rescore_multiplier=2)
     assert all(0.0 <= v <= 1.0 for v in binary["metrics"].values())
     ids, stored = _stored(tmp_path / "bin")
@@ -189,26 +180,26 @@ def _grow(beir: Path) -> tuple[set[str], set[str]]:
 
 @pytest.mark.timeout(420)
 def test_index_recall_vs_exact_and_an_incremental_run_updates_the_index(
-        ray_session, mean_bert: Path, tmp_path: Path) -> None:
+        ray_session, mean_bert_dir: Path, tmp_path: Path) -> None:
     import lance
 
     from pipelines.lance_table import MIN_INDEX_ROWS
 
     beir = write_beir(tmp_path / "beir", n_docs=MIN_INDEX_ROWS + 44)
     table = tmp_path / "emb.lance"
-    first = _embed(mean_bert, beir, table, format="lance", index="ivf_pq")
+    first = _embed(mean_bert_dir, beir, table, format="lance", index="ivf_pq")
     assert first["index"]["kind"] == "ivf_pq" and _index_type(table)[0] == "IVF_PQ"
 
     # Incremental: 20 new rows, 2 changed, 2 deleted; the index takes the new rows.
     ids, gone = _grow(beir)
-    second = _embed(mean_bert, beir, table, format="lance", index="ivf_pq", mode="incremental")
+    second = _embed(mean_bert_dir, beir, table, format="lance", index="ivf_pq", mode="incremental")
     assert second["rows_encoded_this_attempt"] == 22 and second["table_rows"] == len(ids)
     stored = lance.dataset(str(table)).to_table(columns=["_id"]).column("_id").to_pylist()
     assert sorted(stored) == sorted(ids)  # one row per current id
     kind, stats = _index_type(table)
     assert kind == "IVF_PQ" and stats["num_unindexed_rows"] == 0
 
-    result = _evaluate(mean_bert, beir, tmp_path / "pq.trec", vectors=str(table), index=True,
+    result = _evaluate(mean_bert_dir, beir, tmp_path / "pq.trec", vectors=str(table), index=True,
                        refine_factor=5)
     timings = result["timings"]
     assert 0.9 <= timings["index_recall@10_vs_exact"] <= 1.0  # PQ, refined on the vectors
@@ -218,9 +209,9 @@ def test_index_recall_vs_exact_and_an_incremental_run_updates_the_index(
     assert found <= ids and not found & gone
 
     # Another kind of index asked for (nothing else changed): the index is replaced.
-    third = _embed(mean_bert, beir, table, format="lance", index="ivf_hnsw_sq",
+    third = _embed(mean_bert_dir, beir, table, format="lance", index="ivf_hnsw_sq",
                    mode="incremental")
     assert third["rows_encoded_this_attempt"] == 0 and third["table_rows"] == len(ids)
     assert third["index"]["kind"] == "ivf_hnsw_sq" and _index_type(table)[0] == "IVF_HNSW_SQ"
-    hnsw = _evaluate(mean_bert, beir, tmp_path / "hnsw.trec", vectors=str(table), index=True)
+    hnsw = _evaluate(mean_bert_dir, beir, tmp_path / "hnsw.trec", vectors=str(table), index=True)
     assert 0.8 <= hnsw["timings"]["index_recall@10_vs_exact"] <= 1.0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,15 +14,6 @@ from tests.driver_spy import spy_on_driver
 from tests.tiny_models import WORDS
 
 MARKER = "corpusonly"  # in every corpus text, in no query: what reaches the driver is scanned
-
-
-@pytest.fixture(scope="module")
-def mean_bert_dir(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny BERT with mean pooling (its CLS vectors are near-identical)."""
-    folder = tmp_path_factory.mktemp("mean_bert_mine") / "model"
-    shutil.copytree(tiny_bert_dir, folder)
-    (folder / "bge_config.json").write_text(json.dumps({"pooling": "mean", "normalize": True}))
-    return folder
 
 
 def _write_data(root: Path) -> tuple[Path, Path, list[dict], list[str]]:
