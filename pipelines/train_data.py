@@ -38,12 +38,17 @@ def plan_data(uri: str, *, what: str, error: type[ValueError], rows_per_range: i
 
 def range_dataset(ranges: list[dict[str, Any]], read: ReadRange, **kwargs: Any) -> Any:
     """A lazy Ray Dataset of ``read(range, **kwargs)`` over `ranges` (`plan_data`), one
-    block per range, in the order given."""
+    block per range, in the order given (also through `filter` and `materialize`)."""
     import ray
 
     from bge_core.storage import storage_runtime_env
 
-    return ray.data.from_items(ranges, override_num_blocks=max(1, len(ranges))).map_batches(
+    items = ray.data.from_items(ranges, override_num_blocks=max(1, len(ranges)))
+    # every dataset derived from `items` shares its context: its reads and any
+    # `materialize` of it keep the ranges' order, whichever read task ends first (without
+    # this a busy box reorders the blocks, and a resumed run trains on other batches)
+    items.context.execution_options.preserve_order = True
+    return items.map_batches(
         _read_one, batch_size=1, batch_format="pyarrow", num_cpus=READ_TASK_CPUS,
         fn_kwargs={"read": read, "kwargs": kwargs}, **storage_runtime_env())
 
