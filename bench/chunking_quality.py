@@ -1,6 +1,6 @@
 """Long documents on NFCorpus: 128-token chunks (document = best chunk) vs truncation.
 
-Runs `pipelines.evaluate.run` on the NFCorpus test split three ways with all-MiniLM-L6-v2
+Runs `pipelines.search.evaluate.run` on the NFCorpus test split three ways with all-MiniLM-L6-v2
 on a local Ray, and prints nDCG@10 / recall@100 / MRR@10 with each run's seconds:
 
 - ``trunc128``: every document truncated at 128 tokens (``--max_length 128``);
@@ -31,8 +31,8 @@ RUNS = {
 
 
 def evaluate(name: str, workdir: Path) -> dict:
-    from pipelines.cli import make_config
-    from pipelines.evaluate import EvaluateConfig, run
+    from pipelines.common.cli import make_config
+    from pipelines.search.evaluate import EvaluateConfig, run
 
     cfg = make_config(EvaluateConfig, model=MODEL, beir_dir=str(DATA), split="test",
                       k_values="1,10,100", output=str(workdir / f"metrics_{name}.json"),

@@ -21,7 +21,7 @@ def nfcorpus_passages(limit: int | None = None, data: Path = SHARED) -> list[str
 
 
 def stsb_test(data: Path = SHARED) -> tuple[list[str], list[str], list[float]]:
-    from pipelines.evaluate import read_sts
+    from pipelines.search.evaluate import read_sts
 
     left, right, gold = read_sts(str(data / "stsb" / "sts-test.csv"))
     return left, right, list(gold)

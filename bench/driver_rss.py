@@ -78,7 +78,7 @@ def retromae(corpus: Path, work: Path, repo: Path) -> dict:
         make_tiny_bert(model)
     out = work / f"out-{corpus.name}"
     shutil.rmtree(out, ignore_errors=True)
-    return measure("pipelines.pretrain_retromae", [
+    return measure("pipelines.train.retromae", [
         "--model_name_or_path", str(model), "--train_data", str(corpus),
         "--output_dir", str(out), "--num_workers", "1", "--cpus_per_worker", "0.5",
         "--max_steps", "2", "--save_steps", "2", "--per_device_train_batch_size", "4",

@@ -66,8 +66,8 @@ def child(args: argparse.Namespace) -> None:
     """One mining run in this process; prints a JSON line with its RSS figures."""
     import ray
 
-    from pipelines.cli import make_config
-    from pipelines.mine_hard_negatives import MineConfig, run
+    from pipelines.common.cli import make_config
+    from pipelines.search.mine import MineConfig, run
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -87,8 +87,8 @@ class ActorMemory(threading.Thread):
 
 
 def run_job(source: Path, out: Path, dtype: str, cpus_per_actor: float | None) -> dict:
-    from pipelines.cli import make_config
-    from pipelines.embed_corpus import EmbedConfig, run
+    from pipelines.common.cli import make_config
+    from pipelines.embed.main import EmbedConfig, run
 
     sampler = ActorMemory()
     sampler.start()

@@ -1,6 +1,6 @@
 """Finetune all-MiniLM-L6-v2 on NFCorpus train; nDCG@10 on NFCorpus test before and after.
 
-Also times the same training steps twice: through Ray Train (`pipelines.finetune.run`, one
+Also times the same training steps twice: through Ray Train (`pipelines.train.finetune.run`, one
 CPU worker) and as a plain single-process loop over the same bge_core pieces, to measure
 Ray Train's overhead. Negatives are random corpus documents that are not relevant to the
 query (the project's miner can replace them: `pipelines/mine_hard_negatives.py`).
@@ -30,7 +30,7 @@ from bge_core.metrics import evaluate_run
 from bge_core.model import Encoder
 from bge_core.optim import build_adamw, build_scheduler, warmup_steps
 from bge_core.search import exact_topk
-from pipelines.finetune import FinetuneConfig, run
+from pipelines.train.finetune import FinetuneConfig, run
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "nfcorpus"
 

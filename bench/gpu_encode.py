@@ -93,8 +93,8 @@ def ray_job_on_gpu(model: Path, work: Path) -> dict:
     import pyarrow.parquet as pq
     import ray
 
-    from pipelines.cli import make_config
-    from pipelines.embed_corpus import EmbedConfig, run
+    from pipelines.common.cli import make_config
+    from pipelines.embed.main import EmbedConfig, run
 
     (work / "corpus").mkdir()
     texts = [f"passage number {i} about cats dogs and fish" for i in range(4096)]

@@ -28,12 +28,12 @@ import pyarrow.parquet as pq
 import ray
 
 from bge_core.quantize_vectors import bytes_per_vector, calibrate_int8, quantize
-from pipelines.cli import make_config
-from pipelines.embed_corpus import EmbedConfig, run
-from pipelines.evaluate import EvaluateConfig
-from pipelines.evaluate import run as evaluate
-from pipelines.lance_table import build_index, open_table
-from pipelines.ray_encode import arrow_to_vectors, vectors_to_arrow
+from pipelines.common.cli import make_config
+from pipelines.common.encode import arrow_to_vectors, vectors_to_arrow
+from pipelines.embed.lance_table import build_index, open_table
+from pipelines.embed.main import EmbedConfig, run
+from pipelines.search.evaluate import EvaluateConfig
+from pipelines.search.evaluate import run as evaluate
 
 MODEL = "all-MiniLM-L6-v2"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"  # outside the repo

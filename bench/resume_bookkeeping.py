@@ -94,8 +94,8 @@ def ray_id_memory(ckpt: Path, ids: int) -> dict[str, float]:
 
 
 def our_run(corpus: Path, out: Path, model: Path) -> dict[str, Any]:
-    from pipelines.cli import make_config
-    from pipelines.embed_corpus import EmbedConfig, run
+    from pipelines.common.cli import make_config
+    from pipelines.embed.main import EmbedConfig, run
 
     start = time.monotonic()
     manifest = run(make_config(EmbedConfig, input=str(corpus), output=str(out),

@@ -1,7 +1,7 @@
 """The loop around finetuning on NFCorpus: evaluate → mine hard negatives → finetune → evaluate.
 
-Every stage goes through the project's jobs (`pipelines.evaluate.run`,
-`pipelines.mine_hard_negatives.run`, `pipelines.finetune.run`) on a local Ray, at the jobs'
+Every stage goes through the project's jobs (`pipelines.search.evaluate.run`,
+`pipelines.search.mine.run`, `pipelines.train.finetune.run`) on a local Ray, at the jobs'
 defaults except what a user always gives (model, data, output, epochs, batch, group size)
 and what `--mine` / `--train` override (``key=value``, flag names); prints test nDCG@10 /
 recall@100 / MRR@10 before and after, STS-B test Spearman before and after, and the wall
@@ -37,8 +37,8 @@ MODEL = "all-MiniLM-L6-v2"
 
 
 def evaluate(model: str, workdir: Path, tag: str) -> dict:
-    from pipelines.cli import make_config
-    from pipelines.evaluate import EvaluateConfig, run
+    from pipelines.common.cli import make_config
+    from pipelines.search.evaluate import EvaluateConfig, run
 
     cfg = make_config(EvaluateConfig, model=model, beir_dir=str(DATA), split="test",
                       k_values="1,10,100", output=str(workdir / f"metrics_{tag}.json"),
@@ -97,7 +97,7 @@ def overrides(pairs: list[str]) -> dict[str, str]:
 
 
 def mine(workdir: Path, n_queries: int, extra: dict[str, str]) -> dict:
-    from pipelines.mine_hard_negatives import MineConfig, run
+    from pipelines.search.mine import MineConfig, run
 
     train_file, pool_file = write_training_data(workdir, n_queries)
     argv = ["--model_name_or_path", MODEL, "--input_file", str(train_file),
@@ -107,7 +107,7 @@ def mine(workdir: Path, n_queries: int, extra: dict[str, str]) -> dict:
 
 def finetune(workdir: Path, epochs: int, batch: int, group: int, positives: str,
              extra: dict[str, str]) -> dict:
-    from pipelines.finetune import FinetuneConfig, run
+    from pipelines.train.finetune import FinetuneConfig, run
 
     data = keep_positives(workdir, positives)
     argv = ["--model_name_or_path", MODEL, "--train_data", str(data),
@@ -122,7 +122,7 @@ def finetune(workdir: Path, epochs: int, batch: int, group: int, positives: str,
 
 def parse(cls: type, argv: list[str], extra: dict[str, str]) -> object:
     """The job's config from its own command-line parser, as a user's flags would give it."""
-    from pipelines.cli import parse_config
+    from pipelines.common.cli import parse_config
 
     for key, value in extra.items():
         argv += [f"--{key}", value]

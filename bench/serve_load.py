@@ -158,7 +158,7 @@ def ours(args: argparse.Namespace, texts: list[str], encoder) -> list[dict]:
     import ray
     from ray import serve
 
-    from pipelines.serve_embeddings import ServeConfig, start
+    from pipelines.serve.main import ServeConfig, start
 
     cpus = os.cpu_count() or 1
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,

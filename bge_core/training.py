@@ -1,6 +1,6 @@
 """Training pieces that need no cluster: precision, step counters, progress, fault drills.
 
-The Ray Train side (launch, checkpoints, reports) is `pipelines.train_common`; both
+The Ray Train side (launch, checkpoints, reports) is `pipelines.train.common`; both
 training jobs (finetuning, RetroMAE) step through these.
 """
 

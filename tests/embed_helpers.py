@@ -16,8 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.embed_output import list_parts, read_table
-from pipelines.ray_encode import arrow_to_vectors
+from pipelines.common.encode import arrow_to_vectors
+from pipelines.embed.output import list_parts, read_table
 from tests.tiny_models import WORDS
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.cli import (
+from pipelines.common.cli import (
     ConfigError,
     config_from_dict,
     config_to_dict,
@@ -15,11 +15,11 @@ from pipelines.cli import (
     make_config,
     parse_config,
 )
-from pipelines.embed_corpus import EmbedConfig
-from pipelines.encode_options import EncodeOptions, SearchOptions
-from pipelines.evaluate import EvaluateConfig
-from pipelines.mine_hard_negatives import MineConfig
-from pipelines.ray_encode import actor_resources
+from pipelines.common.encode import actor_resources
+from pipelines.common.encode_options import EncodeOptions, SearchOptions
+from pipelines.embed.main import EmbedConfig
+from pipelines.search.evaluate import EvaluateConfig
+from pipelines.search.mine import MineConfig
 
 # the least each job needs to parse
 REQUIRED = {

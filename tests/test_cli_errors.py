@@ -21,7 +21,7 @@ from ray.train import WorkerGroupError
 from bge_core.data import TrainingDataError
 from bge_core.errors import InputError
 from bge_core.storage import StorageError
-from pipelines.cli import ConfigError, run_main, user_error
+from pipelines.common.cli import ConfigError, run_main, user_error
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,7 +97,7 @@ def test_a_bug_raised_from_a_bad_input_is_still_a_bug() -> None:
 
 def test_the_cli_exits_1_with_a_traceback_on_an_internal_error() -> None:
     script = ("from dataclasses import dataclass\n"
-              "from pipelines.cli import run_main\n"
+              "from pipelines.common.cli import run_main\n"
               "@dataclass(frozen=True)\nclass C:\n    n: int = 1\n"
               "def job(cfg):\n    raise ValueError('an internal bug')\n"
               "raise SystemExit(run_main('job', C, job, [], uses_ray=False))\n")

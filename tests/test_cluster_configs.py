@@ -21,8 +21,8 @@ import pytest
 import ray
 import yaml
 
-from pipelines.cli import parse_config
-from pipelines.embed_corpus import EmbedConfig
+from pipelines.common.cli import parse_config
+from pipelines.embed.main import EmbedConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 AWS_YAML = ROOT / "cluster" / "aws.yaml"

@@ -57,10 +57,12 @@ def job_settings(job: str, root: Path, model: str, workers: int = 1) -> dict[str
 
 def run_job(job: str, settings: dict[str, Any]) -> dict[str, Any]:
     """Run `job` in this process's Ray; what its `run` returned (training: its metrics)."""
-    from pipelines import embed_corpus, evaluate, finetune, mine_hard_negatives
-    from pipelines import pretrain_retromae as retromae
-    from pipelines.cli import make_config
-    from pipelines.embed_config import EmbedConfig
+    from pipelines.common.cli import make_config
+    from pipelines.embed import main as embed_corpus
+    from pipelines.embed.config import EmbedConfig
+    from pipelines.search import evaluate
+    from pipelines.search import mine as mine_hard_negatives
+    from pipelines.train import finetune, retromae
 
     run, config = {"embed_corpus": (embed_corpus.run, EmbedConfig),
                    "mine_hard_negatives": (mine_hard_negatives.run,

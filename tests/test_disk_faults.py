@@ -3,7 +3,7 @@
 How it is simulated: a size-limited filesystem or a read-only mount needs root, and the
 suite runs as root, where a read-only directory does not refuse anything. So the
 `OSError` is injected at the one write call every output file goes through,
-`pyarrow.parquet.write_table` inside `pipelines.embed_output.write_table`, after it has
+`pyarrow.parquet.write_table` inside `pipelines.embed.output.write_table`, after it has
 written half a file (as a real ENOSPC does). The write task then fails with a message
 naming the file and the cause, leaves no part or temporary file behind and marks nothing
 done; a rerun after the space is freed finishes exactly-once.
@@ -22,9 +22,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from bge_core.storage import StorageError
-from pipelines.corpus_io import plan_file
-from pipelines.embed_stages import read_for_encoding, write_encoded
-from pipelines.ray_encode import vectors_to_arrow
+from pipelines.common.corpus_io import plan_file
+from pipelines.common.encode import vectors_to_arrow
+from pipelines.embed.stages import read_for_encoding, write_encoded
 from tests.embed_helpers import write_corpus
 
 CAUSES = {errno.ENOSPC: "no space left on the device", errno.EACCES: "permission denied"}
@@ -55,7 +55,7 @@ def _fail_on_write(monkeypatch: pytest.MonkeyPatch, code: int, after: int = 0) -
         where.write(b"PAR1" + b"\0" * 100)  # half a file reaches the disk
         raise OSError(code, "simulated")
 
-    monkeypatch.setattr("pipelines.embed_output.pq.write_table", write)
+    monkeypatch.setattr("pipelines.embed.output.pq.write_table", write)
 
 
 def _files(output: Path) -> list[str]:
@@ -81,8 +81,8 @@ def test_a_part_without_its_marker_is_redone_exactly_once(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The disk fills between a part and its marker: the part is complete but not vouched
     for; once space is freed the rerun deletes it and writes every row once."""
-    from pipelines.cli import make_config
-    from pipelines.embed_corpus import EmbedConfig, run
+    from pipelines.common.cli import make_config
+    from pipelines.embed.main import EmbedConfig, run
     from tests.embed_helpers import read_output
 
     write_corpus(tmp_path / "c", files=2, rows=6)

@@ -12,10 +12,10 @@ import pytest
 
 from bge_core import Encoder
 from bge_core.texts import join_title
-from pipelines.cli import make_config
-from pipelines.corpus_io import InputError
-from pipelines.embed_corpus import EmbedConfig, EncodeOptions, main, run
-from pipelines.embed_output import list_parts, read_table
+from pipelines.common.cli import make_config
+from pipelines.common.corpus_io import InputError
+from pipelines.embed.main import EmbedConfig, EncodeOptions, main, run
+from pipelines.embed.output import list_parts, read_table
 from tests.embed_helpers import (
     assert_matches_encoder,
     manifest,
@@ -152,7 +152,7 @@ def test_tokenise_stage_stays_out_of_the_encode_actors(ray_session, gpus: float,
     into the actors, which would make GPU actors tokenise between forward passes)."""
     import ray
 
-    from pipelines.ray_encode import encode_dataset
+    from pipelines.common.encode import encode_dataset
 
     opts = EncodeOptions(model="m", gpus_per_actor=gpus)
     encode_dataset(ray.data.from_items([{"text": "a"}]), opts).explain()  # plans, runs nothing

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 
 from bge_core import Encoder
-from pipelines.cli import make_config
-from pipelines.embed_corpus import EmbedConfig, run
-from pipelines.embed_job import EmbedJob
-from pipelines.lease import LeaseLost, OutputLease
+from pipelines.common.cli import make_config
+from pipelines.common.lease import LeaseLost, OutputLease
+from pipelines.embed.job import EmbedJob
+from pipelines.embed.main import EmbedConfig, run
 from tests.embed_helpers import (
     assert_matches_encoder,
     encode_actor_pids,

@@ -17,9 +17,9 @@ import pytest
 
 from bge_core import Encoder
 from bge_core.quantize_vectors import dequantize
-from pipelines.cli import make_config
-from pipelines.embed_corpus import EmbedConfig, run
-from pipelines.ray_encode import arrow_to_vectors
+from pipelines.common.cli import make_config
+from pipelines.common.encode import arrow_to_vectors
+from pipelines.embed.main import EmbedConfig, run
 from tests.embed_helpers import assert_matches_encoder, kill_group_when, write_corpus
 from tests.test_embed_faults import _job_cmd, _job_env
 
@@ -109,6 +109,7 @@ def test_full_then_incremental_run_keeps_one_row_per_current_id(
     assert sorted(os.listdir(f"{out}/_embed/run")) in ([], ["_state"])  # work folder emptied
 
 
+@pytest.mark.ray  # the job runs its own local Ray in a subprocess
 def test_full_then_incremental_on_s3(tiny_bert_dir, encoder, tmp_path, s3) -> None:
     """The job as a user runs it (its own Ray, AWS settings from the environment)."""
     import json
@@ -167,6 +168,7 @@ def _killed(model: Path, corpus: Path, out: Path, phase: str, mode: str) -> None
     time.sleep(2.5)  # its lease goes stale
 
 
+@pytest.mark.ray  # the job runs its own local Ray in a subprocess
 def test_kill_during_and_after_the_commit_then_rerun(tiny_bert_dir, encoder, tmp_path) -> None:
     import lance
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from pipelines.cli import make_config
-from pipelines.corpus_io import ROW_BITS, plan_file
-from pipelines.embed_config import EmbedConfig
-from pipelines.embed_output import write_table
-from pipelines.embed_stages import part_marker_dir, read_for_encoding
+from pipelines.common.cli import make_config
+from pipelines.common.corpus_io import ROW_BITS, plan_file
+from pipelines.embed.config import EmbedConfig
+from pipelines.embed.output import write_table
+from pipelines.embed.stages import part_marker_dir, read_for_encoding
 from tests.embed_helpers import write_jsonl
 from tests.tiny_models import WORDS
 
@@ -94,7 +94,7 @@ def test_the_tokenise_stage_truncates_within_the_models_positions(tmp_path, tiny
     BERT has 128 positions: the job's tokenise stage must cut at 128, as `Encoder` does (it
     sent 143 tokens to the actors, which failed)."""
     from bge_core import Encoder
-    from pipelines.ray_encode import TOKENS_COLUMN, tokenize_batch
+    from pipelines.common.encode import TOKENS_COLUMN, tokenize_batch
 
     batch = pa.table({"text": [" ".join(WORDS * 20)]})
     out = tokenize_batch(batch, str(tiny_bert_dir), None, "text", "")

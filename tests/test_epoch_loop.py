@@ -1,4 +1,4 @@
-"""The one epoch loop both trainers share (`pipelines.train_session.run_epochs`), on two
+"""The one epoch loop both trainers share (`pipelines.train.session.run_epochs`), on two
 real gloo processes whose shards hold unequal numbers of batches: every rank ends each
 epoch at the same step, so no rank waits in a collective for a batch that never comes."""
 
@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from bge_core.training import TrainState
-from pipelines.train_session import run_epochs
+from pipelines.train.session import run_epochs
 
 WORLD = 2
 

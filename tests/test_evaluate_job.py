@@ -70,7 +70,7 @@ def test_missing_ids_and_empty_split_are_clear_errors(tmp_path: Path) -> None:
 @pytest.mark.timeout(180)
 def test_ray_corpus_reader_checks_ids_where_the_corpus_lives(ray_session, tmp_path: Path) -> None:
     from bge_core.records import RecordError
-    from pipelines.ray_beir import judged_documents, read_corpus
+    from pipelines.search.beir import judged_documents, read_corpus
 
     corpus_file = write_beir(tmp_path / "beir") / "corpus.jsonl"
     corpus, size = read_corpus(str(corpus_file))
@@ -87,7 +87,7 @@ def test_ray_corpus_reader_checks_ids_where_the_corpus_lives(ray_session, tmp_pa
 
 
 def test_cli_rejects_bad_flags(capsys: pytest.CaptureFixture) -> None:
-    from pipelines.evaluate import main
+    from pipelines.search.evaluate import main
 
     assert main(["--model", "m"]) == 2
     assert "exactly one of --beir_dir" in capsys.readouterr().err
@@ -118,8 +118,8 @@ def test_beir_job_on_s3_equals_in_process_reference(ray_session, mean_bert_dir: 
                                                     tmp_path: Path, s3, monkeypatch) -> None:
     """Dataset read from and results written to S3 (the moto server on loopback); the corpus
     is read by Ray tasks and none of its text reaches the driver."""
-    from pipelines.cli import make_config
-    from pipelines.evaluate import EvaluateConfig, run
+    from pipelines.common.cli import make_config
+    from pipelines.search.evaluate import EvaluateConfig, run
 
     root = write_beir(tmp_path / "beir")
     s3.put(str(root) + "/", "bucket/beir/", recursive=True)
@@ -155,8 +155,8 @@ def test_chunked_corpus_scores_a_document_by_its_best_chunk(ray_session, mean_be
                                                            tmp_path: Path) -> None:
     from bge_core.chunking import ChunkSpec, split_texts
     from bge_core.texts import join_title
-    from pipelines.cli import make_config
-    from pipelines.evaluate import EvaluateConfig, run
+    from pipelines.common.cli import make_config
+    from pipelines.search.evaluate import EvaluateConfig, run
 
     root = write_beir(tmp_path / "beir", words=40)
     result = run(make_config(EvaluateConfig, model=str(mean_bert_dir), beir_dir=str(root),
@@ -183,8 +183,8 @@ def test_chunked_corpus_scores_a_document_by_its_best_chunk(ray_session, mean_be
 @pytest.mark.timeout(300)
 def test_sts_mode_equals_in_process_spearman(ray_session, mean_bert_dir: Path,
                                              tmp_path: Path) -> None:
-    from pipelines.cli import make_config
-    from pipelines.evaluate import EvaluateConfig, run
+    from pipelines.common.cli import make_config
+    from pipelines.search.evaluate import EvaluateConfig, run
 
     rng = np.random.default_rng(1)
     rows = [f"g\tsrc\t2012\t{i:04d}\t{rng.uniform(0, 5):.3f}\t{_sentence(rng)}\t"

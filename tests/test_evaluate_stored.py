@@ -16,13 +16,13 @@ import pytest
 from bge_core import Encoder
 from bge_core.beir import load_beir
 from bge_core.quantize_vectors import dequantize, quantize
-from pipelines.cli import make_config
-from pipelines.embed_corpus import EmbedConfig
-from pipelines.embed_corpus import run as embed
-from pipelines.embed_quantize import describe
-from pipelines.evaluate import EvaluateConfig
-from pipelines.evaluate import run as evaluate
-from pipelines.ray_encode import arrow_to_vectors, vectors_to_arrow
+from pipelines.common.cli import make_config
+from pipelines.common.encode import arrow_to_vectors, vectors_to_arrow
+from pipelines.embed.main import EmbedConfig
+from pipelines.embed.main import run as embed
+from pipelines.embed.quantize import describe
+from pipelines.search.evaluate import EvaluateConfig
+from pipelines.search.evaluate import run as evaluate
 from tests.test_evaluate_job import write_beir
 
 pytestmark = [pytest.mark.slow]
@@ -183,7 +183,7 @@ def test_index_recall_vs_exact_and_an_incremental_run_updates_the_index(
         ray_session, mean_bert_dir: Path, tmp_path: Path) -> None:
     import lance
 
-    from pipelines.lance_table import MIN_INDEX_ROWS
+    from pipelines.embed.lance_table import MIN_INDEX_ROWS
 
     beir = write_beir(tmp_path / "beir", n_docs=MIN_INDEX_ROWS + 44)
     table = tmp_path / "emb.lance"

@@ -28,8 +28,8 @@ TWO_NODES = textwrap.dedent("""
     import ray
     from ray.cluster_utils import Cluster
     from bge_core.training import Fault
-    from pipelines.cli import parse_config
-    from pipelines.finetune import FinetuneConfig, run
+    from pipelines.common.cli import parse_config
+    from pipelines.train.finetune import FinetuneConfig, run
     from tests.test_flagembedding_commands import finetune_readme
     from pathlib import Path
 

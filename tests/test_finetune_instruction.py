@@ -14,7 +14,7 @@ import pytest
 from bge_core.data import sample_group
 from bge_core.model import Encoder
 from bge_core.presets import resolve_instruction
-from pipelines.finetune import FinetuneConfig, load_encoder
+from pipelines.train.finetune import FinetuneConfig, load_encoder
 
 OWN = "Represent this sentence for searching relevant passages: "
 EXAMPLE = {"key": 7, "query": "heart disease risk", "pos": ["blood and heart"],
@@ -58,7 +58,7 @@ def test_trained_instruction_is_the_saved_one(instructed_model, tmp_path, flag, 
 def test_mining_and_evaluation_instruct_queries_by_the_same_rule(instructed_model, flag,
                                                                  expected):
     """What evaluate.py and mine_hard_negatives.py prefix to queries (`""` for none)."""
-    from pipelines.ray_search import query_instruction
+    from pipelines.common.encode import query_instruction
 
     assert query_instruction(str(instructed_model), flag) == expected
 
@@ -70,7 +70,7 @@ def test_trained_temperature_is_the_models_own_unless_given_and_is_saved(
         tiny_bert_dir, tmp_path, own, flag, expected):
     """Left out, ``--temperature`` is the one the model was trained at (else BGE's 0.02);
     the one used is saved, so the finetuned model is finetuned further at it."""
-    from pipelines.finetune import train_temperature
+    from pipelines.train.finetune import train_temperature
 
     start = tmp_path / "start"
     Encoder.from_pretrained(str(tiny_bert_dir), device="cpu", temperature=own).save(start)

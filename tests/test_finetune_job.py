@@ -12,8 +12,8 @@ import random
 import pytest
 
 from bge_core.model import Encoder
-from pipelines.cli import ConfigError, parse_config
-from pipelines.finetune import FinetuneConfig, main, run
+from pipelines.common.cli import ConfigError, parse_config
+from pipelines.train.finetune import FinetuneConfig, main, run
 from tests.tiny_models import WORDS
 
 
@@ -85,7 +85,7 @@ def test_cli_exits_nonzero_with_one_message_on_missing_data(tmp_path, capsys):
 @pytest.mark.timeout(300)
 def test_bad_examples_stop_the_job_or_are_counted(ray_session, tiny_bert_dir, tmp_path):
     from bge_core.data import TrainingDataError
-    from pipelines.finetune import read_dataset
+    from pipelines.train.finetune import read_dataset
 
     path = write_train_data(tmp_path / "train.jsonl", n=4)
     with path.open("a") as handle:
@@ -102,7 +102,7 @@ def test_bad_examples_stop_the_job_or_are_counted(ray_session, tiny_bert_dir, tm
 def test_final_model_export_to_an_fsspec_uri(tiny_bert_dir, tmp_path):
     import fsspec
 
-    from pipelines.train_common import export_model
+    from pipelines.train.common import export_model
 
     saved = Encoder.from_pretrained(str(tiny_bert_dir), device="cpu").save(tmp_path / "m")
     assert export_model(saved, "memory://bge-ft/out") == "memory://bge-ft/out"
@@ -117,7 +117,7 @@ def test_final_model_export_to_an_fsspec_uri(tiny_bert_dir, tmp_path):
 
 def test_plan_steps_gives_every_worker_whole_equal_batches(tiny_bert_dir, tmp_path):
     from bge_core.data import TrainingDataError
-    from pipelines.finetune import plan_steps
+    from pipelines.train.finetune import plan_steps
 
     cfg = make_config(tiny_bert_dir, tmp_path, max_steps=None, num_train_epochs=2)
     assert plan_steps(cfg, 17) == (4, 8)  # 17 // 2 workers = 8 rows = 4 batches of 2

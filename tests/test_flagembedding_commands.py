@@ -16,9 +16,9 @@ import torch
 
 from bge_core.data import cap_examples
 from bge_core.optim import build_scheduler
-from pipelines.cli import ConfigError, parse_config
-from pipelines.finetune import FinetuneConfig, load_encoder, train_temperature
-from pipelines.pretrain_retromae import RetroMAEConfig
+from pipelines.common.cli import ConfigError, parse_config
+from pipelines.train.finetune import FinetuneConfig, load_encoder, train_temperature
+from pipelines.train.retromae import RetroMAEConfig
 
 ZH = "为这个句子生成表示以用于检索相关文章："
 

@@ -184,7 +184,7 @@ def _http_status(url: str, token: str | None, body: dict | None = None) -> int:
 def test_submission_without_the_token_is_refused(token_cluster: TokenCluster, tmp_path: Path):
     marker = tmp_path / "ran.txt"
     # the job records where it imported the project from (light imports only: no torch)
-    code = f"import pipelines.cli as m; open({str(marker)!r}, 'w').write(m.__file__)"
+    code = f"import pipelines.common.cli as m; open({str(marker)!r}, 'w').write(m.__file__)"
     entry = ["python", "-c", code]
     stranger_home = tmp_path / "stranger"
     stranger_home.mkdir()

@@ -17,10 +17,10 @@ import pyarrow as pa
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 
-from pipelines.cli import make_config
-from pipelines.embed_corpus import EmbedConfig, run
-from pipelines.embed_output import OutputState, write_table
-from pipelines.lease import LEASE_FILE, LeaseHeld, LeaseLost, OutputLease, process_identity
+from pipelines.common.cli import make_config
+from pipelines.common.lease import LEASE_FILE, LeaseHeld, LeaseLost, OutputLease, process_identity
+from pipelines.embed.main import EmbedConfig, run
+from pipelines.embed.output import OutputState, write_table
 
 
 def _write_lease(folder: Path, age_s: float = 0.0, **holder: object) -> Path:
@@ -210,7 +210,8 @@ def test_the_embed_job_refuses_an_output_another_run_is_writing(tmp_path: Path,
 
 def test_the_embed_cli_refuses_before_ray_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                  capsys: pytest.CaptureFixture) -> None:
-    from pipelines import cli, embed_corpus
+    from pipelines.common import cli
+    from pipelines.embed import main as embed_corpus
 
     def no_ray() -> None:
         raise AssertionError("Ray must not start while another run holds the output")
@@ -222,8 +223,8 @@ def test_the_embed_cli_refuses_before_ray_starts(tmp_path: Path, monkeypatch: py
 
 
 def test_training_refuses_an_output_dir_another_run_is_writing(tmp_path: Path) -> None:
-    from pipelines.finetune import FinetuneConfig
-    from pipelines.train_common import run_training
+    from pipelines.train.common import run_training
+    from pipelines.train.finetune import FinetuneConfig
 
     _write_lease(tmp_path / "ft", pid=9)
     cfg = make_config(FinetuneConfig, model_name_or_path="m", train_data="t.jsonl",

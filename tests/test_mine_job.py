@@ -37,8 +37,8 @@ def test_mining_job_on_s3_equals_in_process_reference(ray_session, mean_bert_dir
     loopback); no corpus text reaches the driver."""
     from bge_core.data import read_examples as read_training_data
     from bge_core.model import Encoder
-    from pipelines.cli import make_config
-    from pipelines.mine_hard_negatives import MineConfig, run
+    from pipelines.common.cli import make_config
+    from pipelines.search.mine import MineConfig, run
 
     train, pool, examples, docs = _write_data(tmp_path)
     s3.put(str(train), "bucket/in/train.jsonl")
@@ -81,7 +81,7 @@ def test_default_pool_is_every_pos_and_neg_in_first_seen_order(ray_session,
     """The Ray corpus (group-by on the text, numbered by first position) equals
     `bge_core.mining.build_corpus`, duplicates across examples included."""
     from bge_core.mining import build_corpus as reference_corpus
-    from pipelines.ray_mining import build_corpus, read_examples
+    from pipelines.search.mining import build_corpus, read_examples
 
     examples = [{"query": "q0", "pos": ["b", "a"], "neg": ["c", "b"]},
                 {"query": "q1", "pos": ["d"], "neg": ["a", "e"]},
@@ -102,8 +102,8 @@ def test_records_are_read_in_ranges_numbered_in_file_order(ray_session, tmp_path
     lines skipped, examples numbered 0..n-1 in file order, and of two bad records the
     one earlier in the file is reported, with its line."""
     from bge_core.records import RecordError, check_training_example
-    from pipelines.ray_mining import EXAMPLE_SCHEMA, _example_row
-    from pipelines.ray_records import number_rows, read_records
+    from pipelines.search.mining import EXAMPLE_SCHEMA, _example_row
+    from pipelines.search.records import number_rows, read_records
 
     lines = [json.dumps({"query": f"q{i}", "pos": [f"p{i}"]}) if i % 4 else "" for i in range(23)]
     train = tmp_path / "train.jsonl"
@@ -124,7 +124,7 @@ def test_records_are_read_in_ranges_numbered_in_file_order(ray_session, tmp_path
 
 def test_cli_errors_name_the_flag_or_file(tmp_path: Path,
                                           capsys: pytest.CaptureFixture) -> None:
-    from pipelines.mine_hard_negatives import main
+    from pipelines.search.mine import main
 
     base = ["--model_name_or_path", "m", "--input_file", str(tmp_path / "missing.jsonl"),
             "--output_file", str(tmp_path / "o.jsonl")]

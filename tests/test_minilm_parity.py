@@ -24,7 +24,7 @@ STSB_TEST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "st
 def test_minilm_matches_sentence_transformers_on_stsb() -> None:
     import sentence_transformers as st
 
-    from pipelines.evaluate import read_sts
+    from pipelines.search.evaluate import read_sts
 
     left, right, gold = read_sts(str(STSB_TEST))
     left, right, gold = left[:PAIRS], right[:PAIRS], gold[:PAIRS]

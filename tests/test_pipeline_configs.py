@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.cli import ConfigError, flat_fields, flat_values, parse_config
+from pipelines.common.cli import ConfigError, flat_fields, flat_values, parse_config
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "pipelines" / "configs"
 
 # file-name prefix -> (job module, config class)
 JOBS = {
-    "embed": ("pipelines.embed_corpus", "EmbedConfig"),
-    "finetune": ("pipelines.finetune", "FinetuneConfig"),
-    "retromae": ("pipelines.pretrain_retromae", "RetroMAEConfig"),
+    "embed": ("pipelines.embed.main", "EmbedConfig"),
+    "finetune": ("pipelines.train.finetune", "FinetuneConfig"),
+    "retromae": ("pipelines.train.retromae", "RetroMAEConfig"),
 }
 # serve.yaml is a Ray Serve config (its application args are checked in test_serve_config.py)
 CONFIGS = sorted(p for p in CONFIG_DIR.glob("*.yaml") if p.name != "serve.yaml")

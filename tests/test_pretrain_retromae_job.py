@@ -21,10 +21,10 @@ from bge_core.losses import info_nce
 from bge_core.model import Encoder
 from bge_core.retromae import HEADS_FILE
 from bge_core.training import Fault
-from pipelines.cli import ConfigError, parse_config
-from pipelines.corpus_io import InputError, list_input_files, plan_file
-from pipelines.finetune import FinetuneConfig, load_encoder
-from pipelines.pretrain_retromae import (
+from pipelines.common.cli import ConfigError, parse_config
+from pipelines.common.corpus_io import InputError, list_input_files, plan_file
+from pipelines.train.finetune import FinetuneConfig, load_encoder
+from pipelines.train.retromae import (
     RetroMAEConfig,
     StepPlan,
     main,

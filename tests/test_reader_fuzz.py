@@ -24,8 +24,8 @@ from bge_core.data import parse_range
 from bge_core.errors import InputError
 from bge_core.io import plan_ranges
 from bge_core.records import check_document, read_records
-from pipelines.corpus_io import plan_file, read_chunk_rows, validate_rows
-from pipelines.pretrain_retromae import texts_of
+from pipelines.common.corpus_io import plan_file, read_chunk_rows, validate_rows
+from pipelines.train.retromae import texts_of
 
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,

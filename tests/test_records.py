@@ -84,7 +84,7 @@ def test_same_bad_example_same_message_in_finetune_and_mining(ray_session,
     """finetune's reader (`bge_core.data`), mining's Ray reader and the in-process reader."""
     from bge_core.data import TrainingDataError
     from bge_core.data import read_examples as read_training_data
-    from pipelines.ray_mining import read_examples as read_mining_data
+    from pipelines.search.mining import read_examples as read_mining_data
 
     path = _training_file(tmp_path)
     expected = located(str(path), 3, "missing or empty 'query' (a string is required)")
@@ -102,7 +102,7 @@ def test_same_bad_example_same_message_in_finetune_and_mining(ray_session,
 def test_embed_rows_and_beir_documents_share_one_rule() -> None:
     """The embedding job's rejects and the BEIR reader give the same reason for the same
     bad document (the embed job under its own column names)."""
-    from pipelines.corpus_io import validate_rows
+    from pipelines.common.corpus_io import validate_rows
 
     docs = [{"_id": "a", "title": None, "text": "ok"}, {"_id": "b", "text": None},
             {"_id": None, "text": "t"}, {"_id": "c", "title": 3, "text": "t"}]

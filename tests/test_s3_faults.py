@@ -21,9 +21,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from bge_core.storage import S3_ATTEMPTS, S3FS_RETRIES, StorageError
-from pipelines.cli import make_config
-from pipelines.embed_config import EmbedConfig
-from pipelines.embed_output import OutputState, read_table, write_table
+from pipelines.common.cli import make_config
+from pipelines.embed.config import EmbedConfig
+from pipelines.embed.output import OutputState, read_table, write_table
 from tests.embed_helpers import assert_matches_encoder, read_output, write_corpus
 from tests.s3_fault_proxy import FaultProxy
 from tests.test_embed_faults import _job_cmd, _job_env
@@ -71,7 +71,7 @@ def test_reads_and_writes_ride_out_a_flaky_store(flaky: FaultProxy) -> None:
 
 def test_a_store_that_stays_down_ends_the_embed_job_naming_the_uri(
         flaky: FaultProxy, tmp_path: Path) -> None:
-    from pipelines.embed_job import EmbedJob
+    from pipelines.embed.job import EmbedJob
 
     flaky.down = True  # every request: 503 SlowDown
     cfg = make_config(EmbedConfig, input="s3://bucket/in/", output="s3://bucket/emb/",
@@ -123,7 +123,8 @@ def test_a_storage_error_in_a_ray_data_task_comes_back_as_itself(ray_session) ->
 def test_the_cli_says_which_uri_is_unreachable_in_one_line(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     """Nothing listens at the endpoint: exit 2, one line naming the output, in seconds."""
-    from pipelines import cli, embed_corpus
+    from pipelines.common import cli
+    from pipelines.embed import main as embed_corpus
 
     for key, value in _aws("http://127.0.0.1:9").items():
         monkeypatch.setenv(key, value)
@@ -252,7 +253,7 @@ def test_finetune_checkpoints_and_model_on_a_flaky_store(
     before = flaky.counts.copy()
     start = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "pipelines.finetune", "--model_name_or_path",
+        [sys.executable, "-m", "pipelines.train.finetune", "--model_name_or_path",
          str(tiny_bert_dir), "--train_data", str(tmp_path / "train.jsonl"), "--output_dir",
          "s3://bucket/ft", "--num_workers", "1", "--cpus_per_worker", "1",
          "--per_device_train_batch_size", "4", "--max_steps", "4", "--save_steps", "2",

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from bge_core.model import Encoder
-from pipelines.serve_api import (
+from pipelines.serve.api import (
     API_KEY_ENV,
     ApiError,
     EmbeddingRequest,

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from bge_core.errors import InputError
 from bge_core.model import Encoder
-from pipelines.serve_api import (
+from pipelines.serve.api import (
     API_KEY_ENV,
     ServedModel,
     build_api,

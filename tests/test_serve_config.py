@@ -16,9 +16,9 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from bge_core.errors import InputError
-from pipelines.cli import ConfigError, config_from_dict, parse_config
-from pipelines.serve_api import API_KEY_ENV
-from pipelines.serve_embeddings import (
+from pipelines.common.cli import ConfigError, config_from_dict, parse_config
+from pipelines.serve.api import API_KEY_ENV
+from pipelines.serve.main import (
     Embedder,
     ServeConfig,
     app_builder,
@@ -147,7 +147,7 @@ def test_serving_replicas_fit_the_pools_that_offer_their_gpu():
 
 
 def test_cli_bad_flag_exits_2_with_one_line_before_starting_ray(capsys: pytest.CaptureFixture):
-    from pipelines.serve_embeddings import main
+    from pipelines.serve.main import main
 
     assert main(["--replicas", "3,1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -156,8 +156,8 @@ def test_cli_bad_flag_exits_2_with_one_line_before_starting_ray(capsys: pytest.C
 
 def test_cli_open_host_without_a_key_exits_2_with_one_line_before_starting_ray(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
-    from pipelines import cli
-    from pipelines.serve_embeddings import main
+    from pipelines.common import cli
+    from pipelines.serve.main import main
 
     started: list[bool] = []  # the suite's Ray may be up already: watch the one start call
     monkeypatch.setattr(cli, "start_ray", lambda: started.append(True))

@@ -21,7 +21,7 @@ import openai
 import pytest
 
 from bge_core.model import Encoder
-from pipelines.serve_embeddings import ServeConfig, start
+from pipelines.serve.main import ServeConfig, start
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 KEY = "test-key"

@@ -21,7 +21,7 @@ def _slow_on_first_file(row: dict) -> bool:
 @pytest.mark.timeout(120)
 def test_filtered_rows_keep_the_ranges_order_when_the_first_task_ends_last(
         ray_session, tmp_path):
-    from pipelines.train_data import plan_data, range_dataset
+    from pipelines.common.ranges import plan_data, range_dataset
 
     for index in range(4):
         (tmp_path / f"part{index}.jsonl").write_text('{"text": "a"}\n' * 3)

@@ -19,7 +19,7 @@ from bge_core.training import (
     resolve_precision,
     torch_threads,
 )
-from pipelines.train_common import (
+from pipelines.train.common import (
     RunSettings,
     export_model,
     scaling_config,
@@ -164,8 +164,8 @@ def test_scaling_config_asks_for_one_gpu_of_the_given_type():
 
 
 def test_training_configs_refuse_a_gpu_type_without_gpus(tmp_path):
-    from pipelines.finetune import FinetuneConfig
-    from pipelines.pretrain_retromae import RetroMAEConfig
+    from pipelines.train.finetune import FinetuneConfig
+    from pipelines.train.retromae import RetroMAEConfig
 
     for cls in (FinetuneConfig, RetroMAEConfig):
         base = {"model_name_or_path": "m", "train_data": "d", "output_dir": str(tmp_path)}

@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import lance  # noqa: E402
 import lance.fragment  # noqa: E402
 
-import pipelines.embed_lance as embed_lance  # noqa: E402
-from pipelines.embed_corpus import main  # noqa: E402
+import pipelines.embed.lance as embed_lance  # noqa: E402
+from pipelines.embed.main import main  # noqa: E402
 
 PHASE = sys.argv.pop(1)
 real_write, real_merge = lance.write_dataset, embed_lance.commit_merge

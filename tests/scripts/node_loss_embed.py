@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from pipelines.cli import make_config  # noqa: E402
-from pipelines.embed_corpus import EmbedConfig, run  # noqa: E402
+from pipelines.common.cli import make_config  # noqa: E402
+from pipelines.embed.main import EmbedConfig, run  # noqa: E402
 
 NODE_CPUS = 2
 

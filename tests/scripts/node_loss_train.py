@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from pipelines.cli import parse_config  # noqa: E402
-from pipelines.pretrain_retromae import RetroMAEConfig, run  # noqa: E402
+from pipelines.common.cli import parse_config  # noqa: E402
+from pipelines.train.retromae import RetroMAEConfig, run  # noqa: E402
 from tests.test_flagembedding_commands import retromae_readme  # noqa: E402
 
 REGISTER_S = 4  # Ray Train's controller polls reports every 2 s: let it register the ckpt

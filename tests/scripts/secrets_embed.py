@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import ray  # noqa: E402
 from ray.util import state  # noqa: E402
 
-from pipelines.cli import make_config  # noqa: E402
-from pipelines.embed_config import EmbedConfig  # noqa: E402
-from pipelines.embed_corpus import run  # noqa: E402
+from pipelines.common.cli import make_config  # noqa: E402
+from pipelines.embed.config import EmbedConfig  # noqa: E402
+from pipelines.embed.main import run  # noqa: E402
 
 
 def _listed(address: str) -> dict[str, list[dict[str, Any]]]:

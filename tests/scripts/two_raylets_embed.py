@@ -15,8 +15,8 @@ import ray  # noqa: E402
 import ray.data  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from pipelines.cli import make_config  # noqa: E402
-from pipelines.embed_corpus import EmbedConfig, run  # noqa: E402
+from pipelines.common.cli import make_config  # noqa: E402
+from pipelines.embed.main import EmbedConfig, run  # noqa: E402
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ from typing import Literal
 
 from bge_core.errors import InputError
 from bge_core.training import resolve_precision
-from pipelines.train_common import check_accelerator
+from pipelines.common.resources import check_accelerator
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,7 +48,7 @@ class TrainArgs:
         gradient_accumulation_steps, deepspeed: refused above 1 / when set (the message
             names the alternative).
         lease_timeout_s: a second run on this `output_dir` refuses while the first one's
-            heartbeat is younger than this; after, it takes over (`pipelines.lease`).
+            heartbeat is younger than this; after, it takes over (`pipelines.common.lease`).
     """
 
     model_name_or_path: str
@@ -109,7 +109,8 @@ class TrainArgs:
                 "and --gradient_checkpointing, --bf16/--fp16 for memory")
         if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
             raise InputError(f"--cpus_per_worker must be > 0, got {self.cpus_per_worker}")
-        check_accelerator(self.use_gpu, self.accelerator_type)
+        check_accelerator(self.accelerator_type, float(self.use_gpu),
+                          type_flag="--accelerator_type", gpu_flag="--use_gpu")
         resolve_precision(self.fp16, self.bf16)  # --fp16 with --bf16 is an error
 
     def total_steps(self, steps_per_epoch: int) -> int:

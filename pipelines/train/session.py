@@ -14,10 +14,10 @@ from torch import nn
 from bge_core.distributed import all_ranks, get_rank
 from bge_core.optim import build_adamw, build_scheduler, warmup_steps
 from bge_core.training import Fault, Precision, ProgressMeter, TrainState, resolve_precision
-from pipelines.train_common import ModelIO, report, restore_checkpoint, save_and_report
+from pipelines.train.common import ModelIO, report, restore_checkpoint, save_and_report
 
 if TYPE_CHECKING:
-    from pipelines.train_args import TrainArgs
+    from pipelines.train.args import TrainArgs
 
 log = logging.getLogger("bge.train")
 T = TypeVar("T")

@@ -1,6 +1,6 @@
-"""Ray stages shared by evaluation and mining: encode texts, exact top-k over corpus shards.
+"""Exact top-k over corpus shards on Ray, shared by evaluation and mining.
 
-The corpus is encoded with the shared Ray Data stage (`pipelines.ray_encode`) and never
+The corpus is encoded with the shared Ray Data stage (`pipelines.common.encode`) and never
 gathered: each corpus shard (``shard_rows`` embeddings) is scored against all queries in a
 Ray task that keeps only its top k, and the driver merges the per-shard results
 (`bge_core.search.RunningTopK`). Rows carry their id (``row``: a number or a document id),
@@ -9,69 +9,18 @@ so the driver gets ids and scores, O(queries × k), and never the corpus.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import ray
 
-from bge_core.errors import InputError
-from bge_core.loading import resolve_model
-from bge_core.presets import resolve_instruction
 from bge_core.search import RunningTopK, search_shards
-from pipelines.encode_options import EncodeOptions, SearchOptions
-from pipelines.ray_encode import arrow_to_vectors, encode_dataset
+from pipelines.common.encode import arrow_to_vectors
+from pipelines.common.encode_options import SearchOptions
 
 
-def query_instruction(model: str, override: str | None) -> str:
-    """The instruction queries get: `bge_core.presets.resolve_instruction`'s rule (flag left
-    out: the model's own; ``""``: none), as finetuning trains with; ``""`` for none."""
-    own = resolve_model(model).settings.get("query_instruction")
-    return resolve_instruction(own, override) or ""
-
-
-def text_dataset(texts: Sequence[str], block_rows: int) -> ray.data.Dataset:
-    """A dataset of (row, text) in blocks of `block_rows`, so the encode pool gets parallelism."""
-    table = pa.table({"row": pa.array(np.arange(len(texts), dtype=np.int64)),
-                      "text": pa.array(list(texts), type=pa.string())})
-    blocks = [table.slice(i, block_rows) for i in range(0, len(texts), block_rows)]
-    return ray.data.from_arrow(blocks or [table])
-
-
-def encode_corpus(corpus: ray.data.Dataset, opts: EncodeOptions) -> ray.data.Dataset:
-    """Lazily encoded corpus: columns ``row`` and ``embedding`` (passages: no prefix).
-
-    Args:
-        corpus: a dataset with ``row`` (its id: int64 or string) and ``text`` columns.
-    """
-    ds = encode_dataset(corpus.select_columns(["row", "text"]), opts)
-    return ds.select_columns(["row", "embedding"])
-
-
-def encode_rows(ds: ray.data.Dataset, n: int, opts: EncodeOptions, prefix: str = "") -> np.ndarray:
-    """Encode a dataset of ``row`` (0..n-1) and ``text`` on Ray: (n, D) float32 by row."""
-    encoded = encode_dataset(ds.select_columns(["row", "text"]), opts, prefix=prefix)
-    out: np.ndarray | None = None
-    for batch in encoded.select_columns(["row", "embedding"]).iter_batches(
-            batch_format="pyarrow", batch_size=None):
-        vectors = arrow_to_vectors(batch.column("embedding")).astype(np.float32)  # (b, D)
-        if out is None:
-            out = np.zeros((n, vectors.shape[1]), dtype=np.float32)
-        out[batch.column("row").to_numpy()] = vectors
-    if out is None:
-        raise InputError("nothing to encode: no texts")
-    return out
-
-
-def encode_texts(texts: Sequence[str], opts: EncodeOptions, prefix: str = "") -> np.ndarray:
-    """Encode a small list (queries, STS sentences) on Ray: (n, D) float32 in input order."""
-    if not texts:
-        raise InputError("nothing to encode: the list of texts is empty")
-    return encode_rows(text_dataset(texts, opts.batch_rows), len(texts), opts, prefix)
-
-
-def _list_column(flat: np.ndarray) -> pa.LargeListArray:
+def list_column(flat: np.ndarray) -> pa.LargeListArray:
     """One list cell holding the whole flat array (int64 offsets: no 2 GiB limit)."""
     offsets = pa.array([0, len(flat)], type=pa.int64())
     return pa.LargeListArray.from_arrays(offsets, pa.array(flat))
@@ -88,8 +37,8 @@ def shard_topk_task(batch: pa.Table, queries: Any, k: int, query_batch: int | No
     vectors = arrow_to_vectors(batch.column("embedding")).astype(np.float32)  # (S, D)
     scores, local = search_shards(queries, [vectors], k, query_batch, device)  # (Q, k')
     rows = batch.column("row").to_numpy(zero_copy_only=False)[local]  # (Q, k') corpus ids
-    return pa.table({"scores": _list_column(scores.ravel()),
-                     "rows": _list_column(rows.ravel()),
+    return pa.table({"scores": list_column(scores.ravel()),
+                     "rows": list_column(rows.ravel()),
                      "width": pa.array([scores.shape[1]], type=pa.int64())})
 
 

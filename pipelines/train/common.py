@@ -11,7 +11,7 @@ same command with the same `output_dir` resumes too), checks the result and expo
 last checkpoint's model to `output_dir`.
 
 Worker side, inside ``train_loop(config)`` (`open_session`, `run_epochs`:
-`pipelines.train_session`)::
+`pipelines.train.session`)::
 
     cfg = config_from_dict(MyConfig, config["cfg"])      # rebuild the frozen config first
     device = start_worker(cfg)
@@ -47,7 +47,6 @@ import torch
 from torch import nn
 
 from bge_core.distributed import all_gather_objects, get_rank, get_world_size
-from bge_core.errors import InputError
 from bge_core.storage import (
     StorageError,
     arrow_filesystem,
@@ -65,11 +64,12 @@ from bge_core.training import (
     set_rng_state,
     torch_threads,
 )
-from pipelines.lease import OutputLease, release_quietly
-from pipelines.train_data import READ_TASK_CPUS
+from pipelines.common.lease import OutputLease, release_quietly
+from pipelines.common.ranges import READ_TASK_CPUS
+from pipelines.common.resources import check_accelerator
 
 if TYPE_CHECKING:
-    from pipelines.train_args import TrainArgs
+    from pipelines.train.args import TrainArgs
 
 log = logging.getLogger("bge.train")
 
@@ -111,17 +111,12 @@ def storage_path(output_dir: str) -> str:
     return str(Path(output_dir).expanduser().resolve())
 
 
-def check_accelerator(use_gpu: bool, accelerator_type: str | None) -> None:
-    """A GPU type only makes sense for GPU workers (configs call this before Ray starts)."""
-    if accelerator_type and not use_gpu:
-        raise InputError("--accelerator_type needs --use_gpu")
-
-
 def scaling_config(settings: RunSettings) -> Any:
     """Ray Train's `ScalingConfig`: CPUs (and one GPU, of a type if given) per worker."""
     import ray.train
 
-    check_accelerator(settings.use_gpu, settings.accelerator_type)
+    check_accelerator(settings.accelerator_type, float(settings.use_gpu),
+                      type_flag="--accelerator_type", gpu_flag="--use_gpu")
     resources: dict[str, float] = {"CPU": settings.cpus_per_worker}
     if settings.use_gpu:
         resources["GPU"] = 1

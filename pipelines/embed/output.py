@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bge_core.storage import naming
-from pipelines.lease import Fence
+from pipelines.common.lease import Fence
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class OutputState:
     """Durable progress of one output location (local path or fsspec URI).
 
     With a `fence` (the run's lease), every write and deletion first checks that this run
-    still holds the output, and raises `pipelines.lease.LeaseLost` if not.
+    still holds the output, and raises `pipelines.common.lease.LeaseLost` if not.
     """
 
     def __init__(self, uri: str, fence: Fence | None = None) -> None:

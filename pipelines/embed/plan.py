@@ -19,9 +19,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.corpus_io import Chunk, id_array, text_hash
-from pipelines.embed_output import read_table
-from pipelines.embed_stages import read_valid
+from pipelines.common.corpus_io import Chunk, id_array, text_hash
+from pipelines.embed.output import read_table
+from pipelines.embed.stages import read_valid
 
 
 def chunk_keys(chunk: Chunk, cfg: dict[str, Any]) -> pa.Table:

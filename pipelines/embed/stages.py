@@ -13,7 +13,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.corpus_io import (
+from pipelines.common.corpus_io import (
     ROW_BITS,
     Chunk,
     file_key,
@@ -22,9 +22,9 @@ from pipelines.corpus_io import (
     text_hash,
     validate_rows,
 )
-from pipelines.embed_output import read_table, reject_table, write_table
-from pipelines.lease import Fence
-from pipelines.ray_encode import NODE_COLUMN
+from pipelines.common.encode import NODE_COLUMN
+from pipelines.common.lease import Fence
+from pipelines.embed.output import read_table, reject_table, write_table
 
 ROW_MASK = (1 << ROW_BITS) - 1  # a row key's row number (its low bits)
 DUPLICATE = "duplicate id (an earlier row with this id is kept)"
@@ -107,7 +107,7 @@ def _chunk_rows(chunk: Chunk, cfg: dict[str, Any], values: dict[str, list[Any]],
     """
     from bge_core.chunking import ChunkSpec, split_texts
     from bge_core.texts import join_title
-    from pipelines.ray_encode import tokenizer_for
+    from pipelines.common.encode import tokenizer_for
 
     bodies = [values[cfg["text_column"]][i] for i in emit]
     title_column = cfg.get("title_column")
@@ -201,10 +201,10 @@ def write_encoded(batch: pa.Table, output: str, id_column: str,
                   fence: Fence | None = None) -> pa.Table:
     """Write each chunk's encoded rows to a part file; return one summary row per part.
 
-    `vectors`: the stored form (`pipelines.embed_quantize.vector_spec`; None: as encoded).
+    `vectors`: the stored form (`pipelines.embed.quantize.vector_spec`; None: as encoded).
     Each part and its marker are checked against `fence` (the run's lease) first.
     """
-    from pipelines.embed_quantize import stored_column
+    from pipelines.embed.quantize import stored_column
 
     summaries: list[dict[str, Any]] = []
     for path in pc.unique(batch.column("_file")).to_pylist():

@@ -1,7 +1,7 @@
 """The encode settings every job that embeds text shares, declared once.
 
 `EncodeOptions` is nested in `EmbedConfig`, `EvaluateConfig` and `MineConfig`; the CLI
-(`pipelines.cli`) expands its fields into the same flags with the same defaults and checks
+(`pipelines.common.cli`) expands its fields into the same flags with the same defaults and checks
 in every job (``--model``, ``--dtype``, ``--num-actors``, ...). `SearchOptions` is the same
 for the exact top-k search that evaluation and mining run. Ray-free: configs parse without
 starting Ray.
@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 from bge_core.config import DType
 from bge_core.errors import InputError
 from bge_core.presets import OFFLINE_MINILM
+from pipelines.common.resources import check_accelerator, parse_count_range
 
 
 @dataclass(frozen=True)
@@ -95,9 +96,8 @@ class EncodeOptions:
                                        and self.cpus_per_actor <= 0):
             raise InputError(f"--gpus-per-actor must be >= 0 and --cpus-per-actor > 0, got "
                              f"{self.gpus_per_actor} and {self.cpus_per_actor}")
-        if self.accelerator_type and not self.gpus_per_actor:
-            raise InputError(f"--accelerator-type {self.accelerator_type} needs "
-                             f"--gpus-per-actor > 0 (it selects a GPU type)")
+        check_accelerator(self.accelerator_type, self.gpus_per_actor,
+                          type_flag="--accelerator-type", gpu_flag="--gpus-per-actor > 0")
         if self.dtype == "int8" and self.gpus_per_actor:
             raise InputError("--dtype int8 runs on CPU actors only (OpenVINO int8): drop "
                              "--gpus-per-actor, or use fp16 / bf16 on GPUs")
@@ -110,16 +110,8 @@ class EncodeOptions:
 
     def pool_size(self) -> int | tuple[int, int]:
         """`concurrency` for Ray Data: a fixed size or a (min, max) autoscaling range."""
-        parts = [p.strip() for p in str(self.num_actors).split(",")]
-        try:
-            sizes = [int(p) for p in parts]
-        except ValueError:
-            raise InputError(f"--num-actors must be 'N' or 'MIN,MAX', got "
-                             f"{self.num_actors!r}") from None
-        if len(sizes) not in (1, 2) or min(sizes) < 1 or sizes[0] > sizes[-1]:
-            raise InputError(f"--num-actors must be 'N' or 'MIN,MAX' with 1 <= MIN <= MAX, "
-                             f"got {self.num_actors!r}")
-        return sizes[0] if len(sizes) == 1 else (sizes[0], sizes[1])
+        low, high = parse_count_range(self.num_actors, "--num-actors")
+        return low if "," not in str(self.num_actors) else (low, high)
 
     def cpu_plan(self, node_cpus: float) -> tuple[float, int]:
         """(CPUs each actor asks Ray for, torch threads it runs) on nodes of `node_cpus`.

@@ -5,7 +5,7 @@ once per actor, forward only, GPU when asked) → the caller writes. `encode_dat
 them onto any dataset with a text column::
 
     ds = encode_dataset(ray.data.read_parquet(uri), EncodeOptions(model="bge-base-en-v1.5"))
-    # (EncodeOptions: pipelines/encode_options.py)
+    # (EncodeOptions: pipelines/common/encode_options.py)
     # adds columns: embedding (fixed-size list of float32/float16), truncated (bool),
     # _node (id of the Ray node whose actor encoded the row)
 """
@@ -14,16 +14,22 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import asdict
 from functools import lru_cache
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
 
+from bge_core.errors import InputError
 from bge_core.loading import resolve_model, token_limit
+from bge_core.presets import resolve_instruction
 from bge_core.tokenization import TextTokenizer
-from pipelines.encode_options import EncodeOptions
+from pipelines.common.encode_options import EncodeOptions
+
+if TYPE_CHECKING:
+    import ray.data
 
 log = logging.getLogger(__name__)
 
@@ -174,3 +180,52 @@ def encode_dataset(ds: Any, opts: EncodeOptions, *, text_column: str = "text",
                                "threads": threads, "calibration": calibration},
         compute=_actor_pool(opts.pool_size()), **actor_resources(opts, node_cpus),
     )
+
+
+def query_instruction(model: str, override: str | None) -> str:
+    """The instruction queries get: `bge_core.presets.resolve_instruction`'s rule (flag left
+    out: the model's own; ``""``: none), as finetuning trains with; ``""`` for none."""
+    own = resolve_model(model).settings.get("query_instruction")
+    return resolve_instruction(own, override) or ""
+
+
+def text_dataset(texts: Sequence[str], block_rows: int) -> ray.data.Dataset:
+    """A dataset of (row, text) in blocks of `block_rows`, so the encode pool gets parallelism."""
+    import ray.data
+
+    table = pa.table({"row": pa.array(np.arange(len(texts), dtype=np.int64)),
+                      "text": pa.array(list(texts), type=pa.string())})
+    blocks = [table.slice(i, block_rows) for i in range(0, len(texts), block_rows)]
+    return ray.data.from_arrow(blocks or [table])
+
+
+def encode_corpus(corpus: ray.data.Dataset, opts: EncodeOptions) -> ray.data.Dataset:
+    """Lazily encoded corpus: columns ``row`` and ``embedding`` (passages: no prefix).
+
+    Args:
+        corpus: a dataset with ``row`` (its id: int64 or string) and ``text`` columns.
+    """
+    ds = encode_dataset(corpus.select_columns(["row", "text"]), opts)
+    return ds.select_columns(["row", "embedding"])
+
+
+def encode_rows(ds: ray.data.Dataset, n: int, opts: EncodeOptions, prefix: str = "") -> np.ndarray:
+    """Encode a dataset of ``row`` (0..n-1) and ``text`` on Ray: (n, D) float32 by row."""
+    encoded = encode_dataset(ds.select_columns(["row", "text"]), opts, prefix=prefix)
+    out: np.ndarray | None = None
+    for batch in encoded.select_columns(["row", "embedding"]).iter_batches(
+            batch_format="pyarrow", batch_size=None):
+        vectors = arrow_to_vectors(batch.column("embedding")).astype(np.float32)  # (b, D)
+        if out is None:
+            out = np.zeros((n, vectors.shape[1]), dtype=np.float32)
+        out[batch.column("row").to_numpy()] = vectors
+    if out is None:
+        raise InputError("nothing to encode: no texts")
+    return out
+
+
+def encode_texts(texts: Sequence[str], opts: EncodeOptions, prefix: str = "") -> np.ndarray:
+    """Encode a small list (queries, STS sentences) on Ray: (n, D) float32 in input order."""
+    if not texts:
+        raise InputError("nothing to encode: the list of texts is empty")
+    return encode_rows(text_dataset(texts, opts.batch_rows), len(texts), opts, prefix)

@@ -31,17 +31,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from pipelines.embed_config import EmbedConfig
-from pipelines.embed_job import PLAN_FILE, EmbedJob
-from pipelines.embed_output import MANIFEST, OutputState, list_parts, read_table, write_table
-from pipelines.lance_table import (
+from pipelines.common.lease import LEASE_FILE
+from pipelines.embed.config import EmbedConfig
+from pipelines.embed.job import PLAN_FILE, EmbedJob
+from pipelines.embed.lance_table import (
     build_index,
     has_vector_index,
     open_table,
     sql_in,
     storage_options,
 )
-from pipelines.lease import LEASE_FILE
+from pipelines.embed.output import MANIFEST, OutputState, list_parts, read_table, write_table
 
 log = logging.getLogger("embed_corpus")
 WORK = "_embed/run"

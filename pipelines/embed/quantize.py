@@ -19,10 +19,10 @@ import pyarrow as pa
 
 from bge_core.errors import InputError
 from bge_core.quantize_vectors import calibrate_int8, quantize
-from pipelines.corpus_io import Chunk
-from pipelines.embed_config import EmbedConfig
-from pipelines.embed_output import OutputState
-from pipelines.ray_encode import arrow_to_vectors, vectors_to_arrow
+from pipelines.common.corpus_io import Chunk
+from pipelines.common.encode import arrow_to_vectors, vectors_to_arrow
+from pipelines.embed.config import EmbedConfig
+from pipelines.embed.output import OutputState
 
 log = logging.getLogger("embed_corpus")
 RANGES_FILE = "int8_ranges.json"
@@ -48,7 +48,7 @@ def vector_spec(cfg: EmbedConfig, state: OutputState, chunks: list[Chunk],
         saved = {"int8_ranges": previous["int8_ranges"], "source": "previous output"}
     if saved is None:
         sample = _calibration_texts(cfg, chunks)
-        from pipelines.ray_search import encode_texts
+        from pipelines.common.encode import encode_texts
 
         vectors = encode_texts(sample, cfg.encode)  # (n, D) float32, on Ray
         saved = {"int8_ranges": calibrate_int8(vectors).tolist(),
@@ -63,7 +63,7 @@ def vector_spec(cfg: EmbedConfig, state: OutputState, chunks: list[Chunk],
 
 def _calibration_texts(cfg: EmbedConfig, chunks: list[Chunk]) -> list[str]:
     """The first `cfg.calibration_rows` valid texts (title joined), read chunk by chunk."""
-    from pipelines.embed_stages import read_valid
+    from pipelines.embed.stages import read_valid
 
     stage = cfg.stage_dict()
     texts: list[str] = []

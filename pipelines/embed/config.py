@@ -1,6 +1,6 @@
 """`EmbedConfig`: the settings of the bulk embedding job (`pipelines/embed_corpus.py`).
 
-Its own module so the CLI entry and the driver (`pipelines/embed_job.py`) both import it
+Its own module so the CLI entry and the driver (`pipelines/embed/job.py`) both import it
 without importing each other.
 """
 
@@ -13,9 +13,9 @@ from typing import ClassVar, Literal
 from bge_core.chunking import ChunkSpec
 from bge_core.errors import InputError
 from bge_core.quantize_vectors import OutputDType
-from pipelines.encode_options import Alias, EncodeOptions
+from pipelines.common.encode_options import Alias, EncodeOptions
 
-SAMPLE_CORPUS = str(Path(__file__).resolve().parent / "sample_data" / "corpus.jsonl")
+SAMPLE_CORPUS = str(Path(__file__).resolve().parents[1] / "sample_data" / "corpus.jsonl")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -25,7 +25,7 @@ class EmbedConfig:
     Args:
         input: Parquet/JSONL file, folder or glob (local or fsspec URI).
         output: output folder (local or fsspec URI); with ``format="lance"`` the Lance
-            table (`pipelines/embed_lance.py`).
+            table (`pipelines/embed/lance.py`).
         format: ``parquet`` (part files + manifest) or ``lance`` (one table, exactly one
             row per current id after every run, one commit per run).
         encode: model, precision, actor pool and batch sizes (flags shared by every job).
@@ -50,7 +50,7 @@ class EmbedConfig:
         lease_timeout_s: a second run on this output refuses while the first one's lease
             is younger than this (store time) and, on this host, its process lives; after,
             it takes over and resumes. A run that cannot renew its lease for half this
-            stops (`pipelines.lease`).
+            stops (`pipelines.common.lease`).
     """
 
     input: str = SAMPLE_CORPUS

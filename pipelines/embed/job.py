@@ -19,15 +19,15 @@ import torch
 from bge_core.int8 import PRECISION as INT8_PRECISION
 from bge_core.precision import cpu_dtype
 from bge_core.storage import StorageError, check_reachable, find_storage_error, naming
-from pipelines.corpus_io import Chunk, InputError, file_key, list_input_files, plan_files
-from pipelines.embed_config import EmbedConfig
-from pipelines.embed_output import MANIFEST, OutputState, list_parts, read_table, write_table
-from pipelines.embed_plan import compute_plan
-from pipelines.embed_quantize import actor_dtype, describe, vector_spec
-from pipelines.embed_stages import copy_kept, first_texts, read_for_encoding, write_encoded
-from pipelines.lease import LeaseLost, OutputLease, find_lease_lost, release_quietly
-from pipelines.progress import Progress
-from pipelines.ray_encode import encode_dataset
+from pipelines.common.corpus_io import Chunk, InputError, file_key, list_input_files, plan_files
+from pipelines.common.encode import encode_dataset
+from pipelines.common.lease import LeaseLost, OutputLease, find_lease_lost, release_quietly
+from pipelines.common.progress import Progress
+from pipelines.embed.config import EmbedConfig
+from pipelines.embed.output import MANIFEST, OutputState, list_parts, read_table, write_table
+from pipelines.embed.plan import compute_plan
+from pipelines.embed.quantize import actor_dtype, describe, vector_spec
+from pipelines.embed.stages import copy_kept, first_texts, read_for_encoding, write_encoded
 
 log = logging.getLogger("embed_corpus")
 PLAN_FILE = "plan.parquet"

@@ -25,8 +25,8 @@ from bge_core.io import RANGE_ROWS, DataFileError, FileRange, iter_records
 from bge_core.jsonl import open_text
 from bge_core.records import Check, RecordError, located
 from bge_core.storage import storage_runtime_env
-from pipelines.corpus_io import ROW_BITS
-from pipelines.train_data import plan_data, range_dataset
+from pipelines.common.corpus_io import ROW_BITS
+from pipelines.common.ranges import plan_data, range_dataset
 
 ToRow = Callable[[int, int, Any], dict[str, Any]]  # (key, line, record) → row
 ERROR_KEY = "_error_key"  # the key of an error row (the first bad record wins)

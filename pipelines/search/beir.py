@@ -4,7 +4,7 @@
 `bge_core.records.check_beir_doc`; a duplicate ``_id`` is found by a group-by on the ids).
 `judged_documents` returns which of the qrels' documents the corpus holds (O(qrels)).
 `document_texts` and `chunk_texts` turn it into the ``row`` (the document id) and ``text``
-rows that `pipelines.ray_search` encodes and searches.
+rows that `pipelines.search.exact` encodes and searches.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from bge_core.chunking import ChunkSpec, split_texts
 from bge_core.errors import InputError
 from bge_core.records import RecordError, check_beir_doc, located
 from bge_core.texts import join_title
-from pipelines.ray_encode import tokenizer_for
-from pipelines.ray_records import read_records, shuffle_partitions
+from pipelines.common.encode import tokenizer_for
+from pipelines.search.records import read_records, shuffle_partitions
 
 DOC_SCHEMA = pa.schema([("_id", pa.string()), ("title", pa.string()), ("text", pa.string()),
                         ("line", pa.int64())])

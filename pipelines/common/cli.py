@@ -4,7 +4,7 @@
 fsspec URI), then applies the command-line flags on top. Unknown YAML keys and bad values
 are errors that name the file and key. Flags accept both ``--snake_case`` (FlagEmbedding's
 spelling) and ``--kebab-case``. A field whose type is itself a dataclass is an option group
-(`pipelines.encode_options.EncodeOptions`): its fields are top-level flags and YAML keys,
+(`pipelines.common.encode_options.EncodeOptions`): its fields are top-level flags and YAML keys,
 so every job that nests it has the same flags, defaults and checks. A class's ``ALIASES``
 keep older flag spellings working (``--model_name_or_path`` = ``--model``).
 """

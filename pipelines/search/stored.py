@@ -24,9 +24,9 @@ import ray
 from bge_core.errors import InputError
 from bge_core.quantize_vectors import search_stored
 from bge_core.search import RunningTopK
-from pipelines.encode_options import EncodeOptions
-from pipelines.ray_encode import arrow_to_vectors
-from pipelines.ray_search import _list_column, encode_texts, query_instruction
+from pipelines.common.encode import arrow_to_vectors, encode_texts, query_instruction
+from pipelines.common.encode_options import EncodeOptions
+from pipelines.search.exact import list_column
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +46,10 @@ def stored_dataset(uri: str, manifest: dict[str, Any]) -> ray.data.Dataset:
     if manifest.get("chunk_tokens"):
         raise InputError(f"--vectors {uri}: chunked outputs are not supported here")
     if manifest.get("format") == "lance":
-        from pipelines.lance_table import storage_options
+        from pipelines.embed.lance_table import storage_options
 
         return ray.data.read_lance(uri, columns=columns, storage_options=storage_options(uri))
-    from pipelines.embed_output import list_parts
+    from pipelines.embed.output import list_parts
 
     return ray.data.read_parquet(list_parts(uri)).select_columns(columns)
 
@@ -64,8 +64,8 @@ def stored_topk_task(batch: pa.Table, queries: Any, k: int, id_column: str, dtyp
                                   None if ranges is None else np.asarray(ranges, np.float32),
                                   rescore_multiplier)
     ids = np.asarray(batch.column(id_column).to_pylist(), dtype=object)[local]
-    return pa.table({"scores": _list_column(scores.astype(np.float32).ravel()),
-                     "rows": _list_column(np.asarray(ids.ravel(), dtype=str)),
+    return pa.table({"scores": list_column(scores.astype(np.float32).ravel()),
+                     "rows": list_column(np.asarray(ids.ravel(), dtype=str)),
                      "width": pa.array([scores.shape[1]], type=pa.int64())})
 
 
@@ -115,7 +115,7 @@ def _index_search(uri: str, manifest: dict[str, Any], queries: np.ndarray, k: in
                   exact_ids: np.ndarray, timings: dict[str, Any], nprobes: int | None,
                   refine_factor: int | None) -> tuple[np.ndarray, np.ndarray, dict]:
     """The ANN index's answers, and how many of the exact top 10 / k they keep."""
-    from pipelines.lance_table import has_vector_index, metric_for, open_table, search
+    from pipelines.embed.lance_table import has_vector_index, metric_for, open_table, search
 
     table = open_table(uri) if manifest.get("format") == "lance" else None
     if table is None or not has_vector_index(table):

@@ -1,10 +1,10 @@
 """Ray stages of hard-negative mining: no corpus text and no mined list on the driver.
 
-Training examples and the candidate pool are read by Ray tasks (`pipelines.ray_records`).
+Training examples and the candidate pool are read by Ray tasks (`pipelines.search.records`).
 The corpus is deduplicated by a group-by on the text (first-seen position kept) and
 numbered 0..n-1 in first-seen order, as `bge_core.mining.build_corpus` orders it in
 process, so passage ids stand for texts exactly. The driver then holds only ids: each
-query's top ids (from `pipelines.ray_search`), each example's banned ids (its positives
+query's top ids (from `pipelines.search.exact`), each example's banned ids (its positives
 and query found in the corpus by a join on the text) and the mined ids; a join on the id
 resolves the mined negatives' texts, a group-by per example rebuilds each record, and tasks
 write the JSONL.
@@ -23,7 +23,7 @@ from ray.data.aggregate import Min
 
 from bge_core.errors import InputError
 from bge_core.records import check_candidate, check_training_example
-from pipelines.ray_records import number_rows, read_records, shuffle_partitions, write_lines
+from pipelines.search.records import number_rows, read_records, shuffle_partitions, write_lines
 
 SLOT_BITS = 20  # default pool: key of example i's passage j = i << SLOT_BITS | j
 EXAMPLE_SCHEMA = pa.schema([("key", pa.int64()), ("text", pa.string()),

@@ -1,0 +1,2 @@
+"""The online embeddings server on Ray Serve (`pipelines/serve_embeddings.py`).
+"""
