@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bge_core.errors import InputError
+from bge_core.storage import as_uris
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 JSONL_SUFFIXES = (".jsonl", ".json")
@@ -67,7 +68,7 @@ def list_files(uri: str, what: str = "input",
     files = sorted(p for p in found if p.endswith(PARQUET_SUFFIXES + JSONL_SUFFIXES))
     if not files:
         raise error(f"no .jsonl, .json or .parquet files found at {uri} ({what})")
-    return [fs.unstrip_protocol(p) if "://" in uri else p for p in files]
+    return as_uris(fs, files, uri)
 
 
 def file_format(path: str) -> Format:
