@@ -23,7 +23,7 @@ from bge_core.errors import InputError
 from bge_core.records import RecordError, check_beir_doc, located
 from bge_core.texts import join_title
 from pipelines.common.encode import tokenizer_for
-from pipelines.search.records import read_records, shuffle_partitions
+from pipelines.search.records import read_checked_dataset, shuffle_partitions
 
 DOC_SCHEMA = pa.schema([("_id", pa.string()), ("title", pa.string()), ("text", pa.string()),
                         ("line", pa.int64())])
@@ -37,7 +37,7 @@ def _doc_row(key: int, line: int, doc: dict[str, Any]) -> dict[str, Any]:
 def read_corpus(path: str) -> tuple[ray.data.Dataset, int]:
     """The corpus (materialised in the object store) and its size; a duplicate id raises
     `RecordError` naming the line of its last copy."""
-    corpus = read_records(path, check_beir_doc, _doc_row, DOC_SCHEMA, "BEIR corpus")
+    corpus = read_checked_dataset(path, check_beir_doc, _doc_row, DOC_SCHEMA, "BEIR corpus")
     size = corpus.count()
     if not size:
         raise InputError(f"{path}: the corpus is empty")
