@@ -78,7 +78,7 @@ def test_mining_job_on_s3_equals_in_process_reference(ray_session, mean_bert_dir
 @pytest.mark.timeout(180)
 def test_default_pool_is_every_pos_and_neg_in_first_seen_order(ray_session,
                                                               tmp_path: Path) -> None:
-    """The Ray corpus (group-by on the text, numbered by first position) equals
+    """The Ray corpus (first copy of each text, numbered by first position) equals
     `bge_core.mining.distinct_texts`, duplicates across examples included."""
     from bge_core.mining import distinct_texts as reference_corpus
     from pipelines.search.mining import corpus_dataset, examples_dataset

@@ -1,7 +1,7 @@
 """Ray stages of hard-negative mining: no corpus text and no mined list on the driver.
 
 Training examples and the candidate pool are read by Ray tasks (`pipelines.search.records`).
-The corpus is deduplicated by a group-by on the text (first-seen position kept) and
+The corpus is deduplicated on the text (first copy kept: `pipelines.common.duplicates`) and
 numbered 0..n-1 in first-seen order, as `bge_core.mining.distinct_texts` orders it in
 process, so passage ids stand for texts exactly. The driver then holds only ids: each
 query's top ids (from `pipelines.search.exact`), each example's banned ids (its positives
@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import ray
-from ray.data.aggregate import Min
 
 from bge_core.errors import InputError
 from bge_core.records import check_candidate, check_training_example
+from pipelines.common.duplicates import first_copies
 from pipelines.search.records import (
     number_rows,
     read_checked_dataset,
@@ -81,8 +81,7 @@ def corpus_dataset(examples: ray.data.Dataset,
     in first-seen order (``row``), materialised in the object store; and its size."""
     source = pool if pool is not None else examples.map_batches(
         _passages, batch_format="pyarrow").materialize()
-    unique = source.groupby("text", num_partitions=shuffle_partitions(source)).aggregate(
-        Min("key", alias_name="key"))
+    unique = first_copies(source, on="text", order="key")
     corpus = number_rows(unique.sort("key"), "row").select_columns(["row", "text"])
     size = corpus.count()
     if not size:
