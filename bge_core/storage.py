@@ -122,9 +122,10 @@ def write_then_move(fs: fsspec.AbstractFileSystem, path: str,
         check: called with the temporary name before the move.
         tag: the temporary name's prefix (a killed writer's leftovers are found by it).
     """
-    folder, name = path.rstrip("/").rsplit("/", 1)
-    fs.makedirs(folder, exist_ok=True)
-    tmp = f"{folder}/.{tag}-{name}-{uuid.uuid4().hex[:12]}"
+    folder, sep, name = path.rstrip("/").rpartition("/")
+    if folder:
+        fs.makedirs(folder, exist_ok=True)
+    tmp = f"{folder}{sep}.{tag}-{name}-{uuid.uuid4().hex[:12]}"
     try:
         yield tmp
         if check is not None:
