@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from bge_core.beir import load_beir
-from bge_core.data import collate, read_examples, sample_group
+from bge_core.data import collate, load_examples, sample_group
 from bge_core.grad_cache import contrastive_step
 from bge_core.losses import info_nce
 from bge_core.metrics import evaluate_run
@@ -74,7 +74,7 @@ def plain_loop(cfg: FinetuneConfig) -> tuple[float, float]:
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     torch.manual_seed(cfg.seed)
     encoder = Encoder.from_pretrained(cfg.model_name_or_path, device="cpu").train()
-    examples, _ = read_examples(cfg.train_data, cfg.train_group_size)
+    examples, _ = load_examples(cfg.train_data, cfg.train_group_size)
     total = cfg.max_steps
     optimizer = build_adamw(encoder, cfg.learning_rate, cfg.weight_decay)
     scheduler = build_scheduler(optimizer, "linear", warmup_steps(total, cfg.warmup_ratio), total)

@@ -1,7 +1,7 @@
 """bge_core: the BGE encoder, pooling, losses and training pieces (PyTorch only, no Ray).
 
 `Encoder`, `EncoderConfig` and `FlagModel` are imported on first use, so light modules
-(`bge_core.texts`, `bge_core.jsonl`, `bge_core.config`...) load without torch or
+(`bge_core.texts`, `bge_core.io`, `bge_core.config`...) load without torch or
 transformers: Ray's read/plan/write tasks import them in fresh worker processes.
 """
 

@@ -13,14 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bge_core.errors import InputError
-from bge_core.jsonl import open_text
+from bge_core.io import open_text
 from bge_core.records import (
     RecordError,
     check_beir_doc,
     check_beir_query,
     located,
     parse_qrel,
-    read_records,
+    read_checked,
 )
 from bge_core.texts import join_title
 
@@ -51,7 +51,7 @@ def doc_fields(doc: dict) -> tuple[str, str | None, str]:
 def read_corpus_fields(path: str) -> tuple[list[str], list[str | None], list[str]]:
     """(ids, titles or None, texts) in file order; a duplicate id is an error."""
     ids, titles, bodies, seen = [], [], [], set()
-    for line, doc in read_records(path, check_beir_doc, "BEIR corpus"):
+    for line, doc in read_checked(path, check_beir_doc, "BEIR corpus"):
         doc_id, title, body = doc_fields(doc)
         if doc_id in seen:
             raise RecordError(located(path, line, f"duplicate _id {doc_id!r}"))
@@ -64,7 +64,7 @@ def read_corpus_fields(path: str) -> tuple[list[str], list[str | None], list[str
 
 def read_queries(path: str) -> dict[str, str]:
     """``{query id: text}``."""
-    return {str(q["_id"]): q["text"] for _, q in read_records(path, check_beir_query,
+    return {str(q["_id"]): q["text"] for _, q in read_checked(path, check_beir_query,
                                                                "BEIR queries")}
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from bge_core.batching import pad_batch
 from bge_core.errors import InputError
 from bge_core.grad_cache import TokenBatch
-from bge_core.io import RANGE_ROWS, DataFileError, FileRange, iter_records, list_files, plan_ranges
+from bge_core.io import RANGE_ROWS, DataFileError, FileRange, list_files, plan_ranges, read_range
 
 FILE_STRIDE = 1 << 32  # example key = file index * FILE_STRIDE + line number
 
@@ -79,7 +79,7 @@ def parse_range(part: FileRange, group_size: int = 1) -> list[dict]:
     """
     unit = "row" if part.fmt == "parquet" else "line"
     rows = []
-    for row, obj, error in iter_records(part):
+    for row, obj, error in read_range(part):
         error = error or check_example(obj, group_size)
         number = row + 1
         key = part.file_index * FILE_STRIDE + number
@@ -105,7 +105,7 @@ def split_bad(rows: Sequence[dict[str, Any]], skip_bad_examples: bool) -> list[d
     return [r for r in rows if r["error"] is None]
 
 
-def read_examples(path: str, group_size: int = 1,
+def load_examples(path: str, group_size: int = 1,
                   skip_bad_examples: bool = False) -> tuple[list[dict], int]:
     """Read every example at `path` in one process (tests, benchmarks, small data).
 

@@ -24,18 +24,19 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import torch
 from filelock import FileLock
 from torch import nn
 
 from bge_core.errors import InputError
+from bge_core.storage import write_then_move
 
 log = logging.getLogger(__name__)
 
@@ -112,13 +113,10 @@ def quantized_model_path(backbone: nn.Module, fingerprint: str, calibration: Tok
         for stale in folder.parent.glob(f".build-{fingerprint}-*"):  # a killed build's
             shutil.rmtree(stale, ignore_errors=True)  # (we hold the lock: none is running)
         start = time.perf_counter()
-        scratch = Path(tempfile.mkdtemp(prefix=f".build-{fingerprint}-", dir=folder.parent))
-        try:
-            build_quantized(backbone, scratch / MODEL_FILE, calibration)
-            scratch.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
-            scratch.rename(folder)  # atomic: readers never see a half-written model
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+        # readers never see a half-written model: built under `.build-*`, renamed when done
+        with write_then_move(fsspec.filesystem("file"), str(folder), tag="build") as scratch:
+            Path(scratch).mkdir()
+            build_quantized(backbone, Path(scratch) / MODEL_FILE, calibration)
         log.info("built int8 model %s from %d calibration texts in %.1f s", target,
                  len(calibration), time.perf_counter() - start)
     return target

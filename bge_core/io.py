@@ -1,12 +1,13 @@
 """One lister and one reader of JSONL / Parquet data files, at a local path or any fsspec
-URI (``s3://...``), used by the embedding job and both training jobs.
+URI (``s3://...``), used by every job; and `open_text` for the other text files (outputs,
+TSV/CSV inputs: qrels, STS).
 
 A file is read in *ranges* a task can take on its own: runs of Parquet row groups, or
 JSONL lines cut at whole lines (``\\n``), each about `rows_per_range` rows::
 
     for index, path in enumerate(list_files("s3://bucket/corpus/")):
         for part in plan_ranges(path, index, rows_per_range=100_000):   # small, picklable
-            for row, record, error in read_records(part):                 # in a task
+            for row, record, error in read_range(part):                   # in a task
                 ...
 
 Planning a JSONL file reads it once as bytes (no JSON parsing) to find the line breaks;
@@ -21,13 +22,14 @@ import io
 import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bge_core.errors import InputError
+from bge_core.storage import as_uris
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 JSONL_SUFFIXES = (".jsonl", ".json")
@@ -67,7 +69,7 @@ def list_files(uri: str, what: str = "input",
     files = sorted(p for p in found if p.endswith(PARQUET_SUFFIXES + JSONL_SUFFIXES))
     if not files:
         raise error(f"no .jsonl, .json or .parquet files found at {uri} ({what})")
-    return [fs.unstrip_protocol(p) if "://" in uri else p for p in files]
+    return as_uris(fs, files, uri)
 
 
 def file_format(path: str) -> Format:
@@ -159,17 +161,24 @@ def _plan_jsonl(path: str, file_index: int, rows_per_range: int,
     return [r for r in ranges if r.rows or r.index == 0]  # no empty range after a cut at EOF
 
 
-def read_records(part: FileRange, columns: list[str] | None = None
-                 ) -> Iterator[tuple[int, Any, str | None]]:
+def read_range(part: FileRange, columns: list[str] | None = None
+               ) -> Iterator[tuple[int, Any, str | None]]:
     """``(row, record, error)`` for each row of the range, in file order.
 
     JSONL: `record` is the parsed line (any JSON value) and `error` says why a line could
-    not be parsed (then `record` is None); blank lines are skipped. Parquet: `record` is
-    a dict of `columns` (all when None), `error` is None.
+    not be parsed (then `record` is None); blank lines are skipped (their numbers are not
+    reused). Parquet: `record` is a dict of `columns` (all when None), `error` is None.
 
     Raises:
         DataFileError: the file cannot be read (the message names it).
     """
+    return ((row, record, error) for row, record, error in _read_rows(part, columns)
+            if error != "")
+
+
+def _read_rows(part: FileRange, columns: list[str] | None
+               ) -> Iterator[tuple[int, Any, str | None]]:
+    """`read_range` with the blank lines of a JSONL file (error ``""``)."""
     try:
         if part.fmt == "parquet":
             with fsspec.open(part.path, "rb") as handle:
@@ -205,13 +214,6 @@ def parse_line(raw: bytes | str) -> tuple[Any, str | None]:
         return None, "not valid JSON (nested too deeply)"
 
 
-def iter_records(part: FileRange, columns: list[str] | None = None
-                 ) -> Iterator[tuple[int, Any, str | None]]:
-    """`read_records` without the blank lines of a JSONL file."""
-    return ((row, record, error) for row, record, error in read_records(part, columns)
-            if error != "")
-
-
 def read_columns(part: FileRange, columns: list[str]) -> tuple[list[int], dict[str, list[Any]]]:
     """The range's row numbers and values of `columns` (a JSONL key a line lacks, or a
     line that is not an object, reads as None).
@@ -221,7 +223,7 @@ def read_columns(part: FileRange, columns: list[str]) -> tuple[list[int], dict[s
     """
     rows: list[int] = []
     values: dict[str, list[Any]] = {c: [] for c in columns}
-    for row, record, error in iter_records(part, columns):
+    for row, record, error in read_range(part, columns):
         if error:
             raise DataFileError(f"{part.path} line {row + 1}: {error}")
         record = record if isinstance(record, dict) else {}
@@ -253,3 +255,17 @@ def columns_of(part: FileRange) -> set[str] | None:
     except (OSError, ValueError, pa.ArrowException) as err:
         raise DataFileError(f"cannot read input file {part.path}: {err}") from err
     return None
+
+
+def open_text(uri: str, mode: str = "r", what: str = "file") -> IO[str]:
+    """Open a local path or fsspec URI as UTF-8 text; writing creates parent folders.
+
+    Raises:
+        FileNotFoundError: reading a file that is not there (the message names `what`).
+    """
+    uri = str(uri)
+    if "r" in mode:
+        fs, path = fsspec.core.url_to_fs(uri)
+        if not fs.isfile(path):
+            raise FileNotFoundError(f"{what} not found: {uri}")
+    return fsspec.open(uri, mode, encoding="utf-8", newline="", auto_mkdir="w" in mode).open()

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from bge_core.presets import find_preset, resolve_source
-from bge_core.remote import fetch_folder, is_remote
+from bge_core.remote import fetch_folder
 from bge_core.st_format import read_st_settings
+from bge_core.storage import is_local, local_path
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +58,11 @@ def read_bge_config(folder: Path) -> dict[str, Any]:
 
 def resolve_model(name_or_path: str) -> ResolvedModel:
     """Find the weights folder for `name_or_path` and the settings that describe it."""
-    if is_remote(name_or_path):  # a checkpoint at s3://... : a cached local copy
+    if not is_local(name_or_path):  # a checkpoint at s3://... : a cached local copy
         resolved = resolve_model(str(fetch_folder(name_or_path)))
         return ResolvedModel(folder=resolved.folder, name=name_or_path,
                              settings=resolved.settings)
-    path = Path(name_or_path).expanduser()
+    path = Path(local_path(name_or_path)).expanduser()
     preset = None if path.is_dir() else find_preset(name_or_path)
     if path.is_dir():
         folder = path

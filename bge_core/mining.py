@@ -42,7 +42,7 @@ class SampleRange:
         return cls(start, end)
 
 
-def build_corpus(
+def distinct_texts(
     examples: Sequence[Mapping[str, Any]], pool: Iterable[str] | None = None
 ) -> list[str]:
     """Distinct corpus texts, first-seen order: the pool, else every pos and neg of the data."""

@@ -23,7 +23,7 @@ import fsspec
 import numpy as np
 
 from bge_core.errors import InputError
-from bge_core.io import RANGE_ROWS, iter_records, plan_ranges
+from bge_core.io import RANGE_ROWS, plan_ranges, read_range
 
 Check = Callable[[Any], "str | None"]
 _LISTS = (list, tuple, np.ndarray)  # Parquet rows can hold arrays
@@ -138,10 +138,10 @@ def parse_qrel(fields: list[str]) -> tuple[str, str, int] | str:
         return f"expected 'query-id<TAB>corpus-id<TAB>score', got {fields!r}"
 
 
-def read_records(path: str, check: Check, what: str) -> Iterator[tuple[int, Any]]:
-    """(line, record) of a JSONL file read in this process (queries, small inputs), by the
-    one reader of `bge_core.io` (line ranges); the first bad one raises `RecordError` with
-    its located message.
+def read_checked(path: str, check: Check, what: str) -> Iterator[tuple[int, Any]]:
+    """(line, record) of a JSONL file read in this process (queries, small inputs) by the
+    one reader of `bge_core.io` (line ranges), each record checked by `check`; the first
+    bad one raises `RecordError` with its located message.
 
     Raises:
         FileNotFoundError: no file at `path` (the message names `what`).
@@ -150,7 +150,7 @@ def read_records(path: str, check: Check, what: str) -> Iterator[tuple[int, Any]
     if not fs.isfile(local):
         raise FileNotFoundError(f"{what} not found: {path}")
     for part in plan_ranges(path, 0, RANGE_ROWS):
-        for row, obj, error in iter_records(part):
+        for row, obj, error in read_range(part):
             if (reason := error or check(obj)) is not None:
                 raise RecordError(located(path, row + 1, reason))
             yield row + 1, obj

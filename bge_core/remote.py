@@ -21,18 +21,13 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import fsspec
 
+from bge_core.storage import write_then_move
+
 log = logging.getLogger(__name__)
-
-
-def is_remote(name_or_path: str) -> bool:
-    """True for a URI with a protocol other than the local file system."""
-    return "://" in name_or_path and not name_or_path.startswith("file://")
 
 
 def cache_root() -> Path:
@@ -106,12 +101,8 @@ def fetch_folder(uri: str) -> Path:
         if target.is_dir():  # another process fetched it while this one waited
             return target
         log.info("fetching model %s (%d files) into %s", uri, len(listing), target)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{key}-"))
-        try:
+        with write_then_move(fsspec.filesystem("file"), str(target), tag="fetch") as tmp:
             for name, _, _ in listing:
-                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-                fs.get_file(f"{root}/{name}", str(tmp / name))
-            tmp.rename(target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+                (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
+                fs.get_file(f"{root}/{name}", f"{tmp}/{name}")
     return target

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
 import fsspec
 import fsspec.config
+import fsspec.utils
 
 S3_ATTEMPTS = 4  # botocore: attempts per HTTP request (standard retry mode)
 S3FS_RETRIES = 4  # s3fs: tries per call, on SlowDown / timeouts / cut-off bodies
@@ -63,6 +65,78 @@ def configure() -> None:
 configure()
 
 
+LOCAL_PROTOCOLS = ("file", "local")  # fsspec's names for this machine's file system
+
+
+def is_local(uri: str) -> bool:
+    """True when `uri` is on this machine's file system: a plain path (absolute, relative
+    or ``~``) or a ``file://`` / ``local://`` URI. Any other fsspec URI names a store, even
+    one inside this process (``s3://``, ``gs://``, ``memory://``, ``simplecache::s3://``).
+
+    The one rule every job uses to tell local paths from stores: what fsspec would open
+    `uri` with (its protocol, as `fsspec.core.url_to_fs` reads it), without opening it.
+    """
+    return fsspec.utils.get_protocol(str(uri)) in LOCAL_PROTOCOLS
+
+
+def local_path(uri: str) -> str:
+    """The file-system path of a local `uri`: ``file:///data/x`` → ``/data/x``; a plain path
+    as given (relative stays relative).
+
+    Raises:
+        ValueError: `uri` is not local (`is_local`).
+    """
+    uri = str(uri)
+    if not is_local(uri):
+        raise ValueError(f"{uri} is not a local path")
+    return uri.split("://", 1)[1] if "://" in uri else uri
+
+
+def as_uris(fs: fsspec.AbstractFileSystem, paths: list[str], uri: str) -> list[str]:
+    """`paths` found on `fs` (listed under `uri`) as names to open again: plain paths when
+    `uri` is local, full URIs (protocol kept) otherwise."""
+    return list(paths) if is_local(uri) else [fs.unstrip_protocol(p) for p in paths]
+
+
+@contextmanager
+def write_then_move(fs: fsspec.AbstractFileSystem, path: str,
+                    check: Callable[[str], None] | None = None,
+                    tag: str = "tmp") -> Iterator[str]:
+    """A temporary name beside `path` to write a file (or a folder) under; a reader never
+    sees a half-written `path`. The one write-then-rename of every job::
+
+        with write_then_move(fs, path) as tmp:
+            with fs.open(tmp, "wb") as handle: ...
+
+    When the block ends without an error, `check(tmp)` runs (it may raise to stop the
+    move: the output lease's fence) and `tmp` is moved onto `path`; on any error `tmp` is
+    deleted (a full disk, a dropped connection or a lost lease leaves nothing under a real
+    name). The name is hidden, ``.<tag>-<name>-<random>`` in the same folder, so Parquet
+    dataset readers and our listings skip it, and the move is a rename on a local disk
+    (atomic, for a folder too) and one copy on an object store (whose objects appear
+    whole; a folder there is moved file by file).
+
+    Args:
+        fs: the filesystem `path` is on (``fsspec.filesystem("file")`` for a local one).
+        path: the final name, as `fs` spells it (no protocol).
+        check: called with the temporary name before the move.
+        tag: the temporary name's prefix (a killed writer's leftovers are found by it).
+    """
+    folder, sep, name = path.rstrip("/").rpartition("/")
+    if folder:
+        fs.makedirs(folder, exist_ok=True)
+    tmp = f"{folder}{sep}.{tag}-{name}-{uuid.uuid4().hex[:12]}"
+    try:
+        yield tmp
+        if check is not None:
+            check(tmp)
+        fs.mv(tmp, path)
+    except BaseException:
+        with suppress(OSError):
+            fs.rm(tmp, recursive=True)
+        raise
+
+
 class StorageError(OSError):
     """A read or write that failed for good; the message names the URI and the cause."""
 
@@ -90,8 +164,7 @@ def naming(uri: str, action: str) -> Iterator[None]:
     except (StorageError, FileNotFoundError):  # a missing file names itself
         raise
     except (OSError, *_boto_errors()) as err:
-        remote = "://" in uri and not uri.startswith("file://")
-        raise StorageError(f"cannot {action} {uri}: {describe(err, remote)}") from err
+        raise StorageError(f"cannot {action} {uri}: {describe(err, not is_local(uri))}") from err
 
 
 def _boto_errors() -> tuple[type[BaseException], ...]:
@@ -107,9 +180,9 @@ def check_reachable(uri: str) -> None:
 
     Local paths are not checked (their errors name themselves).
     """
-    fs, path = fsspec.core.url_to_fs(uri)
-    if "file" in fs.protocol:
+    if is_local(uri):
         return
+    fs, path = fsspec.core.url_to_fs(uri)
     with naming(uri, "reach"), suppress(FileNotFoundError):  # absent is fine: not written yet
         fs.info(path)
 
@@ -146,9 +219,9 @@ def arrow_filesystem(uri: str) -> tuple[Any, str]:
     Remote URIs get s3fs (or their fsspec filesystem) wrapped for pyarrow, so checkpoints
     use the same retry settings as everything else; local paths get (None, path).
     """
-    fs, path = fsspec.core.url_to_fs(uri)
-    if "file" in fs.protocol:
+    if is_local(uri):
         return None, uri
+    fs, path = fsspec.core.url_to_fs(uri)
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
     return PyFileSystem(FSSpecHandler(fs)), path.rstrip("/")

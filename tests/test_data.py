@@ -11,7 +11,7 @@ import pytest
 from bge_core.data import (
     TrainingDataError,
     list_data_files,
-    read_examples,
+    load_examples,
     sample_group,
 )
 
@@ -30,7 +30,7 @@ def test_reads_jsonl_and_parquet_folder(tmp_path):
     (tmp_path / "notes.txt").write_text("ignored")
     assert [f.rsplit("/", 1)[-1] for f in list_data_files(str(tmp_path))] == [
         "a.jsonl", "b.parquet"]
-    rows, bad = read_examples(str(tmp_path), group_size=2)
+    rows, bad = load_examples(str(tmp_path), group_size=2)
     assert bad == 0 and [r["query"] for r in rows] == ["what is a cat", "q2", "q3"]
     assert len({r["key"] for r in rows}) == 3  # keys unique across files
 
@@ -40,7 +40,7 @@ def test_reads_fsspec_uri(tmp_path):
 
     with fsspec.open("memory://bge-data/train.jsonl", "w") as handle:
         handle.write(json.dumps(GOOD) + "\n")
-    rows, _ = read_examples("memory://bge-data/train.jsonl")
+    rows, _ = load_examples("memory://bge-data/train.jsonl")
     assert rows[0]["pos"] == GOOD["pos"]
 
 
@@ -62,14 +62,14 @@ BAD_CASES = [
 def test_bad_line_names_file_and_line(tmp_path, line, reason):
     path = _jsonl(tmp_path / "train.jsonl", [GOOD, GOOD], extra_lines=[line])
     with pytest.raises(TrainingDataError, match="train.jsonl line 3") as err:
-        read_examples(str(path), group_size=2)
+        load_examples(str(path), group_size=2)
     assert reason in str(err.value) and "--skip_bad_examples" in str(err.value)
 
 
 def test_skip_bad_examples_counts_them(tmp_path):
     lines = [line for line, _ in BAD_CASES]
     path = _jsonl(tmp_path / "train.jsonl", [GOOD], extra_lines=lines)
-    rows, bad = read_examples(str(path), group_size=2, skip_bad_examples=True)
+    rows, bad = load_examples(str(path), group_size=2, skip_bad_examples=True)
     assert len(rows) == 1 and bad == len(BAD_CASES)
 
 
@@ -77,7 +77,7 @@ def test_bad_parquet_row_is_named(tmp_path):
     rows = [GOOD, {"query": "", "pos": ["p"], "neg": ["n"]}]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t.parquet")
     with pytest.raises(TrainingDataError, match="t.parquet row 2"):
-        read_examples(str(tmp_path / "t.parquet"))
+        load_examples(str(tmp_path / "t.parquet"))
 
 
 def test_missing_data_is_an_error(tmp_path):
@@ -117,5 +117,5 @@ def test_query_instruction_only_on_queries():
 
 def test_negatives_equal_to_a_positive_are_dropped(tmp_path):
     path = _jsonl(tmp_path / "t.jsonl", [{"query": "q", "pos": ["p"], "neg": ["p", "n"]}])
-    rows, _ = read_examples(str(path), group_size=2)
+    rows, _ = load_examples(str(path), group_size=2)
     assert rows[0]["neg"] == ["n"]

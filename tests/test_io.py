@@ -12,11 +12,10 @@ import pytest
 from bge_core.io import (
     DataFileError,
     columns_of,
-    iter_records,
     list_files,
     plan_ranges,
     read_columns,
-    read_records,
+    read_range,
 )
 
 # CRLF lines, multibyte UTF-8 (2, 3 and 4 bytes), a blank line, no final line break
@@ -30,7 +29,7 @@ def _expected(data: bytes) -> list[tuple[int, object]]:
 
 
 def _read_all(ranges) -> list[tuple[int, object]]:
-    return [(row, record) for part in ranges for row, record, _ in iter_records(part)]
+    return [(row, record) for part in ranges for row, record, _ in read_range(part)]
 
 
 def _check_cover(ranges, data: bytes, rows_per_range: int) -> None:
@@ -62,7 +61,7 @@ def test_a_line_break_at_the_end_of_a_range_and_of_the_file(tmp_path):
     path.write_text("".join(json.dumps({"i": i}) + "\n" for i in range(4)))
     ranges = plan_ranges(str(path), 3, 2)  # the second cut falls exactly at the end
     assert [(p.row_offset, p.rows) for p in ranges] == [(0, 2), (2, 2)]
-    assert [r["i"] for _, r, _ in read_records(ranges[1])] == [2, 3]
+    assert [r["i"] for _, r, _ in read_range(ranges[1])] == [2, 3]
     assert {p.file_index for p in ranges} == {3}
 
 
@@ -71,13 +70,13 @@ def test_an_empty_file_is_one_empty_range(tmp_path):
     path.write_bytes(b"")
     (only,) = plan_ranges(str(path), 0, 10)
     assert (only.start, only.end, only.rows) == (0, 0, 0)
-    assert list(read_records(only)) == [] and columns_of(only) is None
+    assert list(read_range(only)) == [] and columns_of(only) is None
 
 
 def test_bad_lines_are_named_with_their_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(b'{"t": "a"}\n\n{"t": \n{"t": "\xff"}\n[1]\n')
-    records = list(iter_records(plan_ranges(str(path), 0, 10)[0]))
+    records = list(read_range(plan_ranges(str(path), 0, 10)[0]))
     assert [(row, error.split(" (")[0] if error else None) for row, _, error in records] == [
         (0, None), (2, "not valid JSON"), (3, "not valid UTF-8"), (4, None)]
     part = plan_ranges(str(path), 0, 2)[1]  # lines 3-4
@@ -99,7 +98,7 @@ def test_parquet_row_groups_are_grouped_into_ranges(tmp_path):
     ranges = plan_ranges(str(path), 1, 5)
     assert [(p.row_groups, p.row_offset, p.rows) for p in ranges] == [
         ((0, 1), 0, 6), ((2, 3), 6, 4)]
-    assert [(row, r["t"]) for row, r, _ in read_records(ranges[1])] == [
+    assert [(row, r["t"]) for row, r, _ in read_range(ranges[1])] == [
         (6, "r6"), (7, "r7"), (8, "r8"), (9, "r9")]
     assert columns_of(ranges[0]) == {"t"}
 

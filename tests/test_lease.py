@@ -45,7 +45,7 @@ class StallingFS(LocalFileSystem):
         self.resume = threading.Event()
 
     def pipe_file(self, path: str, value: bytes, *args: object, **kwargs: object) -> None:
-        if self.stalled.is_set() and LEASE_FILE in str(path):
+        if self.stalled.is_set() and LEASE_FILE.rsplit("/", 1)[1] in str(path):
             self.resume.wait(timeout=60)
         super().pipe_file(path, value, *args, **kwargs)
 

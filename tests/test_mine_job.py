@@ -35,7 +35,7 @@ def test_mining_job_on_s3_equals_in_process_reference(ray_session, mean_bert_dir
                                                       tmp_path: Path, s3, monkeypatch) -> None:
     """Training data and pool read from S3 by Ray tasks, mined output written there (moto on
     loopback); no corpus text reaches the driver."""
-    from bge_core.data import read_examples as read_training_data
+    from bge_core.data import load_examples as read_training_data
     from bge_core.model import Encoder
     from pipelines.common.cli import make_config
     from pipelines.search.mine import MineConfig, run
@@ -78,18 +78,18 @@ def test_mining_job_on_s3_equals_in_process_reference(ray_session, mean_bert_dir
 @pytest.mark.timeout(180)
 def test_default_pool_is_every_pos_and_neg_in_first_seen_order(ray_session,
                                                               tmp_path: Path) -> None:
-    """The Ray corpus (group-by on the text, numbered by first position) equals
-    `bge_core.mining.build_corpus`, duplicates across examples included."""
-    from bge_core.mining import build_corpus as reference_corpus
-    from pipelines.search.mining import build_corpus, read_examples
+    """The Ray corpus (first copy of each text, numbered by first position) equals
+    `bge_core.mining.distinct_texts`, duplicates across examples included."""
+    from bge_core.mining import distinct_texts as reference_corpus
+    from pipelines.search.mining import corpus_dataset, examples_dataset
 
     examples = [{"query": "q0", "pos": ["b", "a"], "neg": ["c", "b"]},
                 {"query": "q1", "pos": ["d"], "neg": ["a", "e"]},
                 {"query": "q2", "pos": ["c"]}]
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps(e) + "\n" for e in examples))
-    ds, count = read_examples(str(train))
-    corpus, size = build_corpus(ds, None)
+    ds, count = examples_dataset(str(train))
+    corpus, size = corpus_dataset(ds, None)
     rows = sorted((r["row"], r["text"]) for r in corpus.take_all())
     assert count == 3 and size == 5
     assert [t for _, t in rows] == reference_corpus(examples) == ["b", "a", "c", "d", "e"]
@@ -103,13 +103,13 @@ def test_records_are_read_in_ranges_numbered_in_file_order(ray_session, tmp_path
     one earlier in the file is reported, with its line."""
     from bge_core.records import RecordError, check_training_example
     from pipelines.search.mining import EXAMPLE_SCHEMA, _example_row
-    from pipelines.search.records import number_rows, read_records
+    from pipelines.search.records import number_rows, read_checked_dataset
 
     lines = [json.dumps({"query": f"q{i}", "pos": [f"p{i}"]}) if i % 4 else "" for i in range(23)]
     train = tmp_path / "train.jsonl"
     train.write_text("\n".join(lines) + "\n")
-    ds = read_records(str(train), check_training_example, _example_row, EXAMPLE_SCHEMA,
-                      "training data", rows_per_range=3)
+    ds = read_checked_dataset(str(train), check_training_example, _example_row,
+                              EXAMPLE_SCHEMA, "training data", rows_per_range=3)
     assert ds.materialize().num_blocks() == 8  # 23 lines, ranges of 3: never read whole
     rows = sorted((r["row"], r["text"]) for r in number_rows(ds, "row", by="key").take_all())
     assert rows == list(enumerate(f"q{i}" for i in range(23) if i % 4))
@@ -118,8 +118,8 @@ def test_records_are_read_in_ranges_numbered_in_file_order(ray_session, tmp_path
     lines[9] = "{not json"
     train.write_text("\n".join(lines) + "\n")
     with pytest.raises(RecordError, match=r"train.jsonl line 10: not valid JSON"):
-        read_records(str(train), check_training_example, _example_row, EXAMPLE_SCHEMA,
-                     "training data", rows_per_range=3)
+        read_checked_dataset(str(train), check_training_example, _example_row,
+                             EXAMPLE_SCHEMA, "training data", rows_per_range=3)
 
 
 def test_cli_errors_name_the_flag_or_file(tmp_path: Path,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bge_core.mining import SampleRange, build_corpus, mine_negatives, mine_one, sample_negatives
+from bge_core.mining import SampleRange, distinct_texts, mine_negatives, mine_one, sample_negatives
 from bge_core.search import exact_topk
 
 N_DOCS = 60
@@ -93,8 +93,8 @@ def test_short_lists_are_topped_up_never_with_a_positive_or_the_query() -> None:
 def test_corpus_is_pool_or_all_pos_and_neg_deduplicated() -> None:
     examples = [{"query": "q1", "pos": ["a", "b"], "neg": ["c"]},
                 {"query": "q2", "pos": ["b"], "neg": ["d", "a"]}]
-    assert build_corpus(examples) == ["a", "b", "c", "d"]
-    assert build_corpus(examples, ["x", "y", "x"]) == ["x", "y"]
+    assert distinct_texts(examples) == ["a", "b", "c", "d"]
+    assert distinct_texts(examples, ["x", "y", "x"]) == ["x", "y"]
 
 
 def test_range_parsing() -> None:
@@ -109,7 +109,7 @@ def test_mining_ids_of_a_deduplicated_corpus_equals_mining_its_texts() -> None:
     equals the in-process reference on texts, top-ups included."""
     rng = np.random.default_rng(5)
     pool = [f"doc {i}" for i in rng.integers(0, 30, size=50)]  # duplicates
-    corpus = build_corpus([], pool)
+    corpus = distinct_texts([], pool)
     ids = {text: i for i, text in enumerate(corpus)}
     examples = [{"query": corpus[q], "pos": [corpus[q + 1], "unknown"], "k": q}
                 for q in range(0, 12, 2)]

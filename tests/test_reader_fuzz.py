@@ -2,7 +2,7 @@
 (and line or row where there is one), or rows with reasons; never another exception.
 
 Readers: `bge_core.io` (plan + read, under the embedding job's `corpus_io` and the training
-jobs), `bge_core.records.read_records` (evaluation / mining inputs), `bge_core.data` (the
+jobs), `bge_core.records.read_checked` (evaluation / mining inputs), `bge_core.data` (the
 finetuning examples) and RetroMAE's `texts_of`. Inputs: JSONL lines of random bytes, random
 JSON, integers past Python's 4,300-digit limit and deep nesting; truncated and corrupted
 Parquet; Parquet columns of the wrong type.
@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from bge_core.data import parse_range
 from bge_core.errors import InputError
 from bge_core.io import plan_ranges
-from bge_core.records import check_document, read_records
+from bge_core.records import check_document, read_checked
 from pipelines.common.corpus_io import plan_file, read_chunk_rows, validate_rows
 from pipelines.train.retromae import texts_of
 
@@ -78,7 +78,7 @@ def _read_everything(path: Path) -> None:
         return [texts_of(part, "text") for part in plan_ranges(str(path), 0, 5)]
 
     def corpus() -> Any:
-        return list(read_records(str(path), check_document, "corpus"))
+        return list(read_checked(str(path), check_document, "corpus"))
 
     for read in (embed_job, training, retromae, corpus):
         _outcome(path, read)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bge_core import records
-from bge_core.records import RecordError, located, read_records
+from bge_core.records import RecordError, located, read_checked
 
 
 def test_training_example_rules_name_the_field() -> None:
@@ -47,11 +47,11 @@ def test_reader_names_file_line_and_field(tmp_path: Path) -> None:
     path = tmp_path / "pool.jsonl"
     path.write_text('{"text": "a"}\n\n{"txt": "b"}\n')
     with pytest.raises(RecordError) as err:
-        list(read_records(str(path), records.check_candidate, "candidate pool"))
+        list(read_checked(str(path), records.check_candidate, "candidate pool"))
     assert str(err.value) == located(str(path), 3, "missing 'text' (a string is required)")
     path.write_text('{"text": "a"}\n{"text": \n')
     with pytest.raises(ValueError, match="pool.jsonl line 2: not valid JSON"):
-        list(read_records(str(path), records.check_candidate, "candidate pool"))
+        list(read_checked(str(path), records.check_candidate, "candidate pool"))
 
 
 def test_qrels_and_queries_readers_use_the_same_messages(tmp_path: Path) -> None:
@@ -83,8 +83,8 @@ def test_same_bad_example_same_message_in_finetune_and_mining(ray_session,
                                                                tmp_path: Path) -> None:
     """finetune's reader (`bge_core.data`), mining's Ray reader and the in-process reader."""
     from bge_core.data import TrainingDataError
-    from bge_core.data import read_examples as read_training_data
-    from pipelines.search.mining import read_examples as read_mining_data
+    from bge_core.data import load_examples as read_training_data
+    from pipelines.search.mining import examples_dataset as read_mining_data
 
     path = _training_file(tmp_path)
     expected = located(str(path), 3, "missing or empty 'query' (a string is required)")
@@ -95,7 +95,7 @@ def test_same_bad_example_same_message_in_finetune_and_mining(ray_session,
         read_mining_data(str(path))
     assert str(mining_err.value) == expected
     with pytest.raises(RecordError) as local_err:
-        list(read_records(str(path), records.check_training_example, "training data"))
+        list(read_checked(str(path), records.check_training_example, "training data"))
     assert str(local_err.value) == expected
 
 

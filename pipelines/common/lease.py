@@ -43,7 +43,7 @@ from typing import Any
 
 import fsspec
 
-from bge_core.storage import naming
+from bge_core.storage import is_local, naming, write_then_move
 
 log = logging.getLogger(__name__)
 LEASE_FILE = "_state/lease.json"
@@ -160,11 +160,11 @@ class Fence:
 
 
 @contextlib.contextmanager
-def _probe(fs: fsspec.AbstractFileSystem, beside: str, text: str = "") -> Iterator[str]:
-    """A temporary file beside `beside`, removed afterwards unless the caller moved it."""
+def _probe(fs: fsspec.AbstractFileSystem, beside: str) -> Iterator[str]:
+    """An empty file beside `beside` whose mtime is the store's "now", removed afterwards."""
     fs.makedirs(beside.rsplit("/", 1)[0], exist_ok=True)
     tmp = f"{beside}.tmp-{uuid.uuid4().hex[:8]}"
-    fs.pipe_file(tmp, text.encode())
+    fs.pipe_file(tmp, b"")
     try:
         yield tmp
     finally:
@@ -211,7 +211,7 @@ class OutputLease:
         default_fs, root = fsspec.core.url_to_fs(self.uri)
         self.fs = fs or default_fs
         if settle_s is None:
-            settle_s = 0.1 if "file" in default_fs.protocol else 1.0
+            settle_s = 0.1 if is_local(self.uri) else 1.0
         self.path = f"{root}/{LEASE_FILE}"
         self.stale_after_s = stale_after_s
         self.heartbeat_s = heartbeat_s or stale_after_s / 4
@@ -253,10 +253,10 @@ class OutputLease:
     def acquire(self) -> None:
         """Take the lease, or raise `LeaseHeld` naming the live run that has it."""
         record = json.dumps({**self.owner, "heartbeat": time.time()})  # for people reading it
-        with _probe(self.fs, self.path, record) as tmp:
+        with write_then_move(self.fs, self.path) as tmp:
+            self.fs.pipe_file(tmp, record.encode())
             note = self._judge(store_time(self.fs, tmp))
             started = time.monotonic()
-            self.fs.mv(tmp, self.path)
         time.sleep(self.settle_s)
         if (self.read() or {}).get("id") != self.owner["id"]:
             raise LeaseHeld(f"{self.uri}: another run took the lease at the same moment")
@@ -299,26 +299,31 @@ class OutputLease:
         started = time.monotonic()
         record = json.dumps({**self.owner, "heartbeat": time.time()})
         try:
-            with naming(self.uri, "renew the lease on"), _probe(self.fs, self.path,
-                                                                record) as tmp:
-                assert self._renewed is not None
-                late = time.monotonic() - self._renewed
-                if late > self.stale_after_s / 2:  # a taker may be on its way
-                    self._lose(self._late_message(late))
-                    return False
-                holder = self.read()
-                if holder is None or holder.get("id") != self.owner["id"]:
-                    who = f"another run ({_describe(holder)})" if holder else "no run"
-                    self._lose(f"{self.uri}: the lease was taken over by {who}; this run "
-                               "stopped before writing more")
-                    return False
-                self.fs.mv(tmp, self.path)
+            with naming(self.uri, "renew the lease on"), write_then_move(
+                    self.fs, self.path, check=self._still_ours) as tmp:
+                self.fs.pipe_file(tmp, record.encode())
+        except LeaseLost as err:
+            self._lose(str(err))
+            return False
         except OSError as err:
             self._last_error = str(err).splitlines()[0]
             log.warning("%s (retrying)", self._last_error)
             return False
         self._renewed, self._last_error = started, None
         return True
+
+    def _still_ours(self, written: str) -> None:
+        """Raise `LeaseLost` when a renewal written to `written` must not land: it is too
+        late (a taker may be on its way) or the lease names another run."""
+        assert self._renewed is not None
+        late = time.monotonic() - self._renewed
+        if late > self.stale_after_s / 2:
+            raise LeaseLost(self._late_message(late))
+        holder = self.read()
+        if holder is None or holder.get("id") != self.owner["id"]:
+            who = f"another run ({_describe(holder)})" if holder else "no run"
+            raise LeaseLost(f"{self.uri}: the lease was taken over by {who}; this run "
+                            "stopped before writing more")
 
     def _late_message(self, late: float) -> str:
         if self._last_error:

@@ -18,17 +18,16 @@ starting with ``_`` are skipped by Parquet dataset readers)::
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
-import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bge_core.storage import naming
+from bge_core.storage import as_uris, naming, write_then_move
 from pipelines.common.lease import Fence
 
 log = logging.getLogger(__name__)
@@ -66,7 +65,7 @@ class OutputState:
     def write_json(self, data: dict[str, Any], *parts: str) -> None:
         """Write via a temporary name then move, so a marker is never half-written."""
         path = self.path(*parts)
-        with naming(self.uri(*parts), "write"), _cleaned(self.fs, path, self.fence) as tmp:
+        with naming(self.uri(*parts), "write"), _fenced(self.fs, path, self.fence) as tmp:
             with self.fs.open(tmp, "w") as handle:
                 json.dump(data, handle, indent=2, default=str)
 
@@ -109,24 +108,12 @@ class OutputState:
         return removed
 
 
-@contextlib.contextmanager
-def _cleaned(fs: fsspec.AbstractFileSystem, path: str,
-             fence: Fence | None = None) -> Iterator[str]:
-    """A temporary name beside `path`, moved onto `path` on success and deleted on failure
-    (a full disk or a dropped connection leaves no half-written file under a real name).
-    With a `fence`, the lease is checked between the write and the move."""
-    folder = path.rsplit("/", 1)[0]
-    fs.makedirs(folder, exist_ok=True)
-    tmp = f"{folder}/.tmp-{uuid.uuid4().hex}"
-    try:
-        yield tmp
-        if fence is not None:
-            fence.check(fs, tmp)  # the temporary file's mtime is the store's "now"
-        fs.mv(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            fs.rm(tmp)
-        raise
+def _fenced(fs: fsspec.AbstractFileSystem, path: str,
+            fence: Fence | None = None) -> contextlib.AbstractContextManager[str]:
+    """`write_then_move`, the lease checked (with a `fence`) between the write and the
+    move: the temporary file's mtime is the store's "now"."""
+    check = None if fence is None else functools.partial(fence.check, fs)
+    return write_then_move(fs, path, check)
 
 
 def write_table(table: pa.Table, uri: str, fence: Fence | None = None) -> None:
@@ -138,7 +125,7 @@ def write_table(table: pa.Table, uri: str, fence: Fence | None = None) -> None:
             that stays down), naming `uri` and the cause.
     """
     fs, path = fsspec.core.url_to_fs(uri)
-    with naming(uri, "write"), _cleaned(fs, path, fence) as tmp:
+    with naming(uri, "write"), _fenced(fs, path, fence) as tmp:
         with fs.open(tmp, "wb") as handle:
             pq.write_table(table, handle)
 
@@ -156,7 +143,7 @@ def list_parts(uri: str) -> list[str]:
         return []
     names = sorted(p for p in fs.ls(root, detail=False)
                    if p.rsplit("/", 1)[1].startswith("part-") and p.endswith(".parquet"))
-    return [fs.unstrip_protocol(p) if "://" in uri else p for p in names]
+    return as_uris(fs, names, uri)
 
 
 def reject_table(ids: list[Any], source: str, rows: list[int], reasons: list[str]) -> pa.Table:

@@ -1,10 +1,11 @@
 """Plan pass of bulk embedding: duplicate ids and (incremental) what changed, over Ray.
 
-A two-step map-reduce on Ray tasks: each input chunk (and each previous output part) is
-read and its keys ``(id, text hash, row key)`` hash-partitioned by id; one task per
-partition then finds, vectorised in Arrow, the exceptions:
+A two-step map-reduce on Ray tasks (`pipelines.common.duplicates`, the one way every job
+finds duplicates): each input chunk (and each previous output part) is read and its keys
+``(id, text hash, row key)`` hash-partitioned by id; one task per partition then finds,
+vectorised in Arrow, the exceptions:
 
-- ``dup``: a later row with an id already seen (the lowest row key wins);
+- ``dup``: a later copy of an id (the first copy, lowest row key, wins: `split_copies`);
 - ``encode`` / ``change`` (incremental): a new id, or an id whose text hash changed;
 - ``drop`` (incremental): an id of the previous output no longer in the input.
 
@@ -13,13 +14,15 @@ Only exceptions come back to the driver; unchanged rows are never listed.
 
 from __future__ import annotations
 
-import zlib
+import functools
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import ray
 
 from pipelines.common.corpus_io import Chunk, id_array, text_hash
+from pipelines.common.duplicates import by_key, split_copies
 from pipelines.embed.output import read_table
 from pipelines.embed.stages import read_valid
 
@@ -49,23 +52,13 @@ def previous_keys(path: str, id_column: str) -> pa.Table:
                      "side": pa.array([1] * n, type=pa.int8())})
 
 
-def split_by_id(table: pa.Table, partitions: int) -> list[pa.Table]:
-    """Hash-partition rows by id (crc32 of its text: stable across processes)."""
-    buckets = pa.array([zlib.crc32(str(i).encode()) % partitions
-                        for i in table.column("id").to_pylist()], type=pa.int64())
-    return [table.filter(pc.equal(buckets, p)) for p in range(partitions)]
-
-
 def classify_keys(table: pa.Table, incremental: bool) -> pa.Table:
     """Exceptions (kind, key, id) among all rows of the ids in `table`."""
     current = table.filter(pc.equal(table.column("side"), 0))
     previous = table.filter(pc.equal(table.column("side"), 1))
-    first = current.group_by("id").aggregate([("key", "min")])  # id, key_min
-    ranked = current.join(first, "id")
-    losers = ranked.filter(pc.not_equal(ranked.column("key"), ranked.column("key_min")))
+    winners, losers = split_copies(current, "id", "key")  # the first copy of an id wins
     found = [_kind(losers, "dup")]
     if incremental:
-        winners = ranked.filter(pc.equal(ranked.column("key"), ranked.column("key_min")))
         winners = winners.select(["id", "hash", "key"])
         prev = previous.select(["id", "hash"]).rename_columns(["id", "prev_hash"])
         paired = winners.join(prev, "id", join_type="left outer")
@@ -86,37 +79,21 @@ def _kind(rows: pa.Table, kind: str, key: int | None = None) -> pa.Table:
                      "id": rows.column("id")})
 
 
+def _chunk_keys(chunk: dict[str, Any], cfg: dict[str, Any]) -> pa.Table:
+    return chunk_keys(Chunk(**chunk), cfg)
+
+
 def compute_plan(chunks: list[Chunk], cfg: dict[str, Any],
                  previous: list[str] | None) -> pa.Table | None:
-    """Run the map-reduce on Ray; returns the exceptions table (None if no rows)."""
-    import ray
-
+    """Run the map-reduce on Ray (`pipelines.common.duplicates.by_key`: every copy of an
+    id, and its previous row, in one task); returns the exceptions table (None if no
+    rows)."""
     total = sum(c.rows for c in chunks)
     if total == 0:
         return None
-    partitions = min(64, 1 + total // 2_000_000)  # ~2M ids per reduce task
-
-    def returns(tables: list[pa.Table]) -> Any:  # num_returns=1 wants the bare object
-        return tables if partitions > 1 else tables[0]
-
-    @ray.remote(num_cpus=0.5)
-    def split_chunk(chunk: dict[str, Any]) -> Any:
-        return returns(split_by_id(chunk_keys(Chunk(**chunk), cfg), partitions))
-
-    @ray.remote(num_cpus=0.5)
-    def split_previous(path: str) -> Any:
-        return returns(split_by_id(previous_keys(path, cfg["id_column"]), partitions))
-
-    @ray.remote(num_cpus=0.5)
-    def reduce(*tables: pa.Table) -> pa.Table:
-        merged = pa.concat_tables(tables, promote_options="permissive")
-        return classify_keys(merged, incremental=previous is not None)
-
-    def refs(task: Any, item: Any) -> list[Any]:
-        out = task.options(num_returns=partitions).remote(item)
-        return out if partitions > 1 else [out]
-
-    mapped = [refs(split_chunk, c.to_dict()) for c in chunks]
-    mapped += [refs(split_previous, p) for p in previous or []]
-    reduced = ray.get([reduce.remote(*[m[p] for m in mapped]) for p in range(partitions)])
-    return pa.concat_tables(reduced, promote_options="permissive")
+    sources = [(functools.partial(_chunk_keys, cfg=cfg), c.to_dict()) for c in chunks]
+    sources += [(functools.partial(previous_keys, id_column=cfg["id_column"]), p)
+                for p in previous or []]
+    reduce = functools.partial(classify_keys, incremental=previous is not None)
+    return pa.concat_tables(ray.get(by_key(sources, "id", reduce, rows=total)),
+                            promote_options="permissive")

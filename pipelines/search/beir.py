@@ -1,7 +1,8 @@
 """A BEIR corpus as a Ray dataset: read and checked by Ray tasks, never on the driver.
 
 `read_corpus` gives rows ``_id``, ``title``, ``text`` (each document checked by
-`bge_core.records.check_beir_doc`; a duplicate ``_id`` is found by a group-by on the ids).
+`bge_core.records.check_beir_doc`; a duplicate ``_id`` is found by
+`pipelines.common.duplicates`).
 `judged_documents` returns which of the qrels' documents the corpus holds (O(qrels)).
 `document_texts` and `chunk_texts` turn it into the ``row`` (the document id) and ``text``
 rows that `pipelines.search.exact` encodes and searches.
@@ -14,40 +15,38 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
-from ray.data.aggregate import Count, Max
-from ray.data.expressions import col
 
 from bge_core.beir import doc_fields
 from bge_core.chunking import ChunkSpec, split_texts
 from bge_core.errors import InputError
 from bge_core.records import RecordError, check_beir_doc, located
 from bge_core.texts import join_title
+from pipelines.common.duplicates import later_copies
 from pipelines.common.encode import tokenizer_for
-from pipelines.search.records import read_records, shuffle_partitions
+from pipelines.search.records import read_checked_dataset
 
 DOC_SCHEMA = pa.schema([("_id", pa.string()), ("title", pa.string()), ("text", pa.string()),
-                        ("line", pa.int64())])
+                        ("line", pa.int64()), ("key", pa.int64())])
 
 
 def _doc_row(key: int, line: int, doc: dict[str, Any]) -> dict[str, Any]:
     doc_id, title, text = doc_fields(doc)
-    return {"_id": doc_id, "title": title, "text": text, "line": line}
+    return {"_id": doc_id, "title": title, "text": text, "line": line, "key": key}
 
 
 def read_corpus(path: str) -> tuple[ray.data.Dataset, int]:
     """The corpus (materialised in the object store) and its size; a duplicate id raises
-    `RecordError` naming the line of its last copy."""
-    corpus = read_records(path, check_beir_doc, _doc_row, DOC_SCHEMA, "BEIR corpus")
+    `RecordError` naming the line of the first later copy in file order (the rule of
+    `pipelines.common.duplicates`; only duplicates reach the driver)."""
+    corpus = read_checked_dataset(path, check_beir_doc, _doc_row, DOC_SCHEMA, "BEIR corpus")
     size = corpus.count()
     if not size:
         raise InputError(f"{path}: the corpus is empty")
-    ids = corpus.select_columns(["_id", "line"])
-    counts = ids.groupby("_id", num_partitions=shuffle_partitions(ids)).aggregate(
-        Count(alias_name="copies"), Max("line", alias_name="line"))
-    dup = counts.filter(expr=col("copies") > 1).take(1)
-    if dup:
-        raise RecordError(located(path, dup[0]["line"], f"duplicate _id {dup[0]['_id']!r}"))
-    return corpus.drop_columns(["line"]), size
+    dups = later_copies(corpus.select_columns(["_id", "line", "key"]), on="_id", order="key")
+    if dups.num_rows:
+        first = dups.slice(0, 1).to_pylist()[0]
+        raise RecordError(located(path, first["line"], f"duplicate _id {first['_id']!r}"))
+    return corpus.drop_columns(["line", "key"]), size
 
 
 def judged_documents(corpus: ray.data.Dataset, judged: set[str]) -> set[str]:

@@ -28,7 +28,7 @@ import ray
 from bge_core.beir import check_qrels, read_split
 from bge_core.chunking import ChunkSpec
 from bge_core.errors import InputError
-from bge_core.jsonl import open_text
+from bge_core.io import open_text
 from bge_core.metrics import evaluate_run, format_table, rank_documents, spearman
 from bge_core.search import best_chunk_per_document
 from pipelines.common.cli import run_main

@@ -30,7 +30,13 @@ from pipelines.common.cli import run_main
 from pipelines.common.encode import encode_corpus, encode_rows, query_instruction
 from pipelines.common.encode_options import Alias, EncodeOptions, SearchOptions
 from pipelines.search.exact import search_corpus
-from pipelines.search.mining import banned_ids, build_corpus, read_examples, read_pool, write_mined
+from pipelines.search.mining import (
+    banned_ids,
+    corpus_dataset,
+    examples_dataset,
+    pool_dataset,
+    write_mined,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +79,9 @@ def run(cfg: MineConfig) -> dict[str, Any]:
     opts = cfg.encode
     instruction = query_instruction(opts.model, cfg.query_instruction_for_retrieval)
     start = time.perf_counter()
-    examples, count = read_examples(cfg.input_file)
-    pool = read_pool(cfg.candidate_pool) if cfg.candidate_pool else None
-    corpus, size = build_corpus(examples, pool)
+    examples, count = examples_dataset(cfg.input_file)
+    pool = pool_dataset(cfg.candidate_pool) if cfg.candidate_pool else None
+    corpus, size = corpus_dataset(examples, pool)
     read = time.perf_counter()
     queries = encode_rows(examples, count, opts, prefix=instruction)  # (Q, D)
     encoded_queries = time.perf_counter()

@@ -1,8 +1,8 @@
 """Ray stages of hard-negative mining: no corpus text and no mined list on the driver.
 
 Training examples and the candidate pool are read by Ray tasks (`pipelines.search.records`).
-The corpus is deduplicated by a group-by on the text (first-seen position kept) and
-numbered 0..n-1 in first-seen order, as `bge_core.mining.build_corpus` orders it in
+The corpus is deduplicated on the text (first copy kept: `pipelines.common.duplicates`) and
+numbered 0..n-1 in first-seen order, as `bge_core.mining.distinct_texts` orders it in
 process, so passage ids stand for texts exactly. The driver then holds only ids: each
 query's top ids (from `pipelines.search.exact`), each example's banned ids (its positives
 and query found in the corpus by a join on the text) and the mined ids; a join on the id
@@ -19,11 +19,16 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import ray
-from ray.data.aggregate import Min
 
 from bge_core.errors import InputError
 from bge_core.records import check_candidate, check_training_example
-from pipelines.search.records import number_rows, read_records, shuffle_partitions, write_lines
+from pipelines.common.duplicates import first_copies
+from pipelines.search.records import (
+    number_rows,
+    read_checked_dataset,
+    shuffle_partitions,
+    write_lines,
+)
 
 SLOT_BITS = 20  # default pool: key of example i's passage j = i << SLOT_BITS | j
 EXAMPLE_SCHEMA = pa.schema([("key", pa.int64()), ("text", pa.string()),
@@ -38,11 +43,11 @@ def _example_row(key: int, line: int, obj: dict[str, Any]) -> dict[str, Any]:
             "neg": list(obj.get("neg") or []), "record": json.dumps(obj, ensure_ascii=False)}
 
 
-def read_examples(path: str) -> tuple[ray.data.Dataset, int]:
+def examples_dataset(path: str) -> tuple[ray.data.Dataset, int]:
     """Training examples (``row`` = 0..n-1 in file order, ``text`` = the query, ``pos``,
     ``neg``, ``record`` = the example as JSON) and their count."""
-    ds = read_records(path, check_training_example, _example_row, EXAMPLE_SCHEMA,
-                      "training data")
+    ds = read_checked_dataset(path, check_training_example, _example_row, EXAMPLE_SCHEMA,
+                              "training data")
     ds = number_rows(ds, "row", by="key").drop_columns(["key"])
     count = ds.count()
     if not count:
@@ -50,11 +55,11 @@ def read_examples(path: str) -> tuple[ray.data.Dataset, int]:
     return ds, count
 
 
-def read_pool(path: str) -> ray.data.Dataset:
+def pool_dataset(path: str) -> ray.data.Dataset:
     """Candidate-pool texts with their place in the files (``key``, file order)."""
-    return read_records(path, check_candidate,
-                        lambda key, line, obj: {"key": key, "text": obj["text"]},
-                        CANDIDATE_SCHEMA, "candidate pool")
+    return read_checked_dataset(path, check_candidate,
+                                lambda key, line, obj: {"key": key, "text": obj["text"]},
+                                CANDIDATE_SCHEMA, "candidate pool")
 
 
 def _passages(batch: pa.Table) -> pa.Table:
@@ -70,14 +75,13 @@ def _passages(batch: pa.Table) -> pa.Table:
     return pa.table({"key": pa.array(keys, pa.int64()), "text": pa.array(texts, pa.string())})
 
 
-def build_corpus(examples: ray.data.Dataset,
-                 pool: ray.data.Dataset | None) -> tuple[ray.data.Dataset, int]:
+def corpus_dataset(examples: ray.data.Dataset,
+                   pool: ray.data.Dataset | None) -> tuple[ray.data.Dataset, int]:
     """The mining corpus: distinct texts of the pool (else of every pos and neg), numbered
     in first-seen order (``row``), materialised in the object store; and its size."""
     source = pool if pool is not None else examples.map_batches(
         _passages, batch_format="pyarrow").materialize()
-    unique = source.groupby("text", num_partitions=shuffle_partitions(source)).aggregate(
-        Min("key", alias_name="key"))
+    unique = first_copies(source, on="text", order="key")
     corpus = number_rows(unique.sort("key"), "row").select_columns(["row", "text"])
     size = corpus.count()
     if not size:

@@ -1,7 +1,7 @@
 """JSONL records as Ray datasets, read and written by Ray tasks, never through the driver.
 
-`read_records` reads the files in ranges (`bge_core.io`, the reader every job uses), one
-Ray task per range, every record checked by its `bge_core.records` validator; a bad
+`read_checked_dataset` reads the files in ranges (`bge_core.io`, the reader every job
+uses), one Ray task per range, every record checked by its `bge_core.records` validator; a bad
 record becomes one row whose ``error`` column holds its located message, and
 `raise_first_error` stops the job with the first in file order. `number_rows` numbers
 rows 0..n-1 in file order (counts per block, not rows, reach the driver). `write_lines`
@@ -21,8 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from bge_core.io import RANGE_ROWS, DataFileError, FileRange, iter_records
-from bge_core.jsonl import open_text
+from bge_core.io import RANGE_ROWS, DataFileError, FileRange, open_text, read_range
 from bge_core.records import Check, RecordError, located
 from bge_core.storage import storage_runtime_env
 from pipelines.common.corpus_io import ROW_BITS
@@ -44,7 +43,7 @@ def _read_range(part: FileRange, check: Check, to_row: ToRow, schema: pa.Schema)
     record becomes an error row (its message and key) and ends the range."""
     unit = "row" if part.fmt == "parquet" else "line"
     rows: list[dict[str, Any]] = []
-    for row, obj, error in iter_records(part):
+    for row, obj, error in read_range(part):
         key = (part.file_index << ROW_BITS) | row
         reason = error or check(obj)
         if reason:
@@ -54,8 +53,8 @@ def _read_range(part: FileRange, check: Check, to_row: ToRow, schema: pa.Schema)
     return pa.Table.from_pylist(rows, schema=schema)
 
 
-def read_records(uri: str, check: Check, to_row: ToRow, schema: pa.Schema, what: str,
-                 rows_per_range: int = RANGE_ROWS) -> ray.data.Dataset:
+def read_checked_dataset(uri: str, check: Check, to_row: ToRow, schema: pa.Schema,
+                         what: str, rows_per_range: int = RANGE_ROWS) -> ray.data.Dataset:
     """The records of the JSONL/Parquet files at `uri`, checked, as a materialised dataset.
 
     The one reader of `bge_core.io`: files listed (a file, a folder or a glob), each cut
@@ -108,7 +107,7 @@ def _with_ids(table: pa.Table, start: int, column: str) -> pa.Table:
 def number_rows(ds: ray.data.Dataset, column: str, by: str | None = None) -> ray.data.Dataset:
     """`ds` with an int64 `column` numbering its rows 0..n-1: in block order, or with `by`
     in the order of that column, where each block holds a run of it in order (the blocks
-    of `read_records` by ``key``: one range each). The driver holds block references and
+    of `read_checked_dataset` by ``key``: one range each). The driver holds block references and
     counts only.
 
     Raises:

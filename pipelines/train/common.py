@@ -52,6 +52,8 @@ from bge_core.storage import (
     arrow_filesystem,
     check_reachable,
     find_storage_error,
+    is_local,
+    local_path,
     naming,
 )
 from bge_core.training import (
@@ -106,9 +108,9 @@ class RunSettings:
 
 def storage_path(output_dir: str) -> str:
     """Ray Train's `storage_path` for `output_dir`: URIs as given, local paths absolute."""
-    if "://" in output_dir:
+    if not is_local(output_dir):
         return output_dir.rstrip("/")
-    return str(Path(output_dir).expanduser().resolve())
+    return str(Path(local_path(output_dir)).expanduser().resolve())
 
 
 def scaling_config(settings: RunSettings) -> Any:

@@ -36,7 +36,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from bge_core.distributed import all_reduce_mean, get_rank, get_world_size
-from bge_core.io import RANGE_ROWS, FileRange, iter_records
+from bge_core.io import RANGE_ROWS, FileRange, read_range
 from bge_core.loading import resolve_model
 from bge_core.records import check_text, located
 from bge_core.retromae import HEADS_FILE, load_checkpoint, load_retromae, save_checkpoint
@@ -103,7 +103,7 @@ def texts_of(part: FileRange, column: str) -> tuple[list[str], int]:
     texts: list[str] = []
     skipped = 0
     unit = "row" if part.fmt == "parquet" else "line"
-    for row, record, error in iter_records(part, [column]):
+    for row, record, error in read_range(part, [column]):
         if error := error or check_text(record, column):
             raise InputError(located(part.path, row + 1, error, unit))
         value = record.get(column)
