@@ -1,9 +1,13 @@
-"""Compute precision: which dtypes a device can run, and the autocast context for them."""
+"""Compute precision: which dtypes a device can run, the autocast context for them, and
+(for training) the ``--fp16`` / ``--bf16`` flags and loss scaling (`Precision`)."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -50,3 +54,64 @@ def autocast_context(dtype: DType, device: torch.device) -> contextlib.AbstractC
     if dtype in ("fp32", "int8"):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=TORCH_DTYPES[dtype])
+
+
+def resolve_precision(fp16: bool, bf16: bool, device_type: str | None = None) -> DType:
+    """The autocast dtype for the FlagEmbedding-style ``--fp16`` / ``--bf16`` flags.
+
+    fp16 needs CUDA: on another device (`device_type` given) it falls back to fp32 with a
+    warning, so a GPU command line also runs on a CPU box.
+    """
+    if fp16 and bf16:
+        raise InputError("--fp16 and --bf16 are mutually exclusive")
+    if fp16 and device_type is not None and device_type != "cuda":
+        log.warning("--fp16 needs a CUDA GPU: training in fp32 on %s", device_type)
+        return "fp32"
+    return "fp16" if fp16 else "bf16" if bf16 else "fp32"
+
+
+@dataclass
+class Precision:
+    """Autocast and (for fp16) loss scaling for one training device."""
+
+    dtype: DType
+    device: torch.device
+    scaler: torch.amp.GradScaler | None = None
+
+    @classmethod
+    def create(cls, dtype: DType, device: torch.device) -> Precision:
+        check_dtype(dtype, device)  # fp16 needs CUDA; bf16 on CPU warns when emulated
+        scaler = torch.amp.GradScaler(device.type) if dtype == "fp16" else None
+        return cls(dtype, device, scaler)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return autocast_context(self.dtype, self.device)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def scale_loss_fn(self, loss_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        """Wrap a loss so its backward is scaled (for `bge_core.grad_cache` steps)."""
+        if self.scaler is None:
+            return loss_fn
+        return lambda *args: self.scaler.scale(loss_fn(*args))
+
+    def unscaled(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss as the model sees it (undo fp16 loss scaling, for logging)."""
+        return loss / self.scaler.get_scale() if self.scaler else loss
+
+    def step(self, optimizer: torch.optim.Optimizer, scheduler: Any,
+             max_grad_norm: float | None = None) -> None:
+        """Unscale, clip, step the optimizer and scheduler, zero the gradients."""
+        if self.scaler:
+            self.scaler.unscale_(optimizer)
+        if max_grad_norm:
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        if self.scaler:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)

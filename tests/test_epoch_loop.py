@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from bge_core.training import TrainState
+from bge_core.train_state import TrainState
 from pipelines.train.session import run_epochs
 
 WORLD = 2

@@ -27,9 +27,9 @@ TWO_NODES = textwrap.dedent("""
     import sys
     import ray
     from ray.cluster_utils import Cluster
-    from bge_core.training import Fault
     from pipelines.common.cli import parse_config
     from pipelines.train.finetune import FinetuneConfig, run
+    from tests.fault_hooks import ExitAfterStep
     from tests.test_flagembedding_commands import finetune_readme
     from pathlib import Path
 
@@ -53,7 +53,7 @@ TWO_NODES = textwrap.dedent("""
             "--query_max_len", "16", "--passage_max_len", "24", "--shuffle_buffer_size", "0",
             "--max_failures", "1"])
         # Rank 1 exits right after step 3 on the first attempt (the marker records it).
-        result = run(cfg, fault=Fault(step=3, marker=str(tmp / "killed.txt")))
+        result = run(cfg, on_step=ExitAfterStep(step=3, marker=str(tmp / "killed.txt")))
         print("RESULT " + json.dumps({"metrics": result.metrics, "examples": result.examples,
                                       "bad": result.skipped,
                                       "checkpoints": result.checkpoints,

@@ -102,7 +102,7 @@ def test_bad_examples_stop_the_job_or_are_counted(ray_session, tiny_bert_dir, tm
 def test_final_model_export_to_an_fsspec_uri(tiny_bert_dir, tmp_path):
     import fsspec
 
-    from pipelines.train.common import export_model
+    from pipelines.train.driver import export_model
 
     saved = Encoder.from_pretrained(str(tiny_bert_dir), device="cpu").save(tmp_path / "m")
     assert export_model(saved, "memory://bge-ft/out") == "memory://bge-ft/out"
@@ -150,12 +150,12 @@ def test_resume_after_a_killed_worker_matches_the_uninterrupted_run(
     import torch
     from safetensors.torch import load_file
 
-    from bge_core.training import Fault
+    from tests.fault_hooks import ExitAfterStep
 
     plain, data = uninterrupted_finetune
     marker = tmp_path / "killed"
     resumed = run(_resume_config(tiny_bert_dir, data, tmp_path / "out"),
-                  fault=Fault(step=3, marker=str(marker)))  # rank 1 dies after step 3
+                  on_step=ExitAfterStep(step=3, marker=str(marker)))  # rank 1 dies after 3
     assert marker.exists() and plain.metrics["resumed_from"] == []
     assert resumed.metrics["resumed_from"] == [2]  # killed before step 3's checkpoint
     assert resumed.metrics["step"] == plain.metrics["step"] == 5

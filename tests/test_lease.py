@@ -223,7 +223,7 @@ def test_the_embed_cli_refuses_before_ray_starts(tmp_path: Path, monkeypatch: py
 
 
 def test_training_refuses_an_output_dir_another_run_is_writing(tmp_path: Path) -> None:
-    from pipelines.train.common import run_training
+    from pipelines.train.driver import run_training
     from pipelines.train.finetune import FinetuneConfig
 
     _write_lease(tmp_path / "ft", pid=9)

@@ -20,7 +20,6 @@ from bge_core.grad_cache import contrastive_step
 from bge_core.losses import info_nce
 from bge_core.model import Encoder
 from bge_core.retromae import HEADS_FILE
-from bge_core.training import Fault
 from pipelines.common.cli import ConfigError, parse_config
 from pipelines.common.corpus_io import InputError, list_input_files, plan_file
 from pipelines.train.finetune import FinetuneConfig, load_encoder
@@ -34,6 +33,7 @@ from pipelines.train.retromae import (
     texts_of,
 )
 from tests.driver_spy import spy_on_driver
+from tests.fault_hooks import ExitAfterStep
 from tests.test_flagembedding_commands import retromae_readme
 from tests.tiny_models import WORDS
 
@@ -94,6 +94,20 @@ def test_step_plan_gives_every_rank_equal_whole_batches():
     assert (plan.steps_per_epoch, plan.total_steps) == (3, 6)
     assert StepPlan(23, 2, 3, 2, max_steps=4).total_steps == 4
     assert step_seed(1, 0, 5) == step_seed(1, 0, 5) != step_seed(1, 1, 5)
+
+
+def test_both_trainers_plan_steps_by_one_rule(tmp_path):
+    from pipelines.train.finetune import plan_steps
+
+    for texts, world, batch, epochs, max_steps in [(23, 2, 3, 2, None), (17, 2, 2, 3, -1),
+                                                   (40, 4, 2, 1, 7), (9, 1, 4, 2, None)]:
+        plan = StepPlan(texts, world, batch, epochs, max_steps)
+        cfg = FinetuneConfig(model_name_or_path="m", train_data="d", output_dir=str(tmp_path),
+                             num_workers=world, per_device_train_batch_size=batch,
+                             num_train_epochs=epochs, max_steps=max_steps)
+        assert plan_steps(cfg, texts) == (plan.steps_per_epoch, plan.total_steps)
+    # --max_steps -1 is unset (Hugging Face's meaning) for RetroMAE as for finetuning
+    assert StepPlan(17, 2, 2, epochs=3, max_steps=-1).total_steps == 12
 
 
 def test_flags_and_yaml_follow_flagembedding():
@@ -211,7 +225,7 @@ def test_resume_after_a_killed_worker_matches_the_uninterrupted_run(
     summary, data, _, _ = plain_run
     marker = tmp_path / "killed"
     resumed = run(job_config(tiny_bert_dir, data, tmp_path / "out"),
-                  fault=Fault(step=3, marker=str(marker)))  # rank 1 dies after step 3
+                  on_step=ExitAfterStep(step=3, marker=str(marker)))  # rank 1 dies after 3
     assert marker.exists() and resumed.metrics["step"] == 3
     assert resumed.metrics["resumed_from"] == [2]  # killed before step 3's checkpoint
     reference = load_file(f"{summary.output_dir}/model.safetensors")

@@ -1,5 +1,6 @@
 """Pure pieces of the training machinery: optimizer groups, schedule, precision, progress,
-fault drills, Ray Train settings (no cluster needed)."""
+the per-step hook and the fault drill passed through it, Ray Train settings (no cluster
+needed)."""
 
 from __future__ import annotations
 
@@ -10,21 +11,19 @@ import torch
 from transformers import get_scheduler
 
 from bge_core.optim import SCHEDULES, build_adamw, build_scheduler, warmup_steps
-from bge_core.training import (
-    Fault,
-    ProgressMeter,
-    TrainState,
-    enable_gradient_checkpointing,
-    even_cpu_share,
-    resolve_precision,
-    torch_threads,
-)
-from pipelines.train.common import (
+from bge_core.precision import resolve_precision
+from bge_core.progress import Progress, ProgressMeter, eta_s, progress_line
+from bge_core.train_state import TrainState
+from bge_core.trainable import enable_gradient_checkpointing
+from pipelines.train.cpu_share import even_cpu_share, torch_threads
+from pipelines.train.driver import (
     RunSettings,
     export_model,
     scaling_config,
     storage_path,
 )
+from pipelines.train.session import StepInfo
+from tests.fault_hooks import ExitAfterStep
 
 
 def test_adamw_excludes_bias_and_norm_from_weight_decay():
@@ -93,6 +92,21 @@ def test_progress_meter_reports_rate_and_eta():
     assert state.examples == 8 and state.step_in_epoch == 1
 
 
+def test_one_progress_line_for_rows_and_training_steps():
+    import logging
+
+    assert progress_line(1234, 10000, "rows", 45.61, "rows", 193.4) == \
+        "1,234/10,000 rows (12.3%), 45.6 rows/s, ETA 193s"
+    assert eta_s(done=2, left=6, elapsed=10.0) == 30.0  # 5 s a unit, 6 units left
+    assert eta_s(0, 5, 1.0) == math.inf and eta_s(4, 0, 1.0) == 0.0
+    rows = Progress(total=10, unit="rows", every_s=3600, logger=logging.getLogger("t"))
+    rows.start -= 2.0  # 4 rows in 2 s: 2 rows/s, 6 left in 3 s
+    rows.advance(4)
+    assert rows.line() == "4/10 rows (40.0%), 2.0 rows/s, ETA 3s"
+    steps = {"step": 3, "total_steps": 10, "examples_per_s": 12.34, "eta_s": 45.2, "loss": 1.5}
+    assert ProgressMeter.line(steps) == "3/10 steps (30.0%), 12.3 examples/s, ETA 45s, loss 1.5000"
+
+
 def test_storage_path_keeps_uris_and_resolves_local(tmp_path):
     assert storage_path("s3://bucket/run/") == "s3://bucket/run"
     assert storage_path(str(tmp_path / "x")) == str((tmp_path / "x").resolve())
@@ -100,18 +114,58 @@ def test_storage_path_keeps_uris_and_resolves_local(tmp_path):
 
 def test_fault_drill_kills_the_chosen_rank_once(tmp_path, monkeypatch):
     exits = []
-    monkeypatch.setattr("bge_core.training.time.sleep", lambda s: None)
-    monkeypatch.setattr("bge_core.training.os._exit", exits.append)
+    monkeypatch.setattr("tests.fault_hooks.time.sleep", lambda s: None)
+    monkeypatch.setattr("tests.fault_hooks.os._exit", exits.append)
     marker = tmp_path / "killed"
-    fault = Fault(step=3, marker=str(marker))  # alone: rank 0 is the victim
-    fault.maybe_fail(2)
+    fault = ExitAfterStep(step=3, marker=str(marker))  # alone: rank 0 is the victim
+    fault(StepInfo(rank=0, world_size=1, step=2, epoch=0))
     assert exits == [] and not marker.exists()
-    fault.maybe_fail(3)
+    fault(StepInfo(rank=0, world_size=1, step=3, epoch=0))
     assert exits == [1] and marker.read_text().startswith("rank 0 killed after step 3")
-    fault.maybe_fail(3)  # the restarted run goes on
+    fault(StepInfo(rank=0, world_size=1, step=3, epoch=0))  # the restarted run goes on
     assert exits == [1]
-    Fault(step=3, marker=str(tmp_path / "other"), rank=1).maybe_fail(3)  # not this rank
+    other = ExitAfterStep(step=3, marker=str(tmp_path / "other"), rank=1)
+    other(StepInfo(rank=0, world_size=2, step=3, epoch=0))  # not this rank
+    assert exits == [1] and not (tmp_path / "other").exists()
+    two = ExitAfterStep(step=3, marker=str(tmp_path / "two"))  # default victim of 2: rank 1
+    two(StepInfo(rank=0, world_size=2, step=3, epoch=0))
     assert exits == [1]
+    two(StepInfo(rank=1, world_size=2, step=3, epoch=0))
+    assert exits == [1, 1] and (tmp_path / "two").read_text().startswith("rank 1 killed")
+
+
+def test_fault_drill_travels_to_ray_workers_by_reference(tmp_path):
+    import pickle
+
+    import cloudpickle
+
+    drill = ExitAfterStep(step=3, marker=str(tmp_path / "killed"))
+    payload = cloudpickle.dumps({"on_step": drill})  # how Ray ships train_loop_config
+    # by reference: the module and class names, not the code (workers import tests/)
+    assert b"tests.fault_hooks" in payload and b"ExitAfterStep" in payload
+    assert b"os._exit" not in payload and b"REGISTER_S" not in payload
+    assert pickle.loads(payload)["on_step"] == drill
+
+
+def test_session_calls_the_step_hook_after_every_step(tmp_path):
+    """`Session.finish_step` gives the hook rank, world size, step and epoch (steps that
+    neither log nor save, so no Ray is needed)."""
+    from pipelines.train.args import TrainArgs
+    from pipelines.train.session import Session
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    args = TrainArgs(model_name_or_path="m", train_data="d", output_dir=str(tmp_path),
+                     save_steps=100, logging_steps=100)
+    seen: list[StepInfo] = []
+    session = Session(model, optimizer, build_scheduler(optimizer, "constant", 0, 100),
+                      amp=None, io=None, state=TrainState(epoch=2), meter=ProgressMeter(100),
+                      args=args, on_step=seen.append)
+    session.finish_step(8, losses=lambda: pytest.fail("no report is due"))
+    session.finish_step(8, losses=lambda: pytest.fail("no report is due"))
+    assert seen == [StepInfo(rank=0, world_size=1, step=1, epoch=2),
+                    StepInfo(rank=0, world_size=1, step=2, epoch=2)]
+    assert session.state.examples == 16
 
 
 def test_export_model_skips_resume_only_files(tmp_path):

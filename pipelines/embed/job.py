@@ -18,11 +18,11 @@ import torch
 
 from bge_core.int8 import PRECISION as INT8_PRECISION
 from bge_core.precision import cpu_dtype
+from bge_core.progress import Progress
 from bge_core.storage import StorageError, check_reachable, find_storage_error, naming
 from pipelines.common.corpus_io import Chunk, InputError, file_key, list_input_files, plan_files
 from pipelines.common.encode import encode_dataset
 from pipelines.common.lease import LeaseLost, OutputLease, find_lease_lost, release_quietly
-from pipelines.common.progress import Progress
 from pipelines.embed.config import EmbedConfig
 from pipelines.embed.output import MANIFEST, OutputState, list_parts, read_table, write_table
 from pipelines.embed.plan import compute_plan

@@ -12,8 +12,16 @@ from dataclasses import dataclass
 from typing import Literal
 
 from bge_core.errors import InputError
-from bge_core.training import resolve_precision
+from bge_core.precision import resolve_precision
 from pipelines.common.resources import check_accelerator
+
+
+def planned_steps(steps_per_epoch: int, epochs: int, max_steps: int | None) -> int:
+    """Optimizer steps of a run: `max_steps` when > 0 (None or -1: unset, as in Hugging
+    Face), else epochs × steps per epoch."""
+    if max_steps is not None and max_steps > 0:
+        return max_steps
+    return epochs * steps_per_epoch
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,7 +43,7 @@ class TrainArgs:
             (one GPU per worker with `use_gpu`; fractional CPUs allowed). Left out,
             `cpus_per_worker` is 1 for GPU workers and, on CPUs, the largest equal share
             of the nodes' CPU totals that keeps half a CPU free on every node for the
-            job's read tasks (`bge_core.training.even_cpu_share`); each worker computes
+            job's read tasks (`pipelines.train.cpu_share`); each worker computes
             on the nearest whole number of torch threads.
         max_failures: worker-group restarts from the latest checkpoint before giving up.
         run_name: folder of this run's checkpoints under `output_dir`.
@@ -114,10 +122,8 @@ class TrainArgs:
         resolve_precision(self.fp16, self.bf16)  # --fp16 with --bf16 is an error
 
     def total_steps(self, steps_per_epoch: int) -> int:
-        """Optimizer steps of the run: `max_steps` when > 0, else epochs × steps per epoch."""
-        if self.max_steps is not None and self.max_steps > 0:
-            return self.max_steps
-        return self.num_train_epochs * steps_per_epoch
+        """Optimizer steps of the run (`planned_steps` of its flags)."""
+        return planned_steps(steps_per_epoch, self.num_train_epochs, self.max_steps)
 
     def compat_notes(self) -> list[str]:
         """One line per accepted flag that has no effect here (logged when a job starts)."""

@@ -26,6 +26,12 @@ def data_config() -> Any:
     return ray.train.DataConfig(execution_options=options)
 
 
+def epoch_steps(rows: int, workers: int, batch_size: int) -> int:
+    """Steps an epoch of both trainers: whole global batches of `rows` (`workers` ×
+    `batch_size` rows a step, every rank the same steps; the last partial one dropped)."""
+    return rows // (workers * batch_size)
+
+
 def epoch_batches(shard: Any, *, batch_size: int, shuffle_buffer: int, seed: int, epoch: int,
                   skip: int, steps: int) -> Iterator[pa.Table]:
     """This worker's batches of `epoch`, batches [skip, steps) of its shard.

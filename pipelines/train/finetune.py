@@ -46,14 +46,15 @@ from bge_core.losses import DEFAULT_TEMPERATURE, info_nce
 from bge_core.model import Encoder
 from bge_core.presets import resolve_instruction
 from bge_core.storage import StorageError
-from bge_core.training import Fault, enable_gradient_checkpointing, freeze_position_embeddings
+from bge_core.trainable import enable_gradient_checkpointing, freeze_position_embeddings
 from pipelines.common.cli import config_from_dict, config_to_dict, run_main, start_ray
 from pipelines.common.lease import LeaseHeld
 from pipelines.common.ranges import plan_data, range_dataset
-from pipelines.train import common as tc
+from pipelines.train import worker
 from pipelines.train.args import TrainArgs
-from pipelines.train.data import data_config, epoch_batches
-from pipelines.train.session import open_session, run_epochs
+from pipelines.train.data import data_config, epoch_batches, epoch_steps
+from pipelines.train.driver import TrainResult, run_training
+from pipelines.train.session import StepHook, open_session, run_epochs
 
 log = logging.getLogger("bge.finetune")
 
@@ -151,8 +152,7 @@ def _parse_task(part: Any, group_size: int, limit: int | None, seed: int) -> pa.
 
 def plan_steps(cfg: FinetuneConfig, examples: int) -> tuple[int, int]:
     """(steps per epoch, total steps): each worker gets an equal share of whole batches."""
-    per_worker = examples // cfg.num_workers
-    steps_per_epoch = per_worker // cfg.per_device_train_batch_size
+    steps_per_epoch = epoch_steps(examples, cfg.num_workers, cfg.per_device_train_batch_size)
     if steps_per_epoch < 1:
         raise TrainingDataError(
             f"{examples} training examples are too few for {cfg.num_workers} workers x "
@@ -160,9 +160,15 @@ def plan_steps(cfg: FinetuneConfig, examples: int) -> tuple[int, int]:
     return steps_per_epoch, cfg.total_steps(steps_per_epoch)
 
 
-def run(cfg: FinetuneConfig, *, fault: Fault | None = None) -> tc.TrainResult:
+def run(cfg: FinetuneConfig, *, on_step: StepHook | None = None) -> TrainResult:
     """Finetune on Ray Train (Ray already started) and write the final model to
-    `cfg.output_dir`; `fault` is a fault drill for tests."""
+    `cfg.output_dir`.
+
+    Args:
+        on_step: called on every worker after each optimizer step with its
+            `pipelines.train.session.StepInfo` (rank, world size, step, epoch); must pickle
+            by reference (see `StepHook`). Tests pass fault drills; runs pass none.
+    """
     dataset, examples, bad = read_dataset(cfg)
     steps_per_epoch, total = plan_steps(cfg, examples)
     log.info("%d examples (%d invalid skipped), %d steps/epoch, %d steps, global batch %d",
@@ -170,9 +176,9 @@ def run(cfg: FinetuneConfig, *, fault: Fault | None = None) -> tc.TrainResult:
              cfg.num_workers * cfg.per_device_train_batch_size)
     loop_config = {"cfg": config_to_dict(cfg), "steps_per_epoch": steps_per_epoch,
                    "total_steps": total}
-    return tc.run_training("finetuning", train_loop, loop_config, cfg, examples=examples,
-                           skipped=bad, datasets={"train": dataset}, fault=fault,
-                           dataset_config=data_config())
+    return run_training("finetuning", train_loop, loop_config, cfg, examples=examples,
+                        skipped=bad, datasets={"train": dataset}, on_step=on_step,
+                        dataset_config=data_config())
 
 
 # ------------------------------------------------------------------------- workers
@@ -185,7 +191,7 @@ def _load_encoder(model: Any, folder: Path) -> None:
     model.backbone.load_state_dict(saved.backbone.state_dict())
 
 
-ENCODER_IO = tc.ModelIO(save=_save_encoder, load=_load_encoder)
+ENCODER_IO = worker.ModelIO(save=_save_encoder, load=_load_encoder)
 
 
 def load_encoder(cfg: FinetuneConfig, device: Any = "cpu") -> Encoder:
@@ -208,7 +214,7 @@ def load_encoder(cfg: FinetuneConfig, device: Any = "cpu") -> Encoder:
                                       cfg.query_instruction_for_retrieval)
     encoder.config = encoder.config.replace(query_instruction=instruction,
                                             temperature=train_temperature(cfg, encoder))
-    tokenizer = tc.tokenizer_override(cfg)
+    tokenizer = worker.tokenizer_override(cfg)
     if tokenizer is not None:  # before any tokenising: the encoder builds its own lazily
         encoder.tokenizer = tokenizer
     if cfg.fix_position_embedding:
@@ -247,18 +253,18 @@ def train_loop(config: dict[str, Any]) -> None:
 
     cfg = config_from_dict(FinetuneConfig, config["cfg"])
     steps_per_epoch, total = config["steps_per_epoch"], config["total_steps"]
-    device = tc.start_worker(cfg)
+    device = worker.start_worker(cfg)
     encoder = load_encoder(cfg, device)
     encoder.train()
     enable_gradient_checkpointing(encoder, cfg.gradient_checkpointing)
-    session = open_session(encoder, cfg, total, device, ENCODER_IO, tc.fault_from(config))
-    model = tc.prepare_model(encoder)
+    session = open_session(encoder, cfg, total, device, ENCODER_IO, config.get("on_step"))
+    model = worker.prepare_model(encoder)
     loss_fn = session.amp.scale_loss_fn(functools.partial(
         info_nce, group_size=cfg.train_group_size, temperature=encoder.config.temperature,
         use_inbatch_neg=cfg.use_inbatch_neg,
         negatives_cross_device=cfg.negatives_cross_device))
     shard = ray.train.get_dataset_shard("train")
-    session.constants["num_nodes"] = tc.count_nodes()
+    session.constants["num_nodes"] = worker.count_nodes()
     global_batch = cfg.per_device_train_batch_size * cfg.num_workers
     pad_id = encoder.tokenizer.pad_token_id or 0
 

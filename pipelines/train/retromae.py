@@ -18,8 +18,9 @@ texts, in the same order, with the same masks as an uninterrupted run. Every che
 (``<output_dir>/<run_name>/checkpoint_step_*/model``) is a loadable CLS-pooled encoder plus
 the heads needed to resume; the final encoder is written to ``<output_dir>`` itself, as
 finetuning does, for ``pipelines/finetune.py --model_name_or_path <output_dir>``. Launch,
-checkpoint/resume, progress, optimizer and precision are the shared `pipelines.train.common`
-machinery.
+export (`pipelines.train.driver`), checkpoint/resume (`pipelines.train.worker`), progress,
+optimizer, precision and the epoch loop (`pipelines.train.session`) are shared with
+finetuning.
 """
 
 from __future__ import annotations
@@ -42,15 +43,16 @@ from bge_core.records import check_text, located
 from bge_core.retromae import HEADS_FILE, load_checkpoint, load_retromae, save_checkpoint
 from bge_core.retromae_masking import RetroMAECollator
 from bge_core.storage import StorageError
-from bge_core.training import Fault, enable_gradient_checkpointing
+from bge_core.trainable import enable_gradient_checkpointing
 from pipelines.common.cli import config_from_dict, config_to_dict, run_main
 from pipelines.common.corpus_io import InputError, list_input_files
 from pipelines.common.lease import LeaseHeld
 from pipelines.common.ranges import plan_data, range_dataset
-from pipelines.train import common as tc
-from pipelines.train.args import TrainArgs
-from pipelines.train.data import data_config, epoch_batches
-from pipelines.train.session import Session, open_session, run_epochs
+from pipelines.train import worker
+from pipelines.train.args import TrainArgs, planned_steps
+from pipelines.train.data import data_config, epoch_batches, epoch_steps
+from pipelines.train.driver import TrainResult, run_training
+from pipelines.train.session import Session, StepHook, open_session, run_epochs
 
 log = logging.getLogger("bge.retromae")
 
@@ -170,11 +172,11 @@ class StepPlan:
 
     @property
     def steps_per_epoch(self) -> int:
-        return self.texts // (self.world * self.batch)
+        return epoch_steps(self.texts, self.world, self.batch)
 
     @property
     def total_steps(self) -> int:
-        return self.max_steps or self.epochs * self.steps_per_epoch
+        return planned_steps(self.steps_per_epoch, self.epochs, self.max_steps)
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -188,24 +190,24 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     import ray.train
 
     cfg = config_from_dict(RetroMAEConfig, loop_config["cfg"])
-    device = tc.start_worker(cfg)
+    device = worker.start_worker(cfg)
     rank, world = get_rank(), get_world_size()
     model, tokenizer = load_retromae(cfg.model_name_or_path)
-    tokenizer = tc.tokenizer_override(cfg) or tokenizer  # --tokenizer_name
+    tokenizer = worker.tokenizer_override(cfg) or tokenizer  # --tokenizer_name
     model.to(device)
     enable_gradient_checkpointing(model.lm, cfg.gradient_checkpointing)
     plan = StepPlan(loop_config["texts"], world, cfg.per_device_train_batch_size,
                     cfg.num_train_epochs, cfg.max_steps)
-    io = tc.ModelIO(save=lambda m, folder: save_checkpoint(m, tokenizer, folder / "model"),
+    io = worker.ModelIO(save=lambda m, folder: save_checkpoint(m, tokenizer, folder / "model"),
                     load=lambda m, folder: load_checkpoint(m, folder / "model"))
     session = open_session(model, cfg, plan.total_steps, device, io,
-                           tc.fault_from(loop_config))
-    ddp_model = tc.prepare_model(model)
+                           loop_config.get("on_step"))
+    ddp_model = worker.prepare_model(model)
     collator = RetroMAECollator(tokenizer, cfg.max_seq_length, cfg.encoder_mlm_probability,
                                 cfg.decoder_mlm_probability)
     tokenize = functools.partial(_tokenize, tokenizer, cfg.max_seq_length)
     shard = ray.train.get_dataset_shard("train")
-    session.constants["num_nodes"] = tc.count_nodes()
+    session.constants["num_nodes"] = worker.count_nodes()
     tokens = 0  # real tokens through the encoder on this rank since (re)start
     ddp_model.train()
 
@@ -247,9 +249,14 @@ def _losses(out: Any, tokens: int, session: Session) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------- driver
-def run(cfg: RetroMAEConfig, *, fault: Fault | None = None) -> tc.TrainResult:
+def run(cfg: RetroMAEConfig, *, on_step: StepHook | None = None) -> TrainResult:
     """Plan and count the corpus, pretrain on Ray Train (Ray already started), write the
-    encoder (without the resume-only heads) to ``output_dir``; `fault` is a drill for tests.
+    encoder (without the resume-only heads) to ``output_dir``.
+
+    Args:
+        on_step: called on every worker after each optimizer step with its
+            `pipelines.train.session.StepInfo` (rank, world size, step, epoch); must pickle
+            by reference (see `StepHook`). Tests pass fault drills; runs pass none.
 
     Raises:
         InputError: bad or too little data (names the file, line or counts).
@@ -263,11 +270,11 @@ def run(cfg: RetroMAEConfig, *, fault: Fault | None = None) -> tc.TrainResult:
                          f"global batch ({cfg.num_workers} workers x "
                          f"{cfg.per_device_train_batch_size})")
     loop_config = {"cfg": config_to_dict(cfg), "texts": corpus.texts}
-    return tc.run_training("RetroMAE pretraining", train_loop, loop_config, cfg,
-                           examples=corpus.texts, skipped=corpus.skipped, fault=fault,
-                           export_skip=(HEADS_FILE,),
-                           datasets={"train": corpus.dataset(cfg.text_column)},
-                           dataset_config=data_config())
+    return run_training("RetroMAE pretraining", train_loop, loop_config, cfg,
+                        examples=corpus.texts, skipped=corpus.skipped, on_step=on_step,
+                        export_skip=(HEADS_FILE,),
+                        datasets={"train": corpus.dataset(cfg.text_column)},
+                        dataset_config=data_config())
 
 
 def _check_model(cfg: RetroMAEConfig) -> None:

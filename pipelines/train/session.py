@@ -1,5 +1,6 @@
 """One worker's training session: optimizer, schedule, precision, the restored state, the
-log / report / checkpoint schedule, and the epoch loop both training jobs share."""
+log / report / checkpoint schedule, the per-step hook (`StepHook`), and the epoch loop both
+training jobs share."""
 
 from __future__ import annotations
 
@@ -11,16 +12,43 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 from torch import nn
 
-from bge_core.distributed import all_ranks, get_rank
+from bge_core.distributed import all_ranks, get_rank, get_world_size
 from bge_core.optim import build_adamw, build_scheduler, warmup_steps
-from bge_core.training import Fault, Precision, ProgressMeter, TrainState, resolve_precision
-from pipelines.train.common import ModelIO, report, restore_checkpoint, save_and_report
+from bge_core.precision import Precision, resolve_precision
+from bge_core.progress import ProgressMeter
+from bge_core.train_state import TrainState
+from pipelines.train.worker import ModelIO, report, restore_checkpoint, save_and_report
 
 if TYPE_CHECKING:
     from pipelines.train.args import TrainArgs
 
 log = logging.getLogger("bge.train")
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """Where one worker stands after an optimizer step: what a `StepHook` is given.
+
+    Args:
+        rank / world_size: this worker and the group's size.
+        step: optimizer steps done (1 after the first; counted across restarts).
+        epoch: the epoch the step belongs to (from 0).
+    """
+
+    rank: int
+    world_size: int
+    step: int
+    epoch: int
+
+
+StepHook = Callable[[StepInfo], None]
+"""Called on every worker after each optimizer step, before that step's log, report and
+checkpoint (so a hook that ends the process loses the step's checkpoint). It travels to
+the workers pickled: give a module-level function or an instance of a module-level class
+that the workers can import (cloudpickle stores those by reference); a lambda or closure
+defined in ``__main__`` is copied by value instead. Tests use it for fault drills
+(`tests/fault_hooks.py`); production runs pass none."""
 
 
 @dataclass
@@ -35,7 +63,7 @@ class Session:
     state: TrainState
     meter: ProgressMeter
     args: TrainArgs
-    fault: Fault | None = None
+    on_step: StepHook | None = None
     constants: dict[str, Any] = field(default_factory=dict)  # reported with every metric
 
     @property
@@ -56,8 +84,9 @@ class Session:
         """
         self.state.advance(examples)
         self.meter.count(examples)
-        if self.fault:
-            self.fault.maybe_fail(self.state.step)
+        if self.on_step is not None:
+            self.on_step(StepInfo(get_rank(), get_world_size(), self.state.step,
+                                  self.state.epoch))
         step = self.state.step
         save = step >= self.total or step % self.args.save_steps == 0
         if not (save or step % self.args.logging_steps == 0):
@@ -65,7 +94,8 @@ class Session:
         metrics = self.meter.metrics(
             step, epoch=self.state.epoch, lr=self.scheduler.get_last_lr()[0],
             resumed_from=list(self.state.resumed_from), **self.constants, **losses())
-        ProgressMeter.log_line(metrics)
+        if get_rank() == 0:
+            log.info("%s", ProgressMeter.line(metrics))
         if save:
             save_and_report(metrics, self.state, self.model, self.optimizer, self.scheduler,
                             self.amp, self.io)
@@ -74,16 +104,17 @@ class Session:
 
 
 def open_session(model: nn.Module, args: TrainArgs, total: int, device: torch.device,
-                 io: ModelIO, fault: Fault | None = None) -> Session:
+                 io: ModelIO, on_step: StepHook | None = None) -> Session:
     """AdamW, warm-up schedule and precision for `model`; restored from the latest
-    checkpoint when there is one (the returned `state` says where training stands)."""
+    checkpoint when there is one (the returned `state` says where training stands);
+    `on_step` is called after every step (`StepHook`)."""
     optimizer = build_adamw(model, args.learning_rate, args.weight_decay)
     scheduler = build_scheduler(optimizer, args.lr_scheduler_type,
                                 warmup_steps(total, args.warmup_ratio), total)
     amp = Precision.create(resolve_precision(args.fp16, args.bf16, device.type), device)
     state = restore_checkpoint(model, optimizer, scheduler, amp, io)
     meter = ProgressMeter(total, start_step=state.step)
-    return Session(model, optimizer, scheduler, amp, io, state, meter, args, fault,
+    return Session(model, optimizer, scheduler, amp, io, state, meter, args, on_step,
                    constants={"cpu_threads": torch.get_num_threads()})
 
 
