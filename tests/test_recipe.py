@@ -123,3 +123,28 @@ def test_cli_parses_the_recipe_flags() -> None:
     cfg = parse_config(RecipeConfig, ["--corpus", "c", "--train_data", "t", "--output_dir", "o",
                                       "--sts", "s.csv", "--steps", "mine,finetune,evaluate"])
     assert cfg.step_names() == ["mine", "finetune", "evaluate"] and cfg.mine_with == "base"
+
+
+def test_a_changed_later_step_stops_the_run_before_any_step_runs(tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    """Records of a finished run; retromae's deleted, evaluate's flags changed: the run
+    names evaluate's record and runs nothing (no Ray needed)."""
+    import pipelines.chain.recipe as recipe
+
+    cfg = make_config(RecipeConfig, corpus="c", train_data="t", output_dir=str(tmp_path),
+                      beir_dir="eval")
+    for step in plan(cfg):
+        (tmp_path / "_recipe").mkdir(exist_ok=True)
+        (tmp_path / "_recipe" / f"{step.name}.json").write_text(json.dumps(
+            {"step": step.name, "key": step.key(), "summary": {}, "seconds": 1.0}))
+    (tmp_path / "_recipe" / "retromae.json").unlink()
+    ran: list[list[str]] = []
+    monkeypatch.setattr(recipe, "_retromae", lambda argv: ran.append(argv) or {})
+    assert set(recipe.run(cfg)) == set(recipe.STEPS) and len(ran) == 1  # only the missing one
+    assert json.loads((tmp_path / "_recipe" / "retromae.json").read_text())["key"] == ran[0]
+    changed = make_config(RecipeConfig, corpus="c", train_data="t", output_dir=str(tmp_path),
+                          beir_dir="eval", split="dev")
+    (tmp_path / "_recipe" / "retromae.json").unlink()
+    with pytest.raises(ConfigError, match=r"evaluate\.json: step evaluate completed with other"):
+        recipe.run(changed)
+    assert len(ran) == 1

@@ -139,29 +139,37 @@ def plan(cfg: RecipeConfig) -> list[Step]:
 def run(cfg: RecipeConfig) -> dict[str, dict[str, Any]]:
     """Run the steps not yet recorded as complete (Ray already started); returns each
     step's record, those skipped included."""
+    steps = plan(cfg)
+    done = {s.name: recorded(cfg, s) for s in steps}  # every mismatch named before any work
     records: dict[str, dict[str, Any]] = {}
-    for step in plan(cfg):
-        marker = cfg.path(f"_recipe/{step.name}.json")
-        done = read_record(marker)
-        if done is not None:
-            if done["key"] != step.key():
-                raise ConfigError(
-                    f"{marker}: step {step.name} completed with other flags "
-                    f"({shlex.join(done['key'])}); now {shlex.join(step.key())}. Use a new "
-                    "--output_dir, or delete that record and the step's output")
-            log.info("%s: complete (%s), skipped", step.name, marker)
-            records[step.name] = {**done, "skipped": True}
+    for step in steps:
+        if done[step.name] is not None:
+            log.info("%s: complete (%s), skipped", step.name, cfg.path(f"_recipe/{step.name}.json"))
+            records[step.name] = {**done[step.name], "skipped": True}
             continue
         log.info("%s: %s", step.name, shlex.join(step.argv))
         began = time.perf_counter()
         summary = step.run(step.argv)
         record = {"step": step.name, "key": step.key(), "summary": summary,
                   "seconds": round(time.perf_counter() - began, 1)}
-        with open_text(marker, "w") as handle:
+        with open_text(cfg.path(f"_recipe/{step.name}.json"), "w") as handle:
             json.dump(record, handle, indent=1, default=str)
         log.info("%s: done in %.0f s", step.name, record["seconds"])
         records[step.name] = {**record, "skipped": False}
     return records
+
+
+def recorded(cfg: RecipeConfig, step: Step) -> dict[str, Any] | None:
+    """The step's completion record, None if it has none; an error if it has one for
+    other flags."""
+    marker = cfg.path(f"_recipe/{step.name}.json")
+    done = read_record(marker)
+    if done is not None and done["key"] != step.key():
+        raise ConfigError(
+            f"{marker}: step {step.name} completed with other flags "
+            f"({shlex.join(done['key'])}); now {shlex.join(step.key())}. Use a new "
+            "--output_dir, or delete that record and the step's output")
+    return done
 
 
 def read_record(uri: str) -> dict[str, Any] | None:
