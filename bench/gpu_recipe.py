@@ -160,7 +160,7 @@ def ray_chain(start: Path, work: Path, docs: list[str], examples: list[dict],
     (work / "train.jsonl").write_text("".join(json.dumps(e) + "\n" for e in examples))
     gpu = "--use_gpu --bf16" if args.device == "cuda" else "--cpus_per_worker 1"
     actor = "--gpus_per_actor 1 --dtype bf16" if args.device == "cuda" else ""
-    ray.init(log_to_driver=False)
+    ray.init(address="local", log_to_driver=False)  # never join a cluster already running
     start_s = time.perf_counter()
     records = run(make_config(
         RecipeConfig, model_name_or_path=str(start), corpus=str(work / "corpus.jsonl"),
