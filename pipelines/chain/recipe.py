@@ -1,0 +1,245 @@
+"""The BGE recipe on a new domain, one command: RetroMAE → mine → finetune → evaluate.
+
+    ray job submit --working-dir . -- python pipelines/recipe.py \\
+        --corpus s3://bucket/corpus.jsonl --train_data s3://bucket/train.jsonl \\
+        --beir_dir s3://bucket/eval/ --output_dir s3://bucket/recipe/
+
+Each step is one of the project's jobs, run in this process on the same Ray, at its own
+defaults, with the paths below under `output_dir` (a local path or any fsspec URI):
+
+=========  ==========================================  ===============================
+step       job (its flags: ``--<step>_args "..."``)    writes
+=========  ==========================================  ===============================
+retromae   pretrain_retromae on `corpus`               ``retromae/`` (an encoder)
+mine       mine_hard_negatives: `train_data` against   ``mined.jsonl``
+           `corpus`, with the starting model
+finetune   finetune on ``mined.jsonl``, from           ``finetuned/`` (the final model)
+           ``retromae/`` (or the model without it)
+evaluate   evaluate ``finetuned/`` on `beir_dir`       ``metrics.json``, ``sts.json``
+           and/or `sts`
+=========  ==========================================  ===============================
+
+A step that returns writes ``_recipe/<step>.json`` (its flags, summary and seconds). A
+rerun of the same command skips every step with such a record and reruns the first one
+without: the training jobs resume from their own checkpoints, mining and evaluation start
+again. A recorded step whose flags have changed stops the run with a message (its output
+would no longer match them): use a new `output_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from bge_core.io import open_text
+from bge_core.storage import StorageError
+from pipelines.common.cli import ConfigError, parse_config, run_main
+from pipelines.common.lease import LeaseHeld
+
+log = logging.getLogger("bge.recipe")
+STEPS = ("retromae", "mine", "finetune", "evaluate")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RecipeConfig:
+    """The whole recipe: RetroMAE on the corpus, mine, finetune, evaluate.
+
+    Args:
+        corpus: raw domain text (JSONL/Parquet file, folder or glob with a ``text``
+            column): RetroMAE's input and the pool negatives are mined from.
+        train_data: ``{"query", "pos": [...]}`` JSONL/Parquet (``neg`` is replaced).
+        output_dir: every step's output and record (local path or fsspec URI).
+        model_name_or_path: the starting model (a directory, preset or hub id).
+        beir_dir / split: BEIR-layout retrieval set the final model is scored on.
+        sts: STS CSV the final model's Spearman is measured on.
+        steps: which steps, in the order above (a rerun should name the same ones).
+        mine_with: mine with the starting model (``base``) or the RetroMAE encoder.
+        retromae_args ... evaluate_args: extra flags for that step's job, as on its
+            command line (they win over the paths this job gives).
+    """
+
+    corpus: str
+    train_data: str
+    output_dir: str
+    model_name_or_path: str = "all-MiniLM-L6-v2"
+    beir_dir: str | None = None
+    split: str = "test"
+    sts: str | None = None
+    steps: str = ",".join(STEPS)
+    mine_with: Literal["base", "retromae"] = "base"
+    retromae_args: str = ""
+    mine_args: str = ""
+    finetune_args: str = ""
+    evaluate_args: str = ""
+
+    def __post_init__(self) -> None:
+        names = self.step_names()
+        unknown = [s for s in names if s not in STEPS]
+        if unknown or not names:
+            raise ConfigError(f"--steps: unknown step(s) {unknown}; choose from {list(STEPS)}")
+        if names != [s for s in STEPS if s in names]:
+            raise ConfigError(f"--steps {self.steps!r}: steps run in the order {list(STEPS)}")
+        if "evaluate" in names and not (self.beir_dir or self.sts):
+            raise ConfigError("--steps includes evaluate: give --beir_dir and/or --sts "
+                              "(or leave evaluate out of --steps)")
+        for step in STEPS:
+            try:
+                shlex.split(getattr(self, f"{step}_args"))
+            except ValueError as err:
+                raise ConfigError(f"--{step}_args: {err}") from err
+
+    def step_names(self) -> list[str]:
+        return [s.strip() for s in self.steps.split(",") if s.strip()]
+
+    def path(self, name: str) -> str:
+        """`name` under `output_dir` (``retromae``, ``mined.jsonl``, ``_recipe/...``)."""
+        return f"{self.output_dir.rstrip('/')}/{name}"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One job of the chain: its name, its config's flags, and how to run them."""
+
+    name: str
+    argv: list[str]
+    run: Callable[[list[str]], dict[str, Any]]
+    inputs: tuple[str, ...] = ()  # what else the step reads (recorded, compared on rerun)
+
+    def key(self) -> list[str]:
+        return [*self.argv, *self.inputs]
+
+
+def plan(cfg: RecipeConfig) -> list[Step]:
+    """The chain's steps with their flags (paths first, then the user's `<step>_args`)."""
+    names = cfg.step_names()
+    start = cfg.path("retromae") if "retromae" in names else cfg.model_name_or_path
+    miner = start if cfg.mine_with == "retromae" else cfg.model_name_or_path
+    flags = {
+        "retromae": ["--model_name_or_path", cfg.model_name_or_path,
+                     "--train_data", cfg.corpus, "--output_dir", cfg.path("retromae")],
+        "mine": ["--model_name_or_path", miner, "--input_file", cfg.train_data,
+                 "--candidate_pool", cfg.corpus, "--output_file", cfg.path("mined.jsonl")],
+        "finetune": ["--model_name_or_path", start, "--train_data", cfg.path("mined.jsonl"),
+                     "--output_dir", cfg.path("finetuned")],
+        "evaluate": ["--model", cfg.path("finetuned")],
+    }
+    runners = {"retromae": _retromae, "mine": _mine, "finetune": _finetune,
+               "evaluate": _evaluator(cfg)}
+    inputs = {"evaluate": (f"beir_dir={cfg.beir_dir}", f"split={cfg.split}", f"sts={cfg.sts}")}
+    return [Step(n, flags[n] + shlex.split(getattr(cfg, f"{n}_args")), runners[n],
+                 inputs.get(n, ())) for n in names]
+
+
+def run(cfg: RecipeConfig) -> dict[str, dict[str, Any]]:
+    """Run the steps not yet recorded as complete (Ray already started); returns each
+    step's record, those skipped included."""
+    steps = plan(cfg)
+    done = {s.name: recorded(cfg, s) for s in steps}  # every mismatch named before any work
+    records: dict[str, dict[str, Any]] = {}
+    for step in steps:
+        if done[step.name] is not None:
+            log.info("%s: complete (%s), skipped", step.name, cfg.path(f"_recipe/{step.name}.json"))
+            records[step.name] = {**done[step.name], "skipped": True}
+            continue
+        log.info("%s: %s", step.name, shlex.join(step.argv))
+        began = time.perf_counter()
+        summary = step.run(step.argv)
+        record = {"step": step.name, "key": step.key(), "summary": summary,
+                  "seconds": round(time.perf_counter() - began, 1)}
+        with open_text(cfg.path(f"_recipe/{step.name}.json"), "w") as handle:
+            json.dump(record, handle, indent=1, default=str)
+        log.info("%s: done in %.0f s", step.name, record["seconds"])
+        records[step.name] = {**record, "skipped": False}
+    return records
+
+
+def recorded(cfg: RecipeConfig, step: Step) -> dict[str, Any] | None:
+    """The step's completion record, None if it has none; an error if it has one for
+    other flags."""
+    marker = cfg.path(f"_recipe/{step.name}.json")
+    done = read_record(marker)
+    if done is not None and done["key"] != step.key():
+        raise ConfigError(
+            f"{marker}: step {step.name} completed with other flags "
+            f"({shlex.join(done['key'])}); now {shlex.join(step.key())}. Use a new "
+            "--output_dir, or delete that record and the step's output")
+    return done
+
+
+def read_record(uri: str) -> dict[str, Any] | None:
+    """A step's completion record, or None if the step has not completed."""
+    try:
+        with open_text(uri, "r", what="step record") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        return None
+
+
+# ----------------------------------------------------------------------------- the steps
+def _retromae(argv: list[str]) -> dict[str, Any]:
+    from pipelines.train.retromae import RetroMAEConfig
+    from pipelines.train.retromae import run as pretrain
+
+    result = pretrain(parse_config(RetroMAEConfig, argv))
+    return {"output_dir": result.output_dir, "texts": result.examples,
+            "steps": result.metrics.get("step"), "loss": result.metrics.get("loss")}
+
+
+def _mine(argv: list[str]) -> dict[str, Any]:
+    from pipelines.search.mine import MineConfig
+    from pipelines.search.mine import run as mine
+
+    return mine(parse_config(MineConfig, argv))
+
+
+def _finetune(argv: list[str]) -> dict[str, Any]:
+    from pipelines.train.finetune import FinetuneConfig
+    from pipelines.train.finetune import run as finetune
+
+    result = finetune(parse_config(FinetuneConfig, argv))
+    return {"output_dir": result.output_dir, "examples": result.examples,
+            "steps": result.metrics.get("step"), "loss": result.metrics.get("loss")}
+
+
+def _evaluator(cfg: RecipeConfig) -> Callable[[list[str]], dict[str, Any]]:
+    """The evaluate step: retrieval on `beir_dir`, then Spearman on `sts` (each if given)."""
+
+    def evaluate(argv: list[str]) -> dict[str, Any]:
+        from pipelines.search.evaluate import EvaluateConfig
+        from pipelines.search.evaluate import run as score
+
+        out: dict[str, Any] = {}
+        if cfg.beir_dir:
+            out["retrieval"] = score(parse_config(EvaluateConfig, [
+                "--beir_dir", cfg.beir_dir, "--split", cfg.split,
+                "--output", cfg.path("metrics.json"), *argv]))["metrics"]
+        if cfg.sts:
+            out["sts"] = score(parse_config(EvaluateConfig, [
+                "--sts", cfg.sts, "--output", cfg.path("sts.json"), *argv]))["metrics"]
+        return out
+
+    return evaluate
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry: one clear line and exit status 2 on bad flags, config or input."""
+    from pipelines.train.finetune import TrainingDataError
+
+    return run_main("recipe", RecipeConfig, _run_and_report, argv,
+                    errors=(TrainingDataError, LeaseHeld, StorageError))
+
+
+def _run_and_report(cfg: RecipeConfig) -> None:
+    for name, record in run(cfg).items():
+        state = "skipped (complete)" if record["skipped"] else f"{record['seconds']:.0f} s"
+        print(f"{name}: {state}; {json.dumps(record['summary'], default=str)[:400]}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""The one-command recipe (`pipelines/recipe.py`): RetroMAE → mine → finetune → evaluate on
+tiny models, then a rerun that skips what is complete and redoes what is not."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from pipelines.chain.recipe import RecipeConfig, main, plan
+from pipelines.common.cli import ConfigError, make_config, parse_config
+from tests.tiny_models import WORDS
+
+
+def _config(**extra: str | None) -> RecipeConfig:
+    settings = {"corpus": "c.jsonl", "train_data": "t.jsonl", "output_dir": "s3://b/out/",
+                "beir_dir": "eval", **extra}
+    return make_config(RecipeConfig, **settings)
+
+
+def test_plan_chains_the_outputs_and_appends_the_users_flags() -> None:
+    steps = {s.name: s.argv for s in plan(_config(finetune_args="--learning_rate 2e-5"))}
+    assert list(steps) == ["retromae", "mine", "finetune", "evaluate"]
+    assert steps["retromae"][-2:] == ["--output_dir", "s3://b/out/retromae"]
+    assert steps["mine"][:2] == ["--model_name_or_path", "all-MiniLM-L6-v2"]  # the base mines
+    assert steps["mine"][-2:] == ["--output_file", "s3://b/out/mined.jsonl"]
+    assert steps["finetune"][:6] == ["--model_name_or_path", "s3://b/out/retromae",
+                                     "--train_data", "s3://b/out/mined.jsonl",
+                                     "--output_dir", "s3://b/out/finetuned"]
+    assert steps["finetune"][-2:] == ["--learning_rate", "2e-5"]
+    assert steps["evaluate"] == ["--model", "s3://b/out/finetuned"]
+    no_mae = {s.name: s.argv for s in plan(_config(steps="mine,finetune,evaluate",
+                                                   mine_with="retromae"))}
+    assert no_mae["finetune"][1] == no_mae["mine"][1] == "all-MiniLM-L6-v2"
+    assert plan(_config(mine_with="retromae"))[1].argv[1] == "s3://b/out/retromae"
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ({"steps": "mine,pretrain"}, r"unknown step\(s\) \['pretrain'\]"),
+    ({"steps": "finetune,mine"}, "steps run in the order"),
+    ({"beir_dir": None}, "give --beir_dir and/or --sts"),
+    ({"mine_args": "--seed '7"}, "--mine_args: No closing quotation"),
+])
+def test_bad_settings_are_named(extra: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _config(**extra)
+
+
+def _write_domain(root: Path) -> dict[str, str]:
+    """A corpus, training queries with positives, and a BEIR-layout test set."""
+    rng = random.Random(0)
+    docs = [" ".join(rng.choices(WORDS, k=12)) for _ in range(40)]
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    train = [{"query": " ".join(docs[i].split()[:3]), "pos": [docs[i]]} for i in range(16)]
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+    beir = root / "beir"
+    (beir / "qrels").mkdir(parents=True)
+    (beir / "corpus.jsonl").write_text("".join(
+        json.dumps({"_id": f"d{i}", "title": "", "text": d}) + "\n" for i, d in enumerate(docs)))
+    (beir / "queries.jsonl").write_text("".join(
+        json.dumps({"_id": f"q{i}", "text": " ".join(docs[i].split()[3:6])}) + "\n"
+        for i in range(20, 28)))
+    (beir / "qrels" / "test.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(20, 28)))
+    return {"corpus": str(root / "corpus.jsonl"), "train": str(root / "train.jsonl"),
+            "beir": str(beir)}
+
+
+@pytest.mark.timeout(1800)  # ~2-3 min on an idle 2-core box; >15 min at load 60
+def test_whole_chain_on_tiny_models_then_skips_what_is_complete(
+        ray_session, mean_bert_dir: Path, tmp_path: Path, capsys) -> None:
+    from bge_core.model import Encoder
+
+    data, out = _write_domain(tmp_path), tmp_path / "recipe"
+    argv = ["--model_name_or_path", str(mean_bert_dir), "--corpus", data["corpus"],
+            "--train_data", data["train"], "--beir_dir", data["beir"],
+            "--output_dir", str(out),
+            # tiny BERTs hold 128 positions (RetroMAE's default is 512)
+            "--retromae_args", "--max_seq_length 64 --per_device_train_batch_size 8",
+            "--mine_args", "--range_for_sampling 2-20 --negative_number 3",
+            "--finetune_args", "--per_device_train_batch_size 4 --train_group_size 2",
+            "--evaluate_args", "--k_values 1,10"]
+    assert main(argv) == 0
+    records = {s: json.loads((out / "_recipe" / f"{s}.json").read_text())
+               for s in ("retromae", "mine", "finetune", "evaluate")}
+    assert records["retromae"]["summary"]["texts"] == 40
+    assert records["retromae"]["summary"]["steps"] == 40 // 8
+    assert records["mine"]["summary"]["examples"] == 16
+    mined = [json.loads(line) for line in (out / "mined.jsonl").read_text().splitlines()]
+    assert all(len(r["neg"]) == 3 and not set(r["neg"]) & set(r["pos"]) for r in mined)
+    assert records["finetune"]["summary"]["steps"] == 16 // 4
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert 0.0 <= metrics["ndcg@10"] <= 1.0
+    assert records["evaluate"]["summary"]["retrieval"]["ndcg@10"] == metrics["ndcg@10"]
+    # the finetuned model started from the RetroMAE encoder, whose pooling it kept
+    assert Encoder.from_pretrained(str(out / "finetuned")).config.pooling == "cls"
+    capsys.readouterr()
+
+    # rerun: every step is skipped, nothing is rewritten
+    weights = out / "finetuned" / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    assert main(argv) == 0
+    assert capsys.readouterr().out.count("skipped (complete)") == 4
+    assert weights.stat().st_mtime_ns == stamp
+
+    # an incomplete step (no record) runs again; the complete ones before it are skipped
+    (out / "_recipe" / "evaluate.json").unlink()
+    (out / "metrics.json").unlink()
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("skipped (complete)") == 3 and "evaluate: " in printed
+    assert json.loads((out / "metrics.json").read_text())["metrics"] == metrics
+
+    # changed flags for a complete step: one clear line, exit 2, nothing run
+    changed = argv[:-3] + ["--per_device_train_batch_size 2", "--evaluate_args", "--k_values 1,10"]
+    assert main(changed) == 2
+    assert "step finetune completed with other flags" in capsys.readouterr().err
+
+
+def test_cli_parses_the_recipe_flags() -> None:
+    cfg = parse_config(RecipeConfig, ["--corpus", "c", "--train_data", "t", "--output_dir", "o",
+                                      "--sts", "s.csv", "--steps", "mine,finetune,evaluate"])
+    assert cfg.step_names() == ["mine", "finetune", "evaluate"] and cfg.mine_with == "base"
+
+
+def test_a_changed_later_step_stops_the_run_before_any_step_runs(tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    """Records of a finished run; retromae's deleted, evaluate's flags changed: the run
+    names evaluate's record and runs nothing (no Ray needed)."""
+    import pipelines.chain.recipe as recipe
+
+    cfg = make_config(RecipeConfig, corpus="c", train_data="t", output_dir=str(tmp_path),
+                      beir_dir="eval")
+    for step in plan(cfg):
+        (tmp_path / "_recipe").mkdir(exist_ok=True)
+        (tmp_path / "_recipe" / f"{step.name}.json").write_text(json.dumps(
+            {"step": step.name, "key": step.key(), "summary": {}, "seconds": 1.0}))
+    (tmp_path / "_recipe" / "retromae.json").unlink()
+    ran: list[list[str]] = []
+    monkeypatch.setattr(recipe, "_retromae", lambda argv: ran.append(argv) or {})
+    assert set(recipe.run(cfg)) == set(recipe.STEPS) and len(ran) == 1  # only the missing one
+    assert json.loads((tmp_path / "_recipe" / "retromae.json").read_text())["key"] == ran[0]
+    changed = make_config(RecipeConfig, corpus="c", train_data="t", output_dir=str(tmp_path),
+                          beir_dir="eval", split="dev")
+    (tmp_path / "_recipe" / "retromae.json").unlink()
+    with pytest.raises(ConfigError, match=r"evaluate\.json: step evaluate completed with other"):
+        recipe.run(changed)
+    assert len(ran) == 1
