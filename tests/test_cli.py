@@ -16,7 +16,7 @@ from pipelines.common.cli import (
     parse_config,
 )
 from pipelines.common.encode import actor_resources
-from pipelines.common.encode_options import EncodeOptions, SearchOptions
+from pipelines.common.encode_options import ChunkOptions, EncodeOptions, SearchOptions
 from pipelines.embed.main import EmbedConfig
 from pipelines.search.evaluate import EvaluateConfig
 from pipelines.search.mine import MineConfig
@@ -89,6 +89,21 @@ def test_search_flags_shared_by_evaluation_and_mining() -> None:
         assert cfg.search == SearchOptions(search_shard_rows=16, search_cpus=0.5)
         with pytest.raises(ConfigError, match="--search-shard-rows must be >= 1"):
             parse_config(cls, REQUIRED[cls] + ["--search_shard_rows", "0"])
+
+
+@pytest.mark.parametrize("cls", [EmbedConfig, EvaluateConfig], ids=lambda c: c.__name__)
+def test_chunk_flags_shared_by_embedding_and_evaluation(cls: type) -> None:
+    """One declaration (`ChunkOptions`): both spellings in both jobs, the same checks."""
+    for flags in (["--chunk_tokens", "64", "--chunk_overlap", "8"],
+                  ["--chunk-tokens", "64", "--chunk-overlap", "8"]):
+        cfg = parse_config(cls, REQUIRED[cls] + flags)
+        assert cfg.chunking == ChunkOptions(chunk_tokens=64, chunk_overlap=8)
+        assert (cfg.chunking.spec().size, cfg.chunking.spec().overlap) == (64, 8)
+    assert parse_config(cls, REQUIRED[cls]).chunking.spec() is None
+    with pytest.raises(ConfigError, match="--chunk-overlap needs --chunk-tokens"):
+        parse_config(cls, REQUIRED[cls] + ["--chunk_overlap", "8"])
+    with pytest.raises(ConfigError, match=r"--chunk-overlap must be >= 0 and < --chunk-tokens"):
+        parse_config(cls, REQUIRED[cls] + ["--chunk-tokens", "8", "--chunk-overlap", "8"])
 
 
 def test_yaml_keys_are_the_flag_names_and_flags_win(tmp_path: Path) -> None:

@@ -3,8 +3,8 @@
 `EncodeOptions` is nested in `EmbedConfig`, `EvaluateConfig` and `MineConfig`; the CLI
 (`pipelines.common.cli`) expands its fields into the same flags with the same defaults and checks
 in every job (``--model``, ``--dtype``, ``--num-actors``, ...). `SearchOptions` is the same
-for the exact top-k search that evaluation and mining run. Ray-free: configs parse without
-starting Ray.
+for the exact top-k search that evaluation and mining run, `ChunkOptions` for long documents
+as token windows (embedding and evaluation). Ray-free: configs parse without starting Ray.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from bge_core.chunking import ChunkSpec
 from bge_core.config import DType
 from bge_core.errors import InputError
 from bge_core.presets import OFFLINE_MINILM
@@ -151,6 +152,36 @@ class SearchOptions:
             raise InputError(f"--search-shard-rows must be >= 1, got {self.search_shard_rows}")
         if self.search_cpus <= 0:
             raise InputError(f"--search-cpus must be > 0, got {self.search_cpus}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChunkOptions:
+    """Long documents as token windows instead of truncation (`bge_core.chunking`).
+
+    Args:
+        chunk_tokens: split each text into windows of at most this many tokens (special
+            tokens excluded), cut between words; None (default): off, longer text is
+            truncated at the model's limit.
+        chunk_overlap: tokens consecutive windows share (about; cuts fall between words).
+    """
+
+    chunk_tokens: int | None = None
+    chunk_overlap: int = 0
+
+    def __post_init__(self) -> None:
+        if self.chunk_tokens is None and self.chunk_overlap:
+            raise InputError("--chunk-overlap needs --chunk-tokens")
+        self.spec()  # checks size and overlap
+
+    @property
+    def enabled(self) -> bool:
+        return self.chunk_tokens is not None
+
+    def spec(self) -> ChunkSpec | None:
+        """The token windows to split texts into, or None (no chunking)."""
+        if self.chunk_tokens is None:
+            return None
+        return ChunkSpec(self.chunk_tokens, self.chunk_overlap)
 
 
 def _flag(name: str) -> str:

@@ -1,3 +1,4 @@
 """The bulk embedding job (`pipelines/embed_corpus.py`): config, plan (what to encode), Ray Data
-stages, Parquet and Lance output, compact vectors.
+stages, row accounting (read task to done marker), the driver (job) and its manifest,
+Parquet and Lance output, compact vectors.
 """

@@ -10,10 +10,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from bge_core.chunking import ChunkSpec
 from bge_core.errors import InputError
 from bge_core.quantize_vectors import OutputDType
-from pipelines.common.encode_options import Alias, EncodeOptions
+from pipelines.common.encode_options import Alias, ChunkOptions, EncodeOptions
 
 SAMPLE_CORPUS = str(Path(__file__).resolve().parents[1] / "sample_data" / "corpus.jsonl")
 
@@ -41,9 +40,8 @@ class EmbedConfig:
         mode / previous: ``incremental`` re-encodes only rows new or changed since the
             `previous` output (Parquet); a Lance table is updated in place (no
             `previous`: the table is its own).
-        chunk_tokens / chunk_overlap: split each text into windows of at most this many
-            tokens (special tokens excluded) overlapping by about `chunk_overlap`, cut
-            between words; one output row per window (`bge_core.chunking`). Off by default:
+        chunking: ``--chunk-tokens`` / ``--chunk-overlap`` (`ChunkOptions`, shared with
+            evaluation): one output row per token window of a text. Off by default:
             longer text is truncated at the model's limit.
         chunk_rows: rows per read task (Parquet row groups are grouped up to this).
         log_every_s: seconds between progress lines.
@@ -66,8 +64,7 @@ class EmbedConfig:
     mode: Literal["full", "incremental"] = "full"
     previous: str | None = None
     chunk_rows: int = 100_000
-    chunk_tokens: int | None = None
-    chunk_overlap: int = 0
+    chunking: ChunkOptions = field(default_factory=ChunkOptions)
     log_every_s: float = 10.0
     lease_timeout_s: float = 120.0
 
@@ -91,9 +88,6 @@ class EmbedConfig:
             raise InputError(f"--lease-timeout-s must be > 0, got {self.lease_timeout_s}")
         if self.chunk_rows < 1:
             raise InputError(f"--chunk-rows must be >= 1, got {self.chunk_rows}")
-        if self.chunk_tokens is None and self.chunk_overlap:
-            raise InputError("--chunk-overlap needs --chunk-tokens")
-        self.chunk_spec()  # checks size and overlap
 
     def _check_lance(self) -> None:
         if self.previous:
@@ -101,12 +95,6 @@ class EmbedConfig:
         if self.index != "none" and self.output_dtype not in ("float32", "float16"):
             raise InputError(f"--index needs float vectors, not --output-dtype "
                              f"{self.output_dtype}")
-
-    def chunk_spec(self) -> ChunkSpec | None:
-        """The token windows to split texts into, or None (no chunking)."""
-        if self.chunk_tokens is None:
-            return None
-        return ChunkSpec(self.chunk_tokens, self.chunk_overlap)
 
     def stage_dict(self) -> dict:
         """The settings the Ray stages need, as a plain dict."""

@@ -99,7 +99,7 @@ class LanceEmbedJob(EmbedJob):
             lance.write_dataset(self._reader(parts), self.table_uri,
                                 mode="overwrite" if table is not None else "create",
                                 storage_options=storage_options(self.table_uri))
-        self.seconds["commit"] = round(time.monotonic() - start, 3)
+        self.attempt.seconds["commit"] = round(time.monotonic() - start, 3)
         return before
 
     def _finish(self, staged: dict[str, Any], version_before: int) -> dict[str, Any]:
@@ -118,7 +118,7 @@ class LanceEmbedJob(EmbedJob):
                     "table_versions_created": table.latest_version - version_before,
                     "table_rows": table.count_rows(), "index": index,
                     "seconds_this_attempt": {**staged.get("seconds_this_attempt", {}),
-                                             **self.seconds}}
+                                             **self.attempt.seconds}}
         self.table_state.write_json(manifest, MANIFEST)
         self._keep_rejects()
         self.state.fs.rm(self.state.path("_state", "run.json"))  # the run is finished
@@ -143,7 +143,7 @@ class LanceEmbedJob(EmbedJob):
             return build_index(table, kind, bool(staged.get("normalize", True)))
         start = time.monotonic()
         table.optimize.optimize_indices()
-        self.seconds["index"] = round(time.monotonic() - start, 3)
+        self.attempt.seconds["index"] = round(time.monotonic() - start, 3)
         return built or None
 
     # ------------------------------------------------- the Parquet job's hooks
@@ -167,7 +167,7 @@ class LanceEmbedJob(EmbedJob):
         if self.state.done_markers("kept"):
             return
         table = open_table(self.table_uri)
-        chunked = self.cfg.chunk_tokens is not None
+        chunked = self.cfg.chunking.enabled
         gone = pa.array(plan["drop_ids"], table.schema.field(self.cfg.id_column).type)
         rows = docs = 0
         columns = [self.cfg.id_column] + (["chunk"] if chunked else [])
@@ -186,7 +186,7 @@ class LanceEmbedJob(EmbedJob):
         return chosen.column("id").to_pylist()
 
     def _keys(self) -> list[str]:
-        return [self.cfg.id_column] + (["chunk"] if self.cfg.chunk_tokens else [])
+        return [self.cfg.id_column] + (["chunk"] if self.cfg.chunking.enabled else [])
 
     def _reader(self, parts: list[str]) -> pa.RecordBatchReader:
         """The parts as one stream (the driver holds a batch at a time)."""

@@ -2,17 +2,18 @@
 
 Main pass: `read_for_encoding` → `encode_dataset` → `write_encoded` (one summary per part).
 With chunking on, `read_for_encoding` emits one row per token window (`_chunk_rows`).
+The rows carry their accounting in one column (`pipelines.embed.accounting`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from bge_core.chunking import ChunkSpec
 from pipelines.common.corpus_io import (
     ROW_BITS,
     Chunk,
@@ -23,7 +24,15 @@ from pipelines.common.corpus_io import (
     validate_rows,
 )
 from pipelines.common.encode import NODE_COLUMN
+from pipelines.common.encode_options import ChunkOptions
 from pipelines.common.lease import Fence
+from pipelines.embed.accounting import (
+    ACCOUNT,
+    ChunkAccount,
+    PartSummary,
+    read_account,
+    summary_table,
+)
 from pipelines.embed.output import read_table, reject_table, write_table
 
 ROW_MASK = (1 << ROW_BITS) - 1  # a row key's row number (its low bits)
@@ -40,19 +49,6 @@ def read_valid(chunk: Chunk, cfg: dict[str, Any]) -> tuple[dict, list, list, lis
     return values, texts, reasons, keys
 
 
-@dataclass
-class ChunkAccount:
-    """What one input chunk's read task knows of its rows, carried on every row it emits
-    so the driver can account for the chunk once its rows are written."""
-
-    rejected: int = 0
-    rejects_file: str = ""
-    kept: int = 0  # unchanged rows an incremental run copies from the previous output
-    prior_docs: int = 0  # texts whose rows an earlier attempt wrote (part markers)
-    prior_rows: int = 0  # output rows of those, and of texts partly written before
-    prior_parts: list[str] = field(default_factory=list)
-
-
 def read_for_encoding(batch: dict[str, Any], cfg: dict[str, Any], losers: frozenset[int],
                       to_encode: frozenset[int] | None, fence: Fence | None = None) -> pa.Table:
     """Main pass: read one chunk, write its rejects, emit the rows to encode.
@@ -62,62 +58,66 @@ def read_for_encoding(batch: dict[str, Any], cfg: dict[str, Any], losers: frozen
     Rows not in `to_encode` (incremental runs) are kept from the previous output and not
     emitted; rows an earlier attempt already wrote (its part markers) are not emitted
     again. A chunk with nothing to encode emits one marker row, so the driver still hears
-    that it finished.
+    that it finished. Every row carries its chunk's account (`accounting.ACCOUNT`).
     """
     chunk = Chunk(**{k: _scalar(v) for k, v in batch.items()})
     values, texts, reasons, keys = read_valid(chunk, cfg)
     reasons = [DUPLICATE if r is None and k in losers else r for r, k in zip(reasons, keys)]
     ids = values[cfg["id_column"]]
     bad = [i for i, r in enumerate(reasons) if r is not None]
-    account = ChunkAccount(rejected=len(bad))
+    account = ChunkAccount(file=chunk.path, chunk=chunk.index, rejected=len(bad))
     if bad:
         account.rejects_file = f"{file_key(chunk.path)}-c{chunk.index}.parquet"
         write_table(reject_table([ids[i] for i in bad], chunk.path,
                                  [keys[i] & ROW_MASK for i in bad], [reasons[i] for i in bad]),
                     f"{cfg['output'].rstrip('/')}/_rejects/{account.rejects_file}", fence)
-    emit = [i for i, r in enumerate(reasons)
-            if r is None and (to_encode is None or keys[i] in to_encode)]
-    account.kept = len(texts) - len(bad) - len(emit)
+    wanted = [i for i, r in enumerate(reasons)
+              if r is None and (to_encode is None or keys[i] in to_encode)]
+    account.kept = len(texts) - len(bad) - len(wanted)
     done, account.prior_parts = read_part_markers(cfg["output"], chunk)
-    if cfg.get("chunk_tokens"):
-        return _chunk_rows(chunk, cfg, values, texts, keys, emit, account, done)
-    todo = [i for i in emit if (keys[i], 0) not in done]
-    account.prior_docs = account.prior_rows = len(emit) - len(todo)
-    rows = todo or [0]
-    marker = not todo
+    spec = chunk_spec(cfg)
+    if spec is not None:
+        return _chunk_rows(spec, cfg, values, texts, keys, wanted, account, done)
+    todo = [i for i in wanted if (keys[i], 0) not in done]
+    account.prior_docs = account.prior_rows = len(wanted) - len(todo)
+    account.emit = len(todo)
+    if not todo:
+        return _marker_row(account, chunked=False)
     return pa.table({
-        "id": id_array([None if marker else ids[i] for i in rows]),
-        "text": pa.array(["" if marker else texts[i] for i in rows], type=pa.string()),
-        "text_hash": pa.array(["" if marker else text_hash(texts[i]) for i in rows]),
-        "_row_key": pa.array([-1 if marker else keys[i] for i in rows], type=pa.int64()),
-        **_chunk_fields(chunk, len(rows), len(todo), account, marker),
+        "id": id_array([ids[i] for i in todo]),
+        "text": pa.array([texts[i] for i in todo], type=pa.string()),
+        "text_hash": pa.array([text_hash(texts[i]) for i in todo], type=pa.string()),
+        ACCOUNT: account.column([keys[i] for i in todo], [True] * len(todo)),
     })
 
 
-def _chunk_rows(chunk: Chunk, cfg: dict[str, Any], values: dict[str, list[Any]],
-                texts: list[str | None], keys: list[int], emit: list[int],
+def chunk_spec(cfg: dict[str, Any]) -> ChunkSpec | None:
+    """The token windows of a stage dict's chunking settings (`ChunkOptions`), or None."""
+    return ChunkOptions(**cfg["chunking"]).spec() if cfg.get("chunking") else None
+
+
+def _chunk_rows(spec: ChunkSpec, cfg: dict[str, Any], values: dict[str, list[Any]],
+                texts: list[str | None], keys: list[int], wanted: list[int],
                 account: ChunkAccount, done: set[tuple[int, int]]) -> pa.Table:
-    """Chunking: one row per token window of each emitted text (`bge_core.chunking`).
+    """Chunking: one row per token window of each wanted text (`bge_core.chunking`).
 
     The window is cut from the text column alone (offsets index that string); the title,
     when there is one, prefixes every chunk: ``title + " " + text[start_char:end_char]``.
-    Windows an earlier attempt wrote (`done`) are skipped. `_emit` counts window rows (the
-    write stage's completion check). With nothing to emit, one marker row with the same
-    columns tells the driver the chunk is done.
+    Windows an earlier attempt wrote (`done`) are skipped; `account.emit` counts window
+    rows (the write stage's completion check). With nothing to emit, one marker row.
     """
-    from bge_core.chunking import ChunkSpec, split_texts
+    from bge_core.chunking import split_texts
     from bge_core.texts import join_title
     from pipelines.common.encode import tokenizer_for
 
-    bodies = [values[cfg["text_column"]][i] for i in emit]
+    bodies = [values[cfg["text_column"]][i] for i in wanted]
     title_column = cfg.get("title_column")
-    titles = [values[title_column][i] for i in emit] if title_column else [None] * len(emit)
-    spec = ChunkSpec(cfg["chunk_tokens"], cfg.get("chunk_overlap") or 0)
+    titles = [values[title_column][i] for i in wanted] if title_column else [None] * len(wanted)
     spans = split_texts(tokenizer_for(cfg["encode"]["model"]).tokenizer, bodies, spec)
-    out: dict[str, list[Any]] = {k: [] for k in ("id", "text", "text_hash", "_row_key",
-                                                  "chunk", "start_char", "end_char", "_last")}
+    out: dict[str, list[Any]] = {k: [] for k in ("id", "text", "text_hash", "key", "chunk",
+                                                  "start_char", "end_char", "last")}
     ids = values[cfg["id_column"]]
-    for i, body, title, doc_spans in zip(emit, bodies, titles, spans):
+    for i, body, title, doc_spans in zip(wanted, bodies, titles, spans):
         todo = [k for k in range(len(doc_spans)) if (keys[i], k) not in done]
         account.prior_rows += len(doc_spans) - len(todo)
         account.prior_docs += not todo
@@ -126,45 +126,37 @@ def _chunk_rows(chunk: Chunk, cfg: dict[str, Any], values: dict[str, list[Any]],
             out["id"].append(ids[i])
             out["text"].append(join_title(title, body[start:end]))
             out["text_hash"].append(text_hash(texts[i] or ""))
-            out["_row_key"].append(keys[i])
+            out["key"].append(keys[i])
             out["chunk"].append(k)
             out["start_char"].append(start)
             out["end_char"].append(end)
-            out["_last"].append(k == todo[-1])  # one per text: counts texts finished
-    n = len(out["id"])
-    marker = n == 0
-    if marker:
-        for key, value in (("id", None), ("text", ""), ("text_hash", ""), ("_row_key", -1),
-                           ("chunk", 0), ("start_char", 0), ("end_char", 0), ("_last", True)):
-            out[key].append(value)
+            out["last"].append(k == todo[-1])  # one per text: counts texts finished
+    account.emit = len(out["id"])
+    if not account.emit:
+        return _marker_row(account, chunked=True)
     return pa.table({
         "id": id_array(out["id"]), "text": pa.array(out["text"], type=pa.string()),
         "text_hash": pa.array(out["text_hash"], type=pa.string()),
-        "_row_key": pa.array(out["_row_key"], type=pa.int64()),
-        "chunk": pa.array(out["chunk"], type=pa.int32()),
-        "start_char": pa.array(out["start_char"], type=pa.int64()),
-        "end_char": pa.array(out["end_char"], type=pa.int64()),
-        "_last": pa.array(out["_last"], type=pa.bool_()),
-        **_chunk_fields(chunk, len(out["id"]), n, account, marker),
+        **_window_columns(out["chunk"], out["start_char"], out["end_char"]),
+        ACCOUNT: account.column(out["key"], out["last"]),
     })
 
 
-def _chunk_fields(chunk: Chunk, rows: int, emit: int, account: ChunkAccount,
-                  marker: bool) -> dict[str, pa.Array]:
-    """The per-input-chunk columns every emitted row carries (for the driver's accounting)."""
-    def same(value: Any, kind: pa.DataType) -> pa.Array:
-        return pa.array([value] * rows, type=kind)
+def _window_columns(chunk: list[int], start: list[int], end: list[int]) -> dict[str, pa.Array]:
+    return {"chunk": pa.array(chunk, type=pa.int32()),
+            "start_char": pa.array(start, type=pa.int64()),
+            "end_char": pa.array(end, type=pa.int64())}
 
-    return {
-        "_file": same(chunk.path, pa.string()), "_chunk": same(chunk.index, pa.int64()),
-        "_emit": same(emit, pa.int64()), "_rejected": same(account.rejected, pa.int64()),
-        "_rejects_file": same(account.rejects_file, pa.string()),
-        "_kept": same(account.kept, pa.int64()),
-        "_prior_docs": same(account.prior_docs, pa.int64()),
-        "_prior_rows": same(account.prior_rows, pa.int64()),
-        "_prior_parts": same(",".join(account.prior_parts), pa.string()),
-        "_marker": same(marker, pa.bool_()),
-    }
+
+def _marker_row(account: ChunkAccount, chunked: bool) -> pa.Table:
+    """The one row of a chunk with nothing to encode: same columns, never written."""
+    account.marker = True
+    return pa.table({
+        "id": id_array([None]), "text": pa.array([""], type=pa.string()),
+        "text_hash": pa.array([""], type=pa.string()),
+        **(_window_columns([0], [0], [0]) if chunked else {}),
+        ACCOUNT: account.column([-1], [True]),
+    })
 
 
 def part_marker_dir(output: str, chunk_path: str, chunk_index: int) -> str:
@@ -199,62 +191,55 @@ CHUNK_COLUMNS = ("chunk", "start_char", "end_char")
 def write_encoded(batch: pa.Table, output: str, id_column: str,
                   vectors: dict[str, Any] | None = None,
                   fence: Fence | None = None) -> pa.Table:
-    """Write each chunk's encoded rows to a part file; return one summary row per part.
+    """Write each input chunk's encoded rows to a part file; return one summary row per
+    part (`accounting.SUMMARY_SCHEMA`).
 
     `vectors`: the stored form (`pipelines.embed.quantize.vector_spec`; None: as encoded).
     Each part and its marker are checked against `fence` (the run's lease) first.
     """
+    account = read_account(batch)
+    summaries: list[PartSummary] = []
+    for path in pc.unique(account.column("file")).to_pylist():
+        in_file = pc.equal(account.column("file"), path)
+        for index in pc.unique(account.filter(in_file).column("chunk")).to_pylist():
+            mask = pc.and_(in_file, pc.equal(account.column("chunk"), index))
+            summaries.append(_write_part(batch.filter(mask), account.filter(mask), output,
+                                         id_column, vectors, fence))
+    return summary_table(summaries)
+
+
+def _write_part(part: pa.Table, account: pa.Table, output: str, id_column: str,
+                vectors: dict[str, Any] | None, fence: Fence | None) -> PartSummary:
+    """Write one input chunk's rows of a batch (none if only its marker row) and the part
+    marker that vouches for them; summarise them for the driver."""
     from pipelines.embed.quantize import stored_column
 
-    summaries: list[dict[str, Any]] = []
-    for path in pc.unique(batch.column("_file")).to_pylist():
-        in_file = batch.filter(pc.equal(batch.column("_file"), path))
-        for index in pc.unique(in_file.column("_chunk")).to_pylist():
-            part = in_file.filter(pc.equal(in_file.column("_chunk"), index))
-            rows = part.filter(pc.invert(part.column("_marker")))
-            name = ""
-            if rows.num_rows:
-                # Named by content (first row key, row count): a retried write overwrites.
-                first_key = pc.min(rows.column("_row_key")).as_py()
-                name = f"part-{file_key(path)}-c{index}-{first_key}"
-                name = f"{name}-{rows.num_rows}.parquet"
-                chunked = [c for c in CHUNK_COLUMNS if c in rows.column_names]
-                table = pa.table({id_column: rows.column("id"),
-                                  **{c: rows.column(c) for c in chunked},
-                                  "embedding": stored_column(rows.column("embedding"),
-                                                             vectors),
-                                  "text_hash": rows.column("text_hash")})
-                write_table(table, f"{output.rstrip('/')}/{name}", fence)
-                # the part is complete: record its rows at once, so a kill from here on
-                # costs only the batches in flight (`read_part_markers`)
-                pairs = pa.table({"key": rows.column("_row_key"), "chunk": rows.column(
-                    "chunk").cast(pa.int32()) if "chunk" in rows.column_names
-                    else pa.array([0] * rows.num_rows, type=pa.int32())})
-                write_table(pairs, f"{part_marker_dir(output, path, index)}/{name}", fence)
-            first = part.slice(0, 1).to_pylist()[0]
-            docs = (int(pc.sum(rows.column("_last")).as_py() or 0)
-                    if "_last" in rows.column_names else rows.num_rows)
-            summaries.append({
-                "file": path, "chunk": index, "part": name, "written": rows.num_rows,
-                "docs": docs,
-                "truncated": int(pc.sum(rows.column("truncated")).as_py() or 0),
-                "emit": first["_emit"], "rejected": first["_rejected"],
-                "rejects_file": first["_rejects_file"], "kept": first["_kept"],
-                "prior_docs": first["_prior_docs"], "prior_rows": first["_prior_rows"],
-                "prior_parts": first["_prior_parts"],
-                "node": first.get(NODE_COLUMN) or "",
-            })
-    return pa.Table.from_pylist(summaries, schema=SUMMARY_SCHEMA)
-
-
-SUMMARY_SCHEMA = pa.schema([
-    ("file", pa.string()), ("chunk", pa.int64()), ("part", pa.string()),
-    ("written", pa.int64()), ("docs", pa.int64()), ("truncated", pa.int64()),
-    ("emit", pa.int64()),
-    ("rejected", pa.int64()), ("rejects_file", pa.string()), ("kept", pa.int64()),
-    ("prior_docs", pa.int64()), ("prior_rows", pa.int64()), ("prior_parts", pa.string()),
-    ("node", pa.string()),
-])
+    chunk = ChunkAccount.from_row(account.slice(0, 1).to_pylist()[0])
+    real = pc.invert(account.column("marker"))
+    rows, keys = part.filter(real), account.filter(real)
+    name = ""
+    if rows.num_rows:
+        # Named by content (first row key, row count): a retried write overwrites.
+        first_key = pc.min(keys.column("key")).as_py()
+        name = f"part-{file_key(chunk.file)}-c{chunk.chunk}-{first_key}-{rows.num_rows}.parquet"
+        chunked = [c for c in CHUNK_COLUMNS if c in rows.column_names]
+        table = pa.table({id_column: rows.column("id"),
+                          **{c: rows.column(c) for c in chunked},
+                          "embedding": stored_column(rows.column("embedding"), vectors),
+                          "text_hash": rows.column("text_hash")})
+        write_table(table, f"{output.rstrip('/')}/{name}", fence)
+        # the part is complete: record its rows at once, so a kill from here on
+        # costs only the batches in flight (`read_part_markers`)
+        pairs = pa.table({"key": keys.column("key"), "chunk": rows.column(
+            "chunk").cast(pa.int32()) if "chunk" in rows.column_names
+            else pa.array([0] * rows.num_rows, type=pa.int32())})
+        write_table(pairs, f"{part_marker_dir(output, chunk.file, chunk.chunk)}/{name}",
+                    fence)
+    node = part.column(NODE_COLUMN)[0].as_py() if NODE_COLUMN in part.column_names else None
+    return PartSummary(part=name, written=rows.num_rows,
+                       docs=int(pc.sum(keys.column("last")).as_py() or 0),
+                       truncated=int(pc.sum(rows.column("truncated")).as_py() or 0),
+                       node=node or "", account=chunk)
 
 
 def copy_kept(batch: dict[str, Any], output: str, id_column: str, drop_ids: list[Any],

@@ -26,14 +26,13 @@ import numpy as np
 import ray
 
 from bge_core.beir import check_qrels, read_split
-from bge_core.chunking import ChunkSpec
 from bge_core.errors import InputError
 from bge_core.io import open_text
 from bge_core.metrics import evaluate_run, format_table, rank_documents, spearman
 from bge_core.search import best_chunk_per_document
 from pipelines.common.cli import run_main
 from pipelines.common.encode import encode_corpus, encode_texts, query_instruction
-from pipelines.common.encode_options import EncodeOptions, SearchOptions
+from pipelines.common.encode_options import ChunkOptions, EncodeOptions, SearchOptions
 from pipelines.search.beir import chunk_texts, document_texts, judged_documents, read_corpus
 from pipelines.search.exact import search_corpus
 
@@ -45,8 +44,9 @@ class EvaluateConfig:
     """Evaluate a model: BEIR retrieval (`beir_dir`) or STS Spearman (`sts`).
 
     Args:
-        chunk_tokens / chunk_overlap: score documents by their best token window (as
-            `embed_corpus.py --chunk-tokens` embeds them) instead of truncating them.
+        chunking: ``--chunk-tokens`` / ``--chunk-overlap`` (`ChunkOptions`, as
+            `embed_corpus.py` embeds them): score documents by their best token window
+            instead of truncating them.
         encode: model, precision, actor pool and batch sizes (flags shared by every job).
         search: exact top-k search over corpus shards.
         vectors: an `embed_corpus.py` output (Parquet folder or Lance table) to score
@@ -66,8 +66,7 @@ class EvaluateConfig:
     query_instruction_for_retrieval: str | None = None
     k_values: str = "1,3,5,10,100,1000"
     ignore_identical_ids: bool = True
-    chunk_tokens: int | None = None
-    chunk_overlap: int = 0
+    chunking: ChunkOptions = field(default_factory=ChunkOptions)
     encode: EncodeOptions = field(default_factory=EncodeOptions)
     search: SearchOptions = field(default_factory=SearchOptions)
     vectors: str | None = None
@@ -77,9 +76,9 @@ class EvaluateConfig:
     rescore_multiplier: int = 4
 
     def __post_init__(self) -> None:
-        if self.vectors and (self.sts or self.chunk_tokens is not None):
+        if self.vectors and (self.sts or self.chunking.enabled):
             raise ValueError("--vectors scores stored document vectors: not with --sts or "
-                             "--chunk_tokens")
+                             "--chunk-tokens")
         if self.index and not self.vectors:
             raise ValueError("--index searches the Lance table given as --vectors")
         if self.rescore_multiplier < 1:
@@ -94,10 +93,6 @@ class EvaluateConfig:
                              f"{self.k_values!r}") from None
         if min(ks) < 1:
             raise InputError(f"--k_values must be positive, got {self.k_values!r}")
-        if self.chunk_tokens is None and self.chunk_overlap:
-            raise InputError("--chunk_overlap needs --chunk_tokens")
-        if self.chunk_tokens is not None:
-            ChunkSpec(self.chunk_tokens, self.chunk_overlap)
 
     @property
     def ks(self) -> list[int]:
@@ -125,12 +120,12 @@ def retrieve_documents(cfg: EvaluateConfig, corpus: ray.data.Dataset, query_text
                        k: int) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
     """`retrieve` over documents, or over their chunks with a document's best chunk as its
     score (searching ``k × most chunks per document`` chunks makes that exact)."""
-    if cfg.chunk_tokens is None:
+    spec = cfg.chunking.spec()
+    if spec is None:
         return retrieve(cfg, document_texts(corpus), query_texts, k)
-    spec = ChunkSpec(cfg.chunk_tokens, cfg.chunk_overlap)
     chunks, count, most = chunk_texts(corpus, cfg.encode.model, spec)
     log.info("documents as %d chunks of <= %d tokens (at most %d per document)", count,
-             cfg.chunk_tokens, most)
+             spec.size, most)
     scores, ids, timings = retrieve(cfg, chunks, query_texts, k * most)
     doc_scores, doc_ids = best_chunk_per_document(scores, ids, k)
     timings["chunks"] = count
@@ -188,7 +183,8 @@ def evaluate_beir(cfg: EvaluateConfig) -> dict[str, Any]:
             "num_queries": len(qids), "num_docs": num_docs,
             "query_instruction": query_instruction(cfg.encode.model,
                                                    cfg.query_instruction_for_retrieval),
-            "chunk_tokens": cfg.chunk_tokens, "chunk_overlap": cfg.chunk_overlap,
+            "chunk_tokens": cfg.chunking.chunk_tokens,
+            "chunk_overlap": cfg.chunking.chunk_overlap,
             "vectors": cfg.vectors, "metrics": means, "timings": timings}
 
 
