@@ -68,7 +68,9 @@ class ServeConfig:
     # tokens (without padding) of many requests gathered into one encoder call; a request
     # with more is split across calls
     max_batch_tokens: int = 16384
-    batch_wait_timeout_s: float = 0.005  # how long a request waits for company in a batch
+    # how long a request waits for company when the encoder is idle: 0 = encode at once;
+    # requests arriving meanwhile form the next batch (a wait only delays a lone request)
+    batch_wait_timeout_s: float = 0.0
     max_ongoing_requests: int = 64  # per replica: queued for a batch + being encoded
     max_queued_requests: int = 128  # waiting at the proxy beyond that; then 429
     # CLI only: start the local Ray with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (a cluster's
