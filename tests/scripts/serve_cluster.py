@@ -8,7 +8,7 @@ node holds several). Three phases, one JSON line each (``PHASE {...}``):
 - ``kill``: 12 threads send requests for ``LOAD_S`` seconds; after 3 s one replica is
   killed (`ray.kill`). Every request's outcome is recorded: the status (200 with the right
   number of vectors, or the error status) or the client-side error; the most replicas seen
-  during the load (the autoscaler scales out under it, the controller replaces the killed one).
+  after the kill (the controller replaces the killed one; the autoscaler may scale out).
 - ``overload``: 48 threads at once against a deployment that takes 1 request and queues 1
   per replica: statuses and the ``Retry-After`` header of the 429s.
 
@@ -33,7 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 NODE_CPUS = 2
 LOAD_S = 60.0
 SENDERS = 12
-TEXTS = ["the cat sat on the mat", "blue sky over the city " * 6, "dog", "fish and chips"]
+# 64 texts of up to 32 tokens a request; 12 senders on 3 replicas taking 2 each keep more
+# than the autoscaling target (1 ongoing per replica, requests queued at the proxy included)
+TEXTS = ["the cat sat on the mat", "blue sky over the city " * 6, "dog", "fish and chips"] * 16
 
 
 def _free_port() -> int:
@@ -81,7 +83,8 @@ def kill_phase(url: str, app: str) -> dict:
 
     def sender() -> None:
         while not stop.is_set():
-            outcomes.append({"sent": time.monotonic(), **post(url, TEXTS)})
+            sent = time.monotonic()
+            outcomes.append({"sent": sent, **post(url, TEXTS), "took": time.monotonic() - sent})
 
     with ThreadPoolExecutor(SENDERS) as pool:
         for _ in range(SENDERS):
@@ -104,6 +107,10 @@ def kill_phase(url: str, app: str) -> dict:
                                 and o["n"] != len(TEXTS)),
             "ok_after_kill": sum(1 for o in outcomes if o["status"] == 200
                                  and o["sent"] > killed_at + 1),
+            "unanswered": [{"sent_after_kill_s": round(o["sent"] - killed_at, 1),
+                            "took_s": round(o["took"], 1), "error": o["error"]}
+                           for o in outcomes if o["status"] is None],
+            "slowest_s": round(max(o["took"] for o in outcomes), 1),
             "victim": victim, "most_replicas": peak,
             "victim_gone": victim not in {r["name"] for r in replicas(app)}}
 
@@ -141,7 +148,7 @@ def main() -> None:
     try:
         start(make_config(ServeConfig, model=model, port=port, app_name="scaled",
                           replicas="3,5", cpus_per_replica=0.25, max_length=32,
-                          max_ongoing_requests=4, max_queued_requests=64), api_key="")
+                          max_ongoing_requests=2, max_queued_requests=64), api_key="")
         start(make_config(ServeConfig, model=model, port=port, app_name="tight",
                           route_prefix="/tight", replicas="2", cpus_per_replica=0.25,
                           max_ongoing_requests=1, max_queued_requests=1), api_key="")
