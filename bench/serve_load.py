@@ -202,8 +202,8 @@ def main() -> None:
                              "shared, oversubscribed box 2 threads ran 4x slower than 1")
     parser.add_argument("--dtype", default="fp32", help="the server's and in-process dtype")
     parser.add_argument("--calibration", help="int8: calibration texts (one per line)")
-    parser.add_argument("--max-batch-tokens", type=int, default=16384,
-                        help="the server's --max-batch-tokens")
+    parser.add_argument("--max-batch-tokens", type=int, default=None,
+                        help="the server's --max-batch-tokens (default: its own)")
     parser.add_argument("--throughput-optimized", type=int, default=1,
                         help="1: RAY_SERVE_THROUGHPUT_OPTIMIZED=1 for our Ray")
     parser.add_argument("--skip-ours", action="store_true", help="only the peer server")
