@@ -1,18 +1,23 @@
 """Bounded load test of the served endpoint on loopback vs in-process `Encoder.encode`.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/serve_load.py [--requests 256] [--levels 1,8,32] \
-        [--threads 1] [--time-cap-s 120] [--json out.json] \
-        [--peer-url http://127.0.0.1:7997/embeddings --peer-model NAME]
+        [--corpora sentences,passages] [--passage-requests 64] [--openai-threads 32] \
+        [--threads 1] [--dtype fp32] [--throughput-optimized 1] [--time-cap-s 120] \
+        [--json out.json] [--peer-url http://127.0.0.1:7997/embeddings --peer-model NAME]
 
-STS-B test sentences, 8 per request, sent by 1, 8 and 32 concurrent clients (asyncio +
-aiohttp, one process) to `pipelines/serve_embeddings.py` running in this process's local Ray
-(one replica with `--threads` CPUs and torch threads, as many as the in-process encoder).
-Each level sends a fixed number of requests (`--requests`, at least 4 per client) or stops
-at `--time-cap-s`.
-Every level is bracketed by in-process `Encoder.encode` on the same texts (one call right
-before and one right after it, in this process): a shared host's speed drifts, and the
-level's ratio uses the mean of its two. `--peer-url` runs the same load, bracketed the same
-way, against another OpenAI-compatible server (e.g. infinity) already running.
+Corpora: STS-B test sentences and the first 200 NFCorpus documents (``passages``), 8 per
+request, sent by 1, 8 and 32 concurrent clients (asyncio + aiohttp, one process) to
+`pipelines/serve_embeddings.py` running in this process's local Ray (one replica with
+`--threads` CPUs and torch threads, as many as the in-process encoder, the same `--dtype`).
+Each level sends a fixed number of requests (`--requests`, `--passage-requests` for
+passages, at least 4 per client) or stops at `--time-cap-s`. `--openai-threads N` adds a
+level of the real `openai` client in N threads (sentences). Every level is bracketed by
+in-process `Encoder.encode` on the same texts (one call right before and one right after
+it, in this process): a shared host's speed drifts, and the level's ratio uses the mean of
+its two. Each level reports p50 / p99 latency and the replica's mean share of a request by
+stage (its ``Server-Timing`` header: parse, tokenize, queue, encode, serialize; the rest of
+the latency is client, HTTP, proxy and routing). `--peer-url` runs the same load, bracketed
+the same way, against another OpenAI-compatible server (e.g. infinity) already running.
 """
 
 from __future__ import annotations
@@ -30,13 +35,18 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.data import stsb_test  # noqa: E402
+from bench.data import nfcorpus_passages, stsb_test  # noqa: E402
 
 
 def sentences() -> list[str]:
     """STS-B test sentences (both sides, file order, duplicates dropped)."""
     left, right, _ = stsb_test()
     return list(dict.fromkeys(s for pair in zip(left, right) for s in pair))
+
+
+def passages() -> list[str]:
+    """The first 200 NFCorpus documents (title + text)."""
+    return nfcorpus_passages(200)
 
 
 def requests_for(texts: list[str], count: int, per: int) -> list[list[str]]:
@@ -52,6 +62,7 @@ async def _load(url: str, model: str, batches: list[list[str]], clients: int,
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     latencies: list[float] = []
     statuses: dict[int, int] = {}
+    stages: dict[str, float] = {}
     queue = list(reversed(batches))
     deadline = time.perf_counter() + time_cap_s
 
@@ -66,38 +77,94 @@ async def _load(url: str, model: str, batches: list[list[str]], clients: int,
             statuses[response.status] = statuses.get(response.status, 0) + 1
             if response.status == 200:
                 assert len(json.loads(payload)["data"]) == len(texts)
+                add_timing(stages, response.headers.get("server-timing"))
 
     connector = aiohttp.TCPConnector(limit=clients)
     async with aiohttp.ClientSession(connector=connector) as session:
         start = time.perf_counter()
         await asyncio.gather(*(client(session) for _ in range(clients)))
         wall = time.perf_counter() - start
-    done = len(latencies)
-    texts = statuses.get(200, 0) * len(batches[0])
-    return {"clients": clients, "requests": done, "statuses": statuses, "wall_s": round(wall, 3),
-            "texts_per_s": round(texts / wall, 1),
-            "p50_ms": round(1000 * float(np.percentile(latencies, 50)), 1),
-            "p99_ms": round(1000 * float(np.percentile(latencies, 99)), 1)}
+    return summary(clients, latencies, statuses, len(batches[0]), wall, stages)
 
 
-def run_levels(url: str, model: str, texts: list[str], args: argparse.Namespace,
-               encoder=None, key: str | None = None) -> list[dict]:
+def summary(clients: int | str, latencies: list[float], statuses: dict[int, int], per: int,
+            wall: float, stages: dict[str, float]) -> dict:
+    """A level's rates, latency percentiles and the replica's mean ms per stage."""
+    ok = statuses.get(200, 0)
+    out = {"clients": clients, "requests": len(latencies), "statuses": statuses,
+           "wall_s": round(wall, 3), "texts_per_s": round(ok * per / wall, 1),
+           "p50_ms": round(1000 * float(np.percentile(latencies, 50)), 1),
+           "p99_ms": round(1000 * float(np.percentile(latencies, 99)), 1)}
+    if stages and ok:
+        out["replica_ms"] = {k: round(v / ok, 2) for k, v in stages.items()}
+    return out
+
+
+def add_timing(stages: dict[str, float], header: str | None) -> None:
+    """Sum a ``Server-Timing`` header (``name;dur=ms, ...``) into `stages`."""
+    for part in (header or "").split(","):
+        name, _, dur = part.strip().partition(";dur=")
+        if name and dur:
+            stages[name] = stages.get(name, 0.0) + float(dur)
+
+
+def openai_level(base_url: str, model: str, batches: list[list[str]], threads: int,
+                 key: str | None) -> dict:
+    """The real `openai` client (its default base64) in `threads` threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+
+    client = openai.OpenAI(base_url=base_url, api_key=key or "unused", max_retries=0)
+    latencies: list[float] = []
+    queue = list(reversed(batches))
+
+    def caller() -> None:
+        while queue:
+            try:
+                texts = queue.pop()
+            except IndexError:
+                return
+            t0 = time.perf_counter()
+            answer = client.embeddings.create(model=model, input=texts)
+            latencies.append(time.perf_counter() - t0)
+            assert len(answer.data) == len(texts)
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        for future in [pool.submit(caller) for _ in range(threads)]:
+            future.result()
+    wall = time.perf_counter() - start
+    return summary(f"openai x{threads}", latencies, {200: len(latencies)}, len(batches[0]),
+                   wall, {})
+
+
+def run_levels(url: str, model: str, texts: list[str], requests: int,
+               args: argparse.Namespace, encoder=None, key: str | None = None,
+               label: str = "") -> list[dict]:
     """Each level's load; with `encoder`, bracketed by in-process runs on the same texts."""
     results = []
     per = args.texts_per_request
     asyncio.run(_load(url, model, requests_for(texts, 8, per), 4, 60, key))  # warm-up
     for clients in args.levels:
-        batches = requests_for(texts, max(args.requests, 4 * clients), per)
-        flat = [t for batch in batches for t in batch]
-        before = in_process_rate(encoder, flat) if encoder is not None else None
-        result = asyncio.run(_load(url, model, batches, clients, args.time_cap_s, key))
-        if encoder is not None:
-            after = in_process_rate(encoder, flat)
-            result["in_process"] = [before, after]
-            result["vs_in_process"] = round(2 * result["texts_per_s"] / (before + after), 2)
-        print(json.dumps(result), flush=True)
-        results.append(result)
+        batches = requests_for(texts, max(requests, 4 * clients), per)
+        results.append(bracketed(encoder, batches, label, lambda b, c=clients: asyncio.run(
+            _load(url, model, b, c, args.time_cap_s, key))))
     return results
+
+
+def bracketed(encoder, batches: list[list[str]], label: str, level) -> dict:
+    """`level(batches)` between two in-process runs on the same texts; their ratio."""
+    flat = [t for batch in batches for t in batch]
+    before = in_process_rate(encoder, flat) if encoder is not None else None
+    result = {"corpus": label, **level(batches)}
+    if encoder is not None:
+        after = in_process_rate(encoder, flat)
+        result["in_process"] = [before, after]
+        result["vs_in_process"] = round(2 * result["texts_per_s"] / (before + after), 2)
+    result["load"] = round(os.getloadavg()[0], 1)
+    print(json.dumps(result), flush=True)
+    return result
 
 
 def in_process_rate(encoder, texts: list[str]) -> float:
@@ -113,20 +180,32 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+CORPORA = {"sentences": sentences, "passages": passages}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="all-MiniLM-L6-v2")
     parser.add_argument("--requests", type=int, default=256, help="requests per level")
+    parser.add_argument("--passage-requests", type=int, default=64,
+                        help="requests per level for passages")
     parser.add_argument("--texts-per-request", type=int, default=8)
     parser.add_argument("--levels", default="1,8,32")
+    parser.add_argument("--corpora", default="sentences,passages")
+    parser.add_argument("--openai-threads", type=int, default=32,
+                        help="threads of the real openai client (0: skip that level)")
     parser.add_argument("--time-cap-s", type=float, default=120.0, help="per level")
     parser.add_argument("--peer-url", help="another OpenAI-compatible /v1/embeddings URL")
     parser.add_argument("--peer-model", default="", help="`model` value the peer expects")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads in process and in the replica (its CPUs); on a "
                              "shared, oversubscribed box 2 threads ran 4x slower than 1")
-    parser.add_argument("--max-batch-requests", type=int, default=32,
-                        help="the server's --max-batch-requests")
+    parser.add_argument("--dtype", default="fp32", help="the server's and in-process dtype")
+    parser.add_argument("--calibration", help="int8: calibration texts (one per line)")
+    parser.add_argument("--max-batch-tokens", type=int, default=None,
+                        help="the server's --max-batch-tokens (default: its own)")
+    parser.add_argument("--throughput-optimized", type=int, default=1,
+                        help="1: RAY_SERVE_THROUGHPUT_OPTIMIZED=1 for our Ray")
     parser.add_argument("--skip-ours", action="store_true", help="only the peer server")
     parser.add_argument("--json", help="write all results here")
     args = parser.parse_args()
@@ -136,39 +215,59 @@ def main() -> None:
     from bge_core.model import Encoder
 
     torch.set_num_threads(args.threads)
-    texts = sentences()
-    encoder = Encoder.from_pretrained(args.model, device="cpu")
-    encoder.encode(texts[:64])  # warm-up
+    corpora = {name: CORPORA[name]() for name in args.corpora.split(",")}
+    encoder = Encoder.from_pretrained(args.model, device="cpu", dtype=args.dtype,
+                                      calibration=args.calibration)
+    encoder.encode(sentences()[:64])  # warm-up
     report: dict = {"model": args.model, "texts_per_request": args.texts_per_request,
-                    "cpus": os.cpu_count(), "threads": args.threads,
-                    "max_batch_requests": args.max_batch_requests,
+                    "cpus": os.cpu_count(), "threads": args.threads, "dtype": args.dtype,
+                    "max_batch_tokens": args.max_batch_tokens,
+                    "throughput_optimized": args.throughput_optimized,
                     "load_before": os.getloadavg()}
     if args.peer_url:
-        report["peer"] = run_levels(args.peer_url, args.peer_model, texts, args, encoder)
+        report["peer"] = [r for name, texts in corpora.items()
+                          for r in run_levels(args.peer_url, args.peer_model, texts,
+                                              _requests(args, name), args, encoder,
+                                              label=name)]
     if not args.skip_ours:
-        report["served"] = ours(args, texts, encoder)
+        report["served"] = ours(args, corpora, encoder)
     report["load_after"] = os.getloadavg()
     print(json.dumps(report, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
 
 
-def ours(args: argparse.Namespace, texts: list[str], encoder) -> list[dict]:
+def _requests(args: argparse.Namespace, corpus: str) -> int:
+    return args.passage_requests if corpus == "passages" else args.requests
+
+
+def ours(args: argparse.Namespace, corpora: dict[str, list[str]], encoder) -> list[dict]:
     """The served levels: one replica with `--threads` CPUs (Ray sets its torch threads)."""
     import ray
     from ray import serve
 
-    from pipelines.serve.main import ServeConfig, start
+    from pipelines.common.cli import make_config
+    from pipelines.serve.main import THROUGHPUT_ENV, ServeConfig, start
 
+    os.environ[THROUGHPUT_ENV] = str(args.throughput_optimized)  # before Ray starts
     cpus = os.cpu_count() or 1
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": str(args.threads)}})
     port = _free_port()
+    url = f"http://127.0.0.1:{port}/v1"
     try:
-        start(ServeConfig(model=args.model, port=port, cpus_per_replica=float(args.threads),
-                          max_batch_requests=args.max_batch_requests), api_key="")
-        return run_levels(f"http://127.0.0.1:{port}/v1/embeddings", args.model, texts, args,
-                          encoder)
+        start(make_config(ServeConfig, model=args.model, port=port, dtype=args.dtype,
+                          calibration=args.calibration, cpus_per_replica=float(args.threads),
+                          max_batch_tokens=args.max_batch_tokens), api_key="")
+        results = [r for name, texts in corpora.items()
+                   for r in run_levels(f"{url}/embeddings", args.model, texts,
+                                       _requests(args, name), args, encoder, label=name)]
+        if args.openai_threads:
+            batches = requests_for(sentences(), max(args.requests, 4 * args.openai_threads),
+                                   args.texts_per_request)
+            results.append(bracketed(encoder, batches, "sentences", lambda b: openai_level(
+                url, args.model, b, args.openai_threads, None)))
+        return results
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -1,7 +1,7 @@
 """The embeddings API without Ray: auth, bad input, token counts, response encoding.
 
 The HTTP path of a replica is `check_auth` → `parse_request` → `tokenize_request` →
-`Encoder.encode_tokenized` → `embedding_response`; here each step is checked on its own and
+`Encoder.encode_tokenized` → `embedding_body`; here each step is checked on its own and
 the whole chain against `Encoder.encode` / `encode_queries`.
 """
 
@@ -20,9 +20,10 @@ from pipelines.serve.api import (
     API_KEY_ENV,
     ApiError,
     EmbeddingRequest,
+    TokenizedRequest,
     check_auth,
     check_declared_size,
-    embedding_response,
+    embedding_body,
     parse_request,
     resolve_api_key,
     tokenize_request,
@@ -132,8 +133,8 @@ def _served(encoder: Encoder, payload: dict) -> tuple[np.ndarray, dict]:
     request = _parse(payload, max_inputs=100)
     tokens = tokenize_request(encoder, request)
     vectors = encoder.encode_tokenized(tokens.rows)
-    body = json.loads(json.dumps(embedding_response(
-        vectors, tokens, model="tiny", encoding_format=request.encoding_format)))
+    body = json.loads(embedding_body(vectors, tokens, model="tiny",
+                                     encoding_format=request.encoding_format))
     items = [item["embedding"] for item in body["data"]]
     if request.encoding_format == "base64":
         decoded = [np.frombuffer(base64.b64decode(s), dtype="<f4") for s in items]
@@ -164,3 +165,15 @@ def test_usage_counts_tokens_and_truncated_inputs(encoder: Encoder):
     assert body["usage"]["truncated_inputs"] == int(truncated.sum()) == 1  # the long text
     assert max(map(len, ids)) == encoder.config.max_length
     assert body["model"] == "tiny" and body["object"] == "list"
+
+
+@pytest.mark.parametrize("dim", [384, 32, 10, 1])  # a row's bytes a multiple of 3 or not
+def test_base64_cut_from_the_whole_array_equals_one_encoding_per_vector(dim: int):
+    vectors = np.random.default_rng(dim).standard_normal((7, dim)).astype(np.float32)
+    tokens = TokenizedRequest(rows=[[1, 2]] * 7, prompt_tokens=14, truncated=0)
+    body = json.loads(embedding_body(vectors, tokens, model='m"x', encoding_format="base64"))
+    expected = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
+    assert [d["embedding"] for d in body["data"]] == expected
+    assert [d["index"] for d in body["data"]] == list(range(7)) and body["model"] == 'm"x'
+    floats = json.loads(embedding_body(vectors, tokens, model="m", encoding_format="float"))
+    assert np.array_equal(np.array([d["embedding"] for d in floats["data"]], np.float32), vectors)

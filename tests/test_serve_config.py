@@ -16,7 +16,7 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from bge_core.errors import InputError
-from pipelines.common.cli import ConfigError, config_from_dict, parse_config
+from pipelines.common.cli import ConfigError, config_from_dict, make_config, parse_config
 from pipelines.serve.api import API_KEY_ENV
 from pipelines.serve.main import (
     Embedder,
@@ -40,8 +40,8 @@ def test_cli_flags_parse_into_the_config():
         "--model", "/ckpt/finetuned", "--host", "0.0.0.0", "--port", "9000",
         "--replicas", "2,6", "--gpus-per-replica", "1", "--dtype", "fp16",
         "--max_inputs_per_request", "64", "--query-instruction-for-retrieval", ""])
-    assert (cfg.model, cfg.host, cfg.port, cfg.dtype) == ("/ckpt/finetuned", "0.0.0.0", 9000,
-                                                          "fp16")
+    assert (cfg.encoder.model, cfg.host, cfg.port, cfg.encoder.dtype) == (
+        "/ckpt/finetuned", "0.0.0.0", 9000, "fp16")
     assert cfg.replica_range() == (2, 6) and cfg.gpus_per_replica == 1.0
     assert cfg.max_inputs_per_request == 64
     # "" means no instruction (not the model's): it must reach the encoder
@@ -53,30 +53,52 @@ def test_cli_flags_parse_into_the_config():
     (["--replicas", "0"], "replicas"),
     (["--replicas", "4,2"], "replicas"),
     (["--replicas", "two"], "replicas"),
-    (["--max-batch-requests", "64", "--max-ongoing-requests", "8"], "max_ongoing_requests"),
-    (["--max-inputs-per-request", "0"], "max_inputs_per_request"),
-    (["--accelerator-type", "L4"], "accelerator_type needs gpus_per_replica"),
-    (["--max_queued_requests", "-1"], "max_queued_requests"),
-    (["--dtype", "int8"], "dtype int8 needs calibration"),
-    (["--calibration", "texts.txt"], "calibration is for dtype int8 only"),
+    (["--max-batch-tokens", "0"], "--max-batch-tokens"),
+    (["--max-inputs-per-request", "0"], "--max-inputs-per-request"),
+    (["--accelerator-type", "L4"], "--accelerator-type needs --gpus-per-replica"),
+    (["--max_queued_requests", "-1"], "--max-queued-requests"),
+    (["--dtype", "int8"], "--dtype int8 needs --calibration"),
+    (["--dtype", "int8", "--calibration", "c.txt", "--gpus-per-replica", "1"],
+     "int8 runs on CPU replicas only"),
+    (["--dtype", "fp16"], "fp16 needs --gpus-per-replica > 0"),
+    (["--calibration", "texts.txt"], "is for --dtype int8 only"),
+    (["--max-length", "0"], "--max-length must be >= 1"),
 ])
 def test_bad_settings_are_errors_naming_the_flag(flags: list[str], message: str):
     with pytest.raises(ConfigError, match=message):
         parse_config(ServeConfig, flags)
 
 
+def test_the_model_settings_are_declared_once_with_the_bulk_jobs():
+    """ServeConfig takes --model, --dtype, ... from the bulk jobs' `ModelOptions` group: the
+    same flags, types and defaults, and none re-declared beside the group."""
+    from dataclasses import fields
+
+    from pipelines.common.cli import flat_fields
+    from pipelines.common.encode_options import EncodeOptions, ModelOptions
+    from pipelines.embed.config import EmbedConfig
+
+    shared = {f.name for f in fields(ModelOptions)}
+    own = {f.name for f in fields(ServeConfig)} - {"encoder"}
+    assert not own & {f.name for f in fields(EncodeOptions)}
+    serve_flags, embed_flags = flat_fields(ServeConfig), flat_fields(EmbedConfig)
+    assert {k: serve_flags[k] for k in shared} == {k: embed_flags[k] for k in shared}
+    cfg = parse_config(ServeConfig, ["--model_name_or_path", "m", "--max-tokens-per-batch", "9"])
+    assert cfg.encoder == ModelOptions(model="m", max_tokens_per_batch=9)
+
+
 def test_fixed_replicas_and_autoscaling_bounds():
     fixed = deployment_options(ServeConfig(replicas="3"))
     assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
-    scaled = deployment_options(ServeConfig(replicas="1,8", max_batch_requests=16))
+    scaled = deployment_options(ServeConfig(replicas="1,8", max_ongoing_requests=32))
     assert "num_replicas" not in scaled
     assert scaled["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 8,
                                             "target_ongoing_requests": 16}
 
 
 def test_deployment_takes_gpus_limits_and_answers_429_when_the_queue_is_full():
-    cfg = ServeConfig(gpus_per_replica=1, cpus_per_replica=2, accelerator_type="L4",
-                      max_ongoing_requests=40, max_queued_requests=7)
+    cfg = make_config(ServeConfig, gpus_per_replica=1, cpus_per_replica=2,
+                      accelerator_type="L4", max_ongoing_requests=40, max_queued_requests=7)
     deployment = Embedder.options(**deployment_options(cfg))  # Serve validates the options
     assert deployment.ray_actor_options == {"num_cpus": 2.0, "num_gpus": 1.0,
                                             "accelerator_type": "L4"}
@@ -96,10 +118,11 @@ def test_serve_yaml_passes_serves_own_schema_and_builds_the_app(
     (app,) = config.applications
     assert app.import_path == "pipelines.serve_embeddings:app_builder"
     settings = config_from_dict(ServeConfig, app.args, source=SERVE_YAML.name)
-    assert settings.gpus_per_replica >= 1 and settings.accelerator_type
+    assert settings.gpus_per_replica >= 1 and settings.encoder.accelerator_type
+    assert settings.encoder.model == "BAAI/bge-base-en-v1.5" and settings.encoder.dtype == "fp16"
     assert app_builder(app.args) is not None  # builds without loading the model
-    with pytest.raises(ConfigError, match="max_batch_requets"):
-        app_builder({**app.args, "max_batch_requets": 8})
+    with pytest.raises(ConfigError, match="max_batch_tokes"):
+        app_builder({**app.args, "max_batch_tokes": 8})
 
 
 def test_serve_yaml_binds_every_interface_only_behind_the_key(monkeypatch: pytest.MonkeyPatch):
@@ -137,7 +160,7 @@ def test_serving_replicas_fit_the_pools_that_offer_their_gpu():
     aws.yaml only on the inference pool), with room for the autoscaling maximum."""
     (app,) = yaml.safe_load(SERVE_YAML.read_text())["applications"]
     cfg = config_from_dict(ServeConfig, app["args"])
-    wanted = f"accelerator_type:{cfg.accelerator_type}"
+    wanted = f"accelerator_type:{cfg.encoder.accelerator_type}"
     (group,) = _rayservice()["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     assert wanted in group["rayStartParams"]["resources"]
     gpus = int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])

@@ -21,6 +21,7 @@ import openai
 import pytest
 
 from bge_core.model import Encoder
+from pipelines.common.cli import make_config
 from pipelines.serve.main import ServeConfig, start
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
@@ -46,12 +47,14 @@ def server(ray_session, tiny_bert_dir: Path) -> Iterator[Server]:
     from ray import serve
 
     port = _free_port()
-    main = ServeConfig(model=str(tiny_bert_dir), served_model_name="tiny-bert", port=port,
-                       cpus_per_replica=0.25, max_length=24, max_inputs_per_request=16,
-                       query_instruction_for_retrieval="search query: ", app_name="main")
-    tight = ServeConfig(model=str(tiny_bert_dir), port=port, cpus_per_replica=0.25,
-                        route_prefix="/tight", app_name="tight", max_inputs_per_request=512,
-                        max_batch_requests=1, max_ongoing_requests=1, max_queued_requests=1)
+    main = make_config(ServeConfig, model=str(tiny_bert_dir), served_model_name="tiny-bert",
+                       port=port, cpus_per_replica=0.25, max_length=24,
+                       max_inputs_per_request=16, app_name="main",
+                       query_instruction_for_retrieval="search query: ")
+    tight = make_config(ServeConfig, model=str(tiny_bert_dir), port=port,
+                        cpus_per_replica=0.25, route_prefix="/tight", app_name="tight",
+                        max_inputs_per_request=512, max_batch_tokens=64,
+                        max_ongoing_requests=1, max_queued_requests=1)
     try:
         start(main, api_key=KEY)
         start(tight, api_key="")  # "" = no key, whatever the environment says

@@ -1,10 +1,13 @@
 """The encode settings every job that embeds text shares, declared once.
 
-`EncodeOptions` is nested in `EmbedConfig`, `EvaluateConfig` and `MineConfig`; the CLI
-(`pipelines.common.cli`) expands its fields into the same flags with the same defaults and checks
-in every job (``--model``, ``--dtype``, ``--num-actors``, ...). `SearchOptions` is the same
-for the exact top-k search that evaluation and mining run, `ChunkOptions` for long documents
-as token windows (embedding and evaluation). Ray-free: configs parse without starting Ray.
+`ModelOptions` (model, precision, lengths) is what the bulk jobs and the server share;
+`EncodeOptions` adds the bulk jobs' actor pool and is nested in `EmbedConfig`,
+`EvaluateConfig` and `MineConfig`; `ServeConfig` nests `ModelOptions`. The CLI
+(`pipelines.common.cli`) expands a nested group's fields into the same flags with the same
+defaults and checks in every job (``--model``, ``--dtype``, ``--num-actors``, ...).
+`SearchOptions` is the same for the exact top-k search that evaluation and mining run,
+`ChunkOptions` for long documents as token windows (embedding and evaluation).
+Ray-free: configs parse without starting Ray.
 """
 
 from __future__ import annotations
@@ -39,20 +42,67 @@ def _rename(name: str) -> Any:
 
 
 @dataclass(frozen=True, kw_only=True)
-class EncodeOptions:
-    """How a job encodes text on Ray (model, precision, actor pool, batch sizes).
+class ModelOptions:
+    """Which model encodes and how: the settings the bulk jobs and the server share.
+
+    `EncodeOptions` (the bulk jobs) extends it with the actor pool; the server nests it as
+    its ``encoder`` group. The flags are the same everywhere (``--model``, ``--dtype``, ...).
 
     Args:
         model: preset name, local folder, hub id or a saved checkpoint's URI
             (`Encoder.from_pretrained`).
-        dtype: compute precision on the actors (``fp16`` needs GPUs; ``int8`` runs on CPU
-            actors only — OpenVINO, static int8 — with the `int8` extra installed on the
-            workers; ``bf16`` on a CPU without native bf16 runs in fp32).
+        dtype: compute precision (``fp16`` needs GPUs; ``int8`` runs on CPU only —
+            OpenVINO, static int8 — with the `int8` extra installed on the workers;
+            ``bf16`` on a CPU without native bf16 runs in fp32).
         calibration: ``int8`` only: a local text file (one text per line) whose first 300
-            texts calibrate the int8 activation scales; default the first 300 texts of the
-            data being encoded. The same texts go to every actor, and their digest is in
-            the model fingerprint.
+            texts calibrate the int8 activation scales. Bulk jobs default to the first 300
+            texts of the data being encoded; the server requires it. The same texts go to
+            every actor / replica, and their digest is in the model fingerprint.
         max_length: token limit (default: the model's); longer text is truncated.
+        max_tokens_per_batch: padded-token budget of one forward pass (default: the
+            encoder's, 2,048 on CPU and 16,384 on GPU).
+        accelerator_type: GPU type the workers need (e.g. ``"L4"``: Ray's
+            `accelerator_type:L4` node resource); needs GPUs per worker > 0.
+    """
+
+    model: str = OFFLINE_MINILM
+    dtype: DType = "fp32"
+    calibration: str | None = None
+    max_length: int | None = None
+    max_tokens_per_batch: int | None = None
+    accelerator_type: str | None = None
+
+    ALIASES: ClassVar[dict[str, Alias]] = {
+        "model_name_or_path": Alias(str, _rename("model"), "same as --model (FlagEmbedding)"),
+    }
+
+    def __post_init__(self) -> None:
+        for name in ("max_length", "max_tokens_per_batch"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise InputError(f"--{_flag(name)} must be >= 1, got {value}")
+        if self.calibration and self.dtype != "int8":
+            raise InputError(f"--calibration {self.calibration} is for --dtype int8 only "
+                             f"(got --dtype {self.dtype})")
+
+    def check_devices(self, gpus: float, gpu_flag: str, workers: str) -> None:
+        """The precision and GPU type fit `gpus` per worker: `gpu_flag` names its flag,
+        `workers` what they are (``actors``, ``replicas``)."""
+        check_accelerator(self.accelerator_type, gpus, type_flag="--accelerator-type",
+                          gpu_flag=f"{gpu_flag} > 0")
+        if self.dtype == "int8" and gpus:
+            raise InputError(f"--dtype int8 runs on CPU {workers} only (OpenVINO int8): drop "
+                             f"{gpu_flag}, or use fp16 / bf16 on GPUs")
+        if self.dtype == "fp16" and not gpus:
+            raise InputError(f"--dtype fp16 needs {gpu_flag} > 0 (fp16 runs on GPUs only; "
+                             "use fp32 on CPU)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EncodeOptions(ModelOptions):
+    """How a bulk job encodes text on Ray: `ModelOptions` plus the actor pool.
+
+    Args:
         num_actors: actor pool size, ``"N"`` or autoscaling ``"MIN,MAX"``.
         gpus_per_actor: GPUs per actor; > 0 places the model on CUDA.
         cpus_per_actor: CPUs per actor (fractions allowed); on CPU it is also the actor's
@@ -61,53 +111,26 @@ class EncodeOptions:
             node, room left to the read / tokenise / write tasks), with a torch thread per
             CPU of the node: the encode pool takes the cores the other stages leave free
             (`cpu_plan`).
-        accelerator_type: GPU type the actors need (e.g. ``"L4"``: Ray's
-            `accelerator_type:L4` node resource); needs ``gpus_per_actor > 0``.
         batch_rows: rows per Ray Data batch sent to an actor: also the window the actor
             length-sorts into micro-batches, so larger pads less (bench/batch_padding.py:
             4.9% of tokens padded at 512 rows, 1.2% at 4,096).
-        max_tokens_per_batch: padded-token budget of one forward pass (default: the
-            encoder's, 2,048 on CPU and 16,384 on GPU).
     """
 
-    model: str = OFFLINE_MINILM
-    dtype: DType = "fp32"
-    calibration: str | None = None
-    max_length: int | None = None
     num_actors: str = "1"
     gpus_per_actor: float = 0.0
     cpus_per_actor: float | None = None
-    accelerator_type: str | None = None
     batch_rows: int = 4096
-    max_tokens_per_batch: int | None = None
-
-    ALIASES: ClassVar[dict[str, Alias]] = {
-        "model_name_or_path": Alias(str, _rename("model"), "same as --model (FlagEmbedding)"),
-    }
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.pool_size()
-        for name in ("max_length", "max_tokens_per_batch"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise InputError(f"--{_flag(name)} must be >= 1, got {value}")
         if self.batch_rows < 1:
             raise InputError(f"--batch-rows must be >= 1, got {self.batch_rows}")
         if self.gpus_per_actor < 0 or (self.cpus_per_actor is not None
                                        and self.cpus_per_actor <= 0):
             raise InputError(f"--gpus-per-actor must be >= 0 and --cpus-per-actor > 0, got "
                              f"{self.gpus_per_actor} and {self.cpus_per_actor}")
-        check_accelerator(self.accelerator_type, self.gpus_per_actor,
-                          type_flag="--accelerator-type", gpu_flag="--gpus-per-actor > 0")
-        if self.dtype == "int8" and self.gpus_per_actor:
-            raise InputError("--dtype int8 runs on CPU actors only (OpenVINO int8): drop "
-                             "--gpus-per-actor, or use fp16 / bf16 on GPUs")
-        if self.calibration and self.dtype != "int8":
-            raise InputError(f"--calibration {self.calibration} is for --dtype int8 only "
-                             f"(got --dtype {self.dtype})")
-        if self.dtype == "fp16" and not self.gpus_per_actor:
-            raise InputError("--dtype fp16 needs --gpus-per-actor > 0 (fp16 runs on GPUs only; "
-                             "use fp32 on CPU)")
+        self.check_devices(self.gpus_per_actor, "--gpus-per-actor", "actors")
 
     def pool_size(self) -> int | tuple[int, int]:
         """`concurrency` for Ray Data: a fixed size or a (min, max) autoscaling range."""

@@ -5,23 +5,28 @@ Ray Serve's cross-request batcher as its `encode`); everything here is plain Pyt
 and the `Encoder`'s tokenizer, so the whole HTTP path is tested in-process without a
 cluster. Every rejection is an `ApiError` carrying its HTTP status and a message naming the
 problem, answered in OpenAI's error shape. ``GET /health`` is open (for probes); every
-``/v1/*`` route needs the API key when one is set.
+``/v1/*`` route needs the API key when one is set. Each embeddings answer carries a
+``Server-Timing`` header with the replica's share of the request (parse, tokenize, queue,
+encode, serialize, in ms), which `bench/serve_load.py` collects into a profile.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
 import ipaddress
 import json
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from bge_core.errors import InputError
 from bge_core.model import Encoder
@@ -67,6 +72,21 @@ class TokenizedRequest:
     rows: list[list[int]]
     prompt_tokens: int
     truncated: int
+
+
+_STAGES: ContextVar[dict[str, float] | None] = ContextVar("serve_stages", default=None)
+
+
+def note_stage(stage: str, seconds: float) -> None:
+    """Add `seconds` to `stage` of the request being answered (no-op outside one)."""
+    stages = _STAGES.get()
+    if stages is not None:
+        stages[stage] = stages.get(stage, 0.0) + seconds
+
+
+def server_timing(stages: Mapping[str, float]) -> str:
+    """The W3C ``Server-Timing`` header value of `stages` (seconds → ms)."""
+    return ", ".join(f"{name};dur={1000 * sec:.2f}" for name, sec in stages.items())
 
 
 def resolve_api_key(explicit: str | None = None) -> str | None:
@@ -214,23 +234,38 @@ def tokenize_request(encoder: Encoder, request: EmbeddingRequest) -> TokenizedRe
                             truncated=int(truncated.sum()))
 
 
-def embedding_response(
+def embedding_body(
     vectors: np.ndarray, tokens: TokenizedRequest, *, model: str, encoding_format: str
-) -> dict[str, Any]:
-    """OpenAI's embeddings response for (n, D) float32 `vectors`.
+) -> bytes:
+    """OpenAI's embeddings response for (n, D) float32 `vectors`, as JSON bytes.
 
-    ``base64`` is the little-endian float32 bytes of each vector, as OpenAI sends it.
-    ``usage.truncated_inputs`` (ours) counts inputs cut at the token limit.
+    ``base64`` is the little-endian float32 bytes of each vector, as OpenAI sends it,
+    encoded straight from the array: one `b64encode` of the whole (n, D) buffer, cut per
+    vector when a vector's bytes are a multiple of 3 (D divisible by 3: 384, 768, 1,536),
+    else one per vector; no lists of Python floats. ``usage.truncated_inputs`` (ours)
+    counts inputs cut at the token limit.
     """
     vectors = np.ascontiguousarray(vectors, dtype="<f4")  # (n, D)
     if encoding_format == "base64":
-        items: list[Any] = [base64.b64encode(v.tobytes()).decode("ascii") for v in vectors]
+        items = _base64_rows(vectors)
     else:
-        items = vectors.tolist()
-    data = [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(items)]
+        items = [json.dumps(row).encode() for row in vectors.tolist()]
+    data = b",".join(b'{"object":"embedding","index":%d,"embedding":%s}' % (i, e)
+                     for i, e in enumerate(items))
     usage = {"prompt_tokens": tokens.prompt_tokens, "total_tokens": tokens.prompt_tokens,
              "truncated_inputs": tokens.truncated}
-    return {"object": "list", "data": data, "model": model, "usage": usage}
+    return (b'{"object":"list","data":[' + data + b'],"model":' + json.dumps(model).encode()
+            + b',"usage":' + json.dumps(usage).encode() + b"}")
+
+
+def _base64_rows(vectors: np.ndarray) -> list[bytes]:
+    """Quoted base64 of each row of a C-contiguous little-endian float32 (n, D) array."""
+    row_bytes = vectors.shape[1] * 4
+    if row_bytes % 3:  # base64 of a row would end mid-group: encode row by row
+        return [b'"' + base64.b64encode(row) + b'"' for row in vectors]
+    text = base64.b64encode(vectors.data)  # no padding inside: every row is whole groups
+    step = row_bytes // 3 * 4
+    return [b'"' + text[i:i + step] + b'"' for i in range(0, len(text), step)]
 
 
 def models_response(model: str, created: int, dim: int) -> dict[str, Any]:
@@ -275,16 +310,33 @@ def build_api(served: ServedModel) -> FastAPI:
     async def models() -> JSONResponse:
         return JSONResponse(models_response(served.name, served.created, served.encoder.dim))
 
-    @v1.post("/embeddings")
-    async def embeddings(request: Request) -> JSONResponse:
-        check_declared_size(request.headers.get("content-length"), served.max_bytes)
-        body = await read_body(request.stream(), served.max_bytes)
+    def prepare(body: bytes) -> tuple[EmbeddingRequest, TokenizedRequest]:
+        t0 = time.perf_counter()
         req = parse_request(body, max_inputs=served.max_inputs, max_bytes=served.max_bytes,
                             dim=served.encoder.dim)
+        t1 = time.perf_counter()
         tokens = tokenize_request(served.encoder, req)
+        note_stage("parse", t1 - t0)
+        note_stage("tokenize", time.perf_counter() - t1)
+        return req, tokens
+
+    @v1.post("/embeddings")
+    async def embeddings(request: Request) -> Response:
+        stages: dict[str, float] = {}
+        _STAGES.set(stages)  # this request's task only
+        check_declared_size(request.headers.get("content-length"), served.max_bytes)
+        body = await read_body(request.stream(), served.max_bytes)
+        # parse + tokenise on a worker thread: the event loop keeps taking requests and the
+        # encode thread keeps encoding (the tokenizer releases the GIL)
+        # (to_thread copies this context, so its stages land in `stages`)
+        req, tokens = await asyncio.to_thread(prepare, body)
         vectors = await served.encode(tokens.rows)  # (n, D)
-        return JSONResponse(embedding_response(vectors, tokens, model=served.name,
-                                               encoding_format=req.encoding_format))
+        t0 = time.perf_counter()
+        content = embedding_body(vectors, tokens, model=served.name,
+                                 encoding_format=req.encoding_format)
+        note_stage("serialize", time.perf_counter() - t0)
+        return Response(content, media_type="application/json",
+                        headers={"server-timing": server_timing(stages)})
 
     api.include_router(v1)
     return api

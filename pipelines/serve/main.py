@@ -5,9 +5,12 @@
     serve run pipelines/configs/serve.yaml          # or `serve deploy` to a running cluster
 
 Starts a local Ray unless ``RAY_ADDRESS`` names a cluster, and serves until stopped.
-Requests from concurrent callers are gathered (`@serve.batch`) and encoded together in the
-encoder's length-sorted token-budget micro-batches. ``input_type: query`` adds the model's
-query instruction (`Encoder.encode_queries`); ``passage`` (default) embeds text as given.
+Requests from concurrent callers are gathered by tokens (`pipelines.serve.batcher`: up to
+``--max-batch-tokens`` per encoder call, a bigger request split across calls) and encoded
+together in the encoder's length-sorted token-budget micro-batches, on a thread of their own
+while the replica's event loop parses, tokenises (on worker threads) and answers.
+``input_type: query`` adds the model's query instruction (`Encoder.encode_queries`);
+``passage`` (default) embeds text as given.
 Set ``BGE_SERVE_API_KEY`` to require ``Authorization: Bearer <key>`` on every ``/v1/*``
 request (``/health`` stays open for probes). Without a key the server binds only loopback:
 any other address (``--host 0.0.0.0``, or Serve's ``http_options`` for ``serve run`` /
@@ -18,120 +21,123 @@ Past ``--max-queued-requests`` waiting requests, callers get 429 at once.
 # No `from __future__ import annotations` here: run as a script, ServeConfig lives in
 # `__main__` and travels to the replicas by value, where string annotations ("DType")
 # could not be resolved by `config_from_dict`'s `get_type_hints`.
-import asyncio
 import logging
+import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
 from fastapi import FastAPI
 from ray import serve
 from ray.serve import Application
 
-from bge_core.config import DType
 from bge_core.errors import InputError
 from bge_core.model import Encoder
-from bge_core.presets import OFFLINE_MINILM
 from pipelines.common.cli import config_from_dict, run_main
-from pipelines.common.resources import check_accelerator, parse_count_range
+from pipelines.common.encode_options import ModelOptions
+from pipelines.common.resources import parse_count_range
 from pipelines.serve.api import ServedModel, build_api, check_exposure, resolve_api_key
+from pipelines.serve.batcher import TokenBatcher
 
 log = logging.getLogger("serve_embeddings")
+
+
+THROUGHPUT_ENV = "RAY_SERVE_THROUGHPUT_OPTIMIZED"
 
 
 @dataclass(frozen=True, kw_only=True)
 class ServeConfig:
     """Serve an encoder as an OpenAI-compatible embeddings endpoint on Ray Serve."""
 
-    model: str = OFFLINE_MINILM
+    # --model, --dtype, --calibration, --max-length, --max-tokens-per-batch,
+    # --accelerator-type: declared once with the bulk jobs (int8 here needs --calibration:
+    # a replica calibrating on whatever it is asked first would differ from the others)
+    encoder: ModelOptions = field(default_factory=ModelOptions)
     served_model_name: str | None = None  # the `model` id reported; default --model
     host: str = "127.0.0.1"  # CLI only (`serve run` reads http_options from its config)
     port: int = 8000
     route_prefix: str = "/"
     app_name: str = "bge-embeddings"
-    dtype: DType = "fp32"
-    # int8 only, and then required: a text file (one text per line) calibrating the int8
-    # scales, the same on every replica (use the embed job's, so queries and corpus share one
-    # int8 model); without it each replica would calibrate on whatever it is asked first
-    calibration: str | None = None
-    max_length: int | None = None  # tokens per input (truncated beyond); default the model's
     query_instruction_for_retrieval: str | None = None  # "" = none; default the model's own
-    max_tokens_per_batch: int | None = None  # padded tokens per forward pass
     replicas: str = "1"  # "N" or "MIN,MAX" (autoscaling)
     cpus_per_replica: float = 1.0
     gpus_per_replica: float = 0.0
-    accelerator_type: str | None = None  # e.g. "L4": replicas only on that GPU type
     max_inputs_per_request: int = 512
     max_request_bytes: int = 8_000_000
-    max_batch_requests: int = 32  # requests gathered into one encoder call
-    batch_wait_timeout_s: float = 0.005  # how long a batch waits to fill after its first request
-    max_ongoing_requests: int = 64  # per replica: batching + in-flight requests
+    # tokens (without padding) of many requests gathered into one encoder call; a request
+    # with more is split across calls. Default: one forward pass's budget (the encoder's
+    # max_tokens_per_batch: 2,048 on CPU), so while one call encodes, the answers of the
+    # last one go out and new requests come in (one call of every waiting request left the
+    # encoder idle during that round trip: 0.63x in-process at 32 clients)
+    max_batch_tokens: int | None = None
+    # how long a request waits for company when the encoder is idle: 0 = encode at once;
+    # requests arriving meanwhile form the next batch (a wait only delays a lone request)
+    batch_wait_timeout_s: float = 0.0
+    max_ongoing_requests: int = 64  # per replica: queued for a batch + being encoded
     max_queued_requests: int = 128  # waiting at the proxy beyond that; then 429
+    # CLI only: start the local Ray with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (a cluster's
+    # processes take it from their own environment: see serve.yaml)
+    throughput_optimized: bool = True
     allow_unauthenticated: bool = False  # serve a non-loopback address without an API key
 
     def __post_init__(self) -> None:
         self.replica_range()
-        if self.dtype == "int8" and not self.calibration:
-            raise InputError("dtype int8 needs calibration: a text file (one text per line) "
-                             "like the texts served, the same for every replica (the embed "
-                             "job's --calibration file, if it had one)")
-        if self.calibration and self.dtype != "int8":
-            raise InputError(f"calibration is for dtype int8 only (got dtype {self.dtype})")
-        check_accelerator(self.accelerator_type, self.gpus_per_replica,
-                          type_flag="accelerator_type", gpu_flag="gpus_per_replica > 0")
-        for name in ("max_inputs_per_request", "max_request_bytes", "max_batch_requests",
+        self.encoder.check_devices(self.gpus_per_replica, "--gpus-per-replica", "replicas")
+        if self.encoder.dtype == "int8" and not self.encoder.calibration:
+            raise InputError("--dtype int8 needs --calibration: a text file (one text per "
+                             "line) like the texts served, the same for every replica (the "
+                             "embed job's --calibration file, if it had one)")
+        for name in ("max_inputs_per_request", "max_request_bytes", "max_batch_tokens",
                      "max_ongoing_requests", "port"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise InputError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
         if self.max_queued_requests < 0:
-            raise InputError(f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
-        if self.max_ongoing_requests < self.max_batch_requests:
-            raise InputError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= "
-                             f"max_batch_requests ({self.max_batch_requests}), or batches "
-                             "never fill")
+            raise InputError(f"--max-queued-requests must be >= 0, got "
+                             f"{self.max_queued_requests}")
+        if self.batch_wait_timeout_s < 0:
+            raise InputError(f"--batch-wait-timeout-s must be >= 0, got "
+                             f"{self.batch_wait_timeout_s}")
 
     def replica_range(self) -> tuple[int, int]:
         """(min, max) replicas from ``N`` or ``MIN,MAX``."""
-        return parse_count_range(self.replicas, "replicas")
+        return parse_count_range(self.replicas, "--replicas")
 
     def encoder_overrides(self) -> dict[str, Any]:
         """`Encoder.from_pretrained` overrides: only what was set, so the model's own stay."""
-        values = {"dtype": self.dtype, "max_length": self.max_length,
+        values = {"dtype": self.encoder.dtype, "max_length": self.encoder.max_length,
                   "query_instruction": self.query_instruction_for_retrieval,
-                  "max_tokens_per_batch": self.max_tokens_per_batch}
+                  "max_tokens_per_batch": self.encoder.max_tokens_per_batch}
         return {k: v for k, v in values.items() if v is not None}
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
 
 
 @serve.deployment
 @serve.ingress()  # the app comes from `__serve_build_asgi_app__`, after __init__
 class Embedder:
-    """One replica: an `Encoder`, the HTTP app of `build_api`, and the cross-request batcher."""
+    """One replica: an `Encoder`, the HTTP app of `build_api`, and the token batcher."""
 
     def __init__(self, settings: dict[str, Any], api_key: str | None) -> None:
         self.cfg = config_from_dict(ServeConfig, settings, source="serve settings")
         device = "cuda" if self.cfg.gpus_per_replica > 0 else "cpu"
-        self.encoder = Encoder.from_pretrained(self.cfg.model, device=device,
-                                               calibration=self.cfg.calibration,
+        self.encoder = Encoder.from_pretrained(self.cfg.encoder.model, device=device,
+                                               calibration=self.cfg.encoder.calibration,
                                                **self.cfg.encoder_overrides())
+        _, forward_tokens = self.encoder.config.batch_limits(device)
+        self.batcher = TokenBatcher(self.encoder.encode_tokenized,
+                                    max_tokens=self.cfg.max_batch_tokens or forward_tokens,
+                                    wait_s=self.cfg.batch_wait_timeout_s)
         self.served = ServedModel(
-            encoder=self.encoder, encode=self.encode_rows, api_key=api_key,
-            name=self.cfg.served_model_name or self.cfg.model, created=int(time.time()),
-            max_inputs=self.cfg.max_inputs_per_request, max_bytes=self.cfg.max_request_bytes)
-        self.encode_rows.set_max_batch_size(self.cfg.max_batch_requests)
-        self.encode_rows.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+            encoder=self.encoder, encode=self.batcher.encode, api_key=api_key,
+            name=self.cfg.served_model_name or self.cfg.encoder.model,
+            created=int(time.time()), max_inputs=self.cfg.max_inputs_per_request,
+            max_bytes=self.cfg.max_request_bytes)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_api(self.served)
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def encode_rows(self, requests: list[list[list[int]]]) -> list[np.ndarray]:
-        """Token rows of many requests → one `encode_tokenized` call → vectors per request."""
-        flat = [row for rows in requests for row in rows]
-        # off the event loop, so requests keep arriving (and queueing) while this batch runs
-        vectors = await asyncio.to_thread(self.encoder.encode_tokenized, flat)  # (sum n, D)
-        return np.split(vectors, np.cumsum([len(rows) for rows in requests])[:-1])
 
 
 def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
@@ -140,11 +146,11 @@ def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
     scaling: dict[str, Any] = (
         {"num_replicas": low} if low == high else
         {"autoscaling_config": {"min_replicas": low, "max_replicas": high,
-                                # scale out once a replica holds a full batch
-                                "target_ongoing_requests": cfg.max_batch_requests}})
+                                # scale out once replicas are half full on average
+                                "target_ongoing_requests": max(1, cfg.max_ongoing_requests // 2)}})
     actor: dict[str, Any] = {"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica}
-    if cfg.accelerator_type:
-        actor["accelerator_type"] = cfg.accelerator_type
+    if cfg.encoder.accelerator_type:
+        actor["accelerator_type"] = cfg.encoder.accelerator_type
     return {
         "ray_actor_options": actor,
         "max_ongoing_requests": cfg.max_ongoing_requests,
@@ -203,7 +209,7 @@ def run(cfg: ServeConfig) -> None:
     """Deploy, then serve until Ctrl-C (which deletes the application)."""
     try:
         start(cfg)
-        log.info("serving %s at http://%s:%d%sv1/embeddings", cfg.model, cfg.host, cfg.port,
+        log.info("serving %s at http://%s:%d%sv1/embeddings", cfg.encoder.model, cfg.host, cfg.port,
                  cfg.route_prefix.rstrip("/") + "/")
         while True:
             time.sleep(3600)
@@ -214,6 +220,8 @@ def run(cfg: ServeConfig) -> None:
 
 def _preflight(cfg: ServeConfig) -> None:
     check_exposure(cfg.host, resolve_api_key(), cfg.allow_unauthenticated)
+    if cfg.throughput_optimized:  # read by the local Ray's processes, started after this
+        os.environ.setdefault(THROUGHPUT_ENV, "1")
 
 
 def main(argv: list[str] | None = None) -> int:
