@@ -23,10 +23,13 @@ setup: $(BIN)/.installed
 run: setup
 	RAY_ADDRESS=$${RAY_ADDRESS:-local} $(BIN)/python pipelines/embed_corpus.py $(ARGS)
 
-# The suite CI runs: everything but the `long` fault drills (see `make test-long`).
+# The suite CI runs: everything but the `long` fault drills (see `make test-long`). Two
+# pytest workers (a file's tests stay on one worker, each worker has its own Ray session):
+# most Ray tests wait on process start-ups, so two streams keep both cores busy.
+XDIST ?= -n 2 --dist loadfile
 test: setup
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -m "not long" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not long" $(XDIST) $(PYTEST_ARGS)
 
 # The fault drills (node loss, flaky object store): minutes, run before a release.
 test-long: setup
@@ -35,7 +38,7 @@ test-long: setup
 # Every test that needs no Ray cluster (marker `ray`, see pyproject.toml): the quick loop.
 test-fast: setup
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -m "not ray and not long" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not ray and not long" $(XDIST) $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .

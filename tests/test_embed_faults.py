@@ -64,6 +64,7 @@ def _marked_rows(out: Path) -> int:
     return sum(pq.read_metadata(p).num_rows for p in (out / "_state" / "parts").glob("*/part-*"))
 
 
+@pytest.mark.long  # a kill -9 drill of the whole job: `make test-long`
 def test_resume_after_driver_sigkill_redoes_only_what_was_in_flight(
         ray_session, tiny_bert_dir, encoder, tmp_path) -> None:
     """A part is recorded as written the moment it is (not when its whole input file is

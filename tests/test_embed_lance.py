@@ -140,6 +140,7 @@ def _marked_rows(out: Path) -> int:
     return sum(pq.read_metadata(p).num_rows for p in folder.glob("*/part-*"))
 
 
+@pytest.mark.long  # a kill -9 drill (about a minute): `make test-long`
 def test_kill_between_parts_then_rerun_leaves_every_id_once(
         ray_session, tiny_bert_dir, encoder, tmp_path) -> None:
     expected = write_corpus(tmp_path / "c", files=6, rows=24)
@@ -169,6 +170,7 @@ def _killed(model: Path, corpus: Path, out: Path, phase: str, mode: str) -> None
 
 
 @pytest.mark.ray  # the job runs its own local Ray in a subprocess
+@pytest.mark.long  # three kill -9 runs (about two minutes): `make test-long`
 def test_kill_during_and_after_the_commit_then_rerun(tiny_bert_dir, encoder, tmp_path) -> None:
     import lance
 

@@ -17,7 +17,8 @@ import pytest
 from tests.tiny_models import make_tiny_bert
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+# a replica-kill drill on two raylets: minutes, so with the other drills in `make test-long`
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.long]
 
 
 @pytest.mark.timeout(900)
