@@ -4,7 +4,8 @@
 
 Writes, from NFCorpus in ../shared/data (read here, never copied into the repo):
 ``raw.jsonl`` (200 documents, RetroMAE's corpus), ``train.jsonl`` (20 train queries, each
-with its relevant documents as ``pos``: finetuning and mining input) and ``beir/`` (20 test
+with its relevant documents as ``pos`` and 7 other documents as ``neg``: finetuning
+and mining input) and ``beir/`` (20 test
 queries, their relevant documents and the first 800 others: an evaluation set).
 """
 
@@ -51,8 +52,11 @@ def main(out: Path) -> None:
 
     _write(out / "raw.jsonl", [{"text": text(i)} for i in list(docs)[:200]])
     train = [(q, [d for d in ids if d in docs][:2]) for q, ids in _qrels("train").items()]
-    _write(out / "train.jsonl", [{"query": queries[q], "pos": [text(d) for d in pos]}
-                                 for q, pos in train if q in queries and pos][:20])
+    ids = list(docs)
+    rows = [{"query": queries[q], "pos": [text(d) for d in pos],  # negatives: 7 unjudged docs
+             "neg": [text(d) for d in ids[200 + 7 * n: 207 + 7 * n]]}
+            for n, (q, pos) in enumerate(train) if q in queries and pos]
+    _write(out / "train.jsonl", rows[:20])
     test = dict(list(_qrels("test").items())[:20])
     keep = list(dict.fromkeys([d for ids in test.values() for d in ids if d in docs]
                               + list(docs)[:800]))
