@@ -31,6 +31,7 @@ from bge_core.int8 import (
 )
 from bge_core.int8 import PRECISION as INT8_PRECISION
 from bge_core.loading import BGE_CONFIG_FILE, FORMAT_VERSION, resolve_model, token_limit
+from bge_core.packed import packed_hidden, packs
 from bge_core.pooling import embed_from_hidden
 from bge_core.precision import autocast_context, check_dtype, cpu_dtype
 from bge_core.st_format import write_st_files
@@ -187,10 +188,14 @@ class Encoder(nn.Module):
 
     def _embed_batch(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, T) ids and mask → (B, D) embeddings in the configured precision."""
-        if self.config.dtype != "int8":
+        if self.config.dtype == "int8":
+            hidden = self.int8_backbone()(ids, mask)  # (B, T, H) float32 from int8 matmuls
+        elif packs(self.backbone, self.device) and bool(mask[:, 0].all()):
+            # dense layers on real tokens only (bge_core.packed): padding costs nothing
+            hidden = packed_hidden(self.backbone, ids, mask, self.config.pooling == "cls")
+        else:
             device = self.device
             return self(ids.to(device, non_blocking=True), mask.to(device, non_blocking=True))
-        hidden = self.int8_backbone()(ids, mask)  # (B, T, H) float32 from int8 matmuls
         return embed_from_hidden(hidden, mask, self.config.pooling, self.config.normalize)
 
     def encode_tokenized(
