@@ -243,3 +243,42 @@ def test_bf16_without_native_bf16_warns_once_and_runs_fp32(
     assert (enc.config.dtype, enc.precision) == ("fp32", "fp32")
     assert enc.fingerprint() == fp32.fingerprint()
     np.testing.assert_array_equal(enc.encode(TEXTS), fp32.encode(TEXTS))
+
+
+def test_streams_split_a_short_request_and_give_the_same_vectors(
+    tiny_bert_dir: Path, cache: Path
+) -> None:
+    """A request with fewer micro-batches than OpenVINO has streams is cut smaller so every
+    stream works; each row's vector is the one it gets encoded alone."""
+    q8 = Encoder.from_pretrained(str(tiny_bert_dir), device="cpu", pooling="mean", dtype="int8",
+                                 calibration=TEXTS)
+    backbone = q8.int8_backbone()
+    assert backbone.streams >= 1
+    sizes: list[int] = []
+    run = backbone.run
+
+    def spy(batches: list, done: object) -> None:
+        sizes.append(len(batches))
+        run(batches, done)  # type: ignore[arg-type]
+
+    backbone.run = spy  # type: ignore[method-assign]
+    together = q8.encode(TEXTS)
+    assert sizes[-1] >= min(backbone.streams, len(TEXTS))
+    alone = np.stack([q8.encode([t])[0] for t in TEXTS])
+    # padding changes the bf16/int8 rounding only; two different texts are < 0.99 apart
+    assert ((together * alone).sum(1) > 0.999).all()
+    assert ((together @ alone.T).argmax(1) == np.arange(len(TEXTS))).all()
+
+
+def test_an_error_while_pooling_a_stream_result_reaches_the_caller(
+    tiny_bert_dir: Path, cache: Path
+) -> None:
+    q8 = Encoder.from_pretrained(str(tiny_bert_dir), device="cpu", pooling="mean", dtype="int8",
+                                 calibration=TEXTS)
+    ids, mask = torch.ones((2, 4), dtype=torch.long), torch.ones((2, 4), dtype=torch.long)
+
+    def broken(i: int, hidden: torch.Tensor) -> None:
+        raise RuntimeError(f"pooling batch {i} failed")
+
+    with pytest.raises(RuntimeError, match="pooling batch 0 failed"):
+        q8.int8_backbone().run([(ids, mask)], broken)
