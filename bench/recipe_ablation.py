@@ -45,7 +45,9 @@ from bench.data import SHARED  # noqa: E402
 DATA, STS = SHARED / "nfcorpus", SHARED / "stsb" / "sts-test.csv"
 USER = "--num_train_epochs 1 --per_device_train_batch_size 32 --train_group_size 4"
 FT_ONLY = "mine,finetune,evaluate"
-FAST = f"{USER} --bf16 --learning_rate 5e-5"  # the cost lever (bf16) and the first lr row
+# bf16 (the cost lever) and the first lr row; a checkpoint every 20 steps so a row stopped
+# at a session's end resumes (the recipe's resume) instead of starting again
+FAST = f"{USER} --bf16 --learning_rate 5e-5 --save_steps 20"
 SHORT_RETROMAE = "--max_seq_length 128 --max_steps 150 --bf16"
 # name → the recipe settings the row gives (model, data and paths come from the script)
 ROWS: dict[str, dict[str, str]] = {
