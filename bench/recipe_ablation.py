@@ -15,12 +15,23 @@ Training data: NFCorpus train queries. Mining sees every judged document of a qu
 positive (so none is mined as a negative); finetuning then trains on each query's
 highest-graded documents, as the +1.68 / +2.10 baseline did (BENCHMARKS.md, issue 13).
 The corpus (RetroMAE's text and the mining pool) is every NFCorpus document.
+
+Mining is deterministic for a given model and `mine_args`, so it runs once per mining
+setting (its own child, its CPU time in `<workdir>/mining.jsonl`) into
+`<workdir>/mined/<setting>/`, and every row and seed with that setting starts from a copy:
+a row's CPU time is then RetroMAE (if any) + finetuning + evaluation, and the table's
+"chain CPU" adds the mining it used. A row's `positives` setting (not a recipe flag) picks
+what finetuning sees as positives: ``top`` (default: each query's highest-graded documents)
+or ``all`` (every judged document; one is sampled per query and epoch).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -34,6 +45,10 @@ from bench.data import SHARED  # noqa: E402
 DATA, STS = SHARED / "nfcorpus", SHARED / "stsb" / "sts-test.csv"
 USER = "--num_train_epochs 1 --per_device_train_batch_size 32 --train_group_size 4"
 FT_ONLY = "mine,finetune,evaluate"
+# bf16 (the cost lever) and the first lr row; a checkpoint every 20 steps so a row stopped
+# at a session's end resumes (the recipe's resume) instead of starting again
+FAST = f"{USER} --bf16 --learning_rate 5e-5 --save_steps 20"
+SHORT_RETROMAE = "--max_seq_length 128 --max_steps 150 --bf16"
 # name → the recipe settings the row gives (model, data and paths come from the script)
 ROWS: dict[str, dict[str, str]] = {
     "base": {},  # the starting model, scored as is
@@ -41,6 +56,11 @@ ROWS: dict[str, dict[str, str]] = {
     "retromae": {"finetune_args": USER},
     "retromae_mean": {"finetune_args": f"{USER} --sentence_pooling_method mean"},
     "epochs2": {"steps": FT_ONLY, "finetune_args": f"{USER} --num_train_epochs 2"},
+    "lr5e5": {"steps": FT_ONLY, "finetune_args": FAST},
+    "lr5e5_t002": {"steps": FT_ONLY, "finetune_args": f"{FAST} --temperature 0.02"},
+    "lr5e5_allpos": {"steps": FT_ONLY, "finetune_args": FAST, "positives": "all"},
+    "lr5e5_retromae150": {"retromae_args": SHORT_RETROMAE,
+                          "finetune_args": f"{FAST} --sentence_pooling_method mean"},
 }
 
 
@@ -63,13 +83,20 @@ def prepare(workdir: Path) -> dict[str, str]:
     return {"corpus": str(corpus), "train": str(train)}
 
 
+def mining_slug(settings: dict[str, str]) -> str | None:
+    """The shared mining folder's name for a row (None: the row mines itself)."""
+    steps = settings.get("steps", "retromae,mine,finetune,evaluate").split(",")
+    if "mine" not in steps or settings.get("mine_with") == "retromae":
+        return None  # nothing to mine, or mined with this row's own RetroMAE encoder
+    args = settings.get("mine_args", "")
+    return "default" if not args else hashlib.sha1(args.encode()).hexdigest()[:10]
+
+
 def keep_top_positives(mined: Path) -> None:
-    """Rewrite `mined` with ``pos`` = each query's highest-graded documents (in place, once)."""
+    """Rewrite `mined` with ``pos`` = each query's highest-graded documents (in place;
+    running it again gives the same file)."""
     from bge_core.beir import load_beir
 
-    flag = mined.with_suffix(".top")
-    if flag.exists():
-        return
     split = load_beir(DATA, "train")
     texts = dict(zip(split.corpus_ids, split.corpus_texts, strict=True))
     grades = {split.queries[q]: g for q, g in split.qrels.items()}
@@ -79,7 +106,21 @@ def keep_top_positives(mined: Path) -> None:
         best = max(judged.values())
         row["pos"] = [texts[d] for d, g in judged.items() if g == best]
     mined.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    flag.touch()
+
+
+def mine_once(mine_args: str, workdir: Path) -> None:
+    """In the child: the recipe's mine step alone, into `<workdir>/mined/<slug>/`."""
+    import ray
+
+    from pipelines.chain.recipe import RecipeConfig, run
+    from pipelines.common.cli import make_config
+
+    data = prepare(workdir)
+    out = workdir / "mined" / mining_slug({"mine_args": mine_args})
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    run(make_config(RecipeConfig, corpus=data["corpus"], train_data=data["train"],
+                    output_dir=str(out), steps="mine", mine_args=mine_args))
+    ray.shutdown()
 
 
 def run_row(name: str, seed: int, workdir: Path) -> dict:
@@ -99,14 +140,25 @@ def run_row(name: str, seed: int, workdir: Path) -> dict:
         sts = evaluate(make_config(EvaluateConfig, model=model, sts=str(STS)))["metrics"]
         scores = {**retrieval["metrics"], "sts": sts["spearman"]}
     else:
+        row = dict(ROWS[name])
+        positives = row.pop("positives", "top")
         settings = {"corpus": data["corpus"], "train_data": data["train"],
                     "output_dir": str(workdir / f"{name}_seed{seed}"), "beir_dir": str(DATA),
-                    "sts": str(STS), **ROWS[name]}
+                    "sts": str(STS), **row}
         settings["finetune_args"] = f"{settings.get('finetune_args', '')} --seed {seed}"
         steps = settings.get("steps", ",".join(STEPS)).split(",")
-        mining = ",".join(s for s in steps if s in ("retromae", "mine"))
-        run(make_config(RecipeConfig, **{**settings, "steps": mining}))
-        keep_top_positives(Path(settings["output_dir"]) / "mined.jsonl")
+        mined = Path(settings["output_dir"]) / "mined.jsonl"
+        slug = mining_slug(row)
+        if slug is not None:  # a copy of the shared mining; the recipe skips its own
+            mined.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(workdir / "mined" / slug / "mined.jsonl", mined)
+            steps = [s for s in steps if s != "mine"]
+        else:
+            mining = ",".join(s for s in steps if s in ("retromae", "mine"))
+            run(make_config(RecipeConfig, **{**settings, "steps": mining}))
+        if positives == "top":  # idempotent: pos is rebuilt from the qrels
+            keep_top_positives(mined)
+        settings["steps"] = ",".join(steps)
         summary = run(make_config(RecipeConfig, **settings))["evaluate"]["summary"]
         scores = {**summary["retrieval"], "sts": summary["sts"]["spearman"]}
     ray.shutdown()
@@ -129,17 +181,53 @@ def cpu_seconds_of(cmd: list[str]) -> tuple[int, float, float]:
     return proc.returncode, sum(seen.values()), time.perf_counter() - start
 
 
-def table(rows_file: Path) -> str:
-    lines = ["| row | seed | nDCG@10 | Δ vs base | recall@100 | MRR@10 | STS-B | CPU min |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    rows = [json.loads(x) for x in rows_file.read_text().splitlines()] if rows_file.exists() else []
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def table(workdir: Path) -> str:
+    """Markdown: one line per row and seed; chain CPU = the row's + the mining it used."""
+    mining = {m["slug"]: m["cpu_s"] for m in read_jsonl(workdir / "mining.jsonl")}
+    lines = ["| row | seed | nDCG@10 | Δ vs base | recall@100 | MRR@10 | STS-B | row CPU min "
+             "| chain CPU min | wall min | load |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    rows = read_jsonl(workdir / "rows.jsonl")
     base = next((r["ndcg@10"] for r in rows if r["row"] == "base"), None)
     for r in rows:
         delta = f"{100 * (r['ndcg@10'] - base):+.2f}" if base is not None else ""
+        chain = r["cpu_s"] + mining.get(r.get("mining"), 0.0)
+        load = "–".join(f"{x:.1f}" for x in r.get("load", []))
         lines.append(f"| {r['row']} | {r['seed']} | {100 * r['ndcg@10']:.2f} | {delta} | "
                      f"{100 * r['recall@100']:.2f} | {100 * r['mrr@10']:.2f} | "
-                     f"{r['sts']:.2f} | {r['cpu_s'] / 60:.1f} |")
+                     f"{r['sts']:.2f} | {r['cpu_s'] / 60:.1f} | {chain / 60:.1f} | "
+                     f"{r['wall_s'] / 60:.1f} | {load} |")
     return "\n".join(lines)
+
+
+def measured(cmd: list[str]) -> dict | None:
+    """Run `cmd` in its own process tree: CPU and wall seconds and the load, or None."""
+    load0 = os.getloadavg()[0]
+    status, cpu_s, wall_s = cpu_seconds_of(cmd)
+    if status != 0:
+        return None
+    return {"cpu_s": round(cpu_s, 1), "wall_s": round(wall_s, 1),
+            "load": [round(load0, 1), round(os.getloadavg()[0], 1)],
+            "ended": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def ensure_mined(slug: str, mine_args: str, workdir: Path, extra: list[str]) -> bool:
+    """Mine once for `slug` (in a child, measured) unless `mining.jsonl` has it."""
+    if any(m["slug"] == slug for m in read_jsonl(workdir / "mining.jsonl")):
+        return True
+    cmd = [sys.executable, __file__, "--workdir", str(workdir), "--mine", mine_args, *extra]
+    record = measured(cmd)
+    if record is None:
+        print(f"mining {slug} ({mine_args!r}): failed", flush=True)
+        return False
+    with (workdir / "mining.jsonl").open("a") as handle:
+        handle.write(json.dumps({"slug": slug, "mine_args": mine_args, **record}) + "\n")
+    print(f"mining {slug}: {record}", flush=True)
+    return True
 
 
 def main() -> None:
@@ -151,37 +239,42 @@ def main() -> None:
                         help="an extra row: its recipe settings, e.g. retromae_256="
                              "'{\"retromae_args\": \"--max_seq_length 256\"}'")
     parser.add_argument("--child", nargs=2, metavar=("ROW", "SEED"), help=argparse.SUPPRESS)
+    parser.add_argument("--mine", metavar="MINE_ARGS", help=argparse.SUPPRESS)
     args = parser.parse_args()
     for extra in args.row:
         key, _, settings = extra.partition("=")
         ROWS[key] = json.loads(settings)
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
+    if args.mine is not None:  # one mining setting, in its own process tree
+        return mine_once(args.mine, workdir)
     if args.child:  # one (row, seed), in its own process tree
         name, seed = args.child[0], int(args.child[1])
         result = run_row(name, seed, workdir)
         (workdir / f"{name}_seed{seed}.json").write_text(json.dumps(result))
         return
-    rows_file = workdir / "rows.jsonl"
-    done = {(r["row"], r["seed"]) for r in map(json.loads, rows_file.read_text().splitlines())
-            } if rows_file.exists() else set()
+    extra = [f"--row={r}" for r in args.row]
+    done = {(r["row"], r["seed"]) for r in read_jsonl(workdir / "rows.jsonl")}
     for name in args.rows.split(","):
+        slug = None if name == "base" else mining_slug(ROWS[name])
         for seed in [int(s) for s in args.seeds.split(",")][: 1 if name == "base" else None]:
             if (name, seed) in done:
                 continue
+            if slug and not ensure_mined(slug, ROWS[name].get("mine_args", ""), workdir, extra):
+                break
             cmd = [sys.executable, __file__, "--workdir", str(workdir), "--child", name,
-                   str(seed), *[f"--row={r}" for r in args.row]]
-            status, cpu_s, wall_s = cpu_seconds_of(cmd)
-            if status != 0:
-                print(f"{name} seed {seed}: failed (exit {status})", flush=True)
+                   str(seed), *extra]
+            record = measured(cmd)
+            if record is None:
+                print(f"{name} seed {seed}: failed", flush=True)
                 continue
             result = json.loads((workdir / f"{name}_seed{seed}.json").read_text())
-            record = {"row": name, "seed": seed, **result, "cpu_s": round(cpu_s, 1),
-                      "wall_s": round(wall_s, 1), "flags": ROWS[name]}
-            with rows_file.open("a") as handle:
+            record = {"row": name, "seed": seed, **result, **record, "mining": slug,
+                      "flags": ROWS[name]}
+            with (workdir / "rows.jsonl").open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
             print(json.dumps(record), flush=True)
-    print(table(rows_file))
+    print(table(workdir))
 
 
 if __name__ == "__main__":
