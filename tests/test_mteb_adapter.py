@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import mteb
 import numpy as np
 import pytest
-from mteb.mocks import mock_tasks
+
+# mteb is imported inside the tests: at module level it cost every pytest worker ~2 s of
+# collection, the workers that never run these tests included.
 
 INSTRUCTION = "query: "
 
@@ -38,6 +39,8 @@ def adapter(tiny_bert_dir: Path):
 
 
 def _evaluate(model, task) -> dict:
+    import mteb
+
     result = mteb.evaluate(model, task, cache=None, show_progress_bar=False)
     return result.task_results[0].scores["test"][0]
 
@@ -51,6 +54,8 @@ def test_adapter_satisfies_the_encoder_protocol(adapter) -> None:
 
 
 def test_retrieval_instructs_queries_only_and_joins_titles(adapter) -> None:
+    from mteb.mocks import mock_tasks
+
     from bge_core.metrics import evaluate_run
 
     adapter.encoder.calls.clear()
@@ -74,6 +79,8 @@ def test_retrieval_instructs_queries_only_and_joins_titles(adapter) -> None:
 
 
 def test_sts_gets_no_instruction(adapter) -> None:
+    from mteb.mocks import mock_tasks
+
     adapter.encoder.calls.clear()
     task = mock_tasks.MockSTSTask()
     scores = _evaluate(adapter, task)
