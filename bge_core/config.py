@@ -18,8 +18,7 @@ SAVED_FIELDS = ("pooling", "normalize", "query_instruction", "max_length", "quer
 # Micro-batch limits (rows, padded tokens) when not set: measured on a 2-core Zen 3 CPU,
 # 64 rows / 2,048 tokens encoded STS-B 1.3x and NFCorpus 1.08x faster than 256 / 16,384
 # (BENCHMARKS.md); GPUs want big batches.
-# int8 (OpenVINO, two streams on two cores): bigger batches measured faster on passages
-DEFAULT_BATCH_LIMITS = {"cpu": (64, 2048), "gpu": (256, 16384), "int8": (512, 8192)}
+DEFAULT_BATCH_LIMITS = {"cpu": (64, 2048), "gpu": (256, 16384)}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,8 +73,7 @@ class EncoderConfig:
 
     def batch_limits(self, device_type: str) -> tuple[int, int]:
         """(rows, padded tokens) per micro-batch on a ``cpu`` or ``cuda`` device."""
-        kind = "gpu" if device_type != "cpu" else "int8" if self.dtype == "int8" else "cpu"
-        rows, tokens = DEFAULT_BATCH_LIMITS[kind]
+        rows, tokens = DEFAULT_BATCH_LIMITS["cpu" if device_type == "cpu" else "gpu"]
         return self.batch_size or rows, self.max_tokens_per_batch or tokens
 
     def replace(self, **changes: Any) -> EncoderConfig:

@@ -29,9 +29,8 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import fsspec
 import numpy as np
@@ -76,57 +75,28 @@ def float_precision() -> str:
 
 
 def compile_options(threads: int | None, precision: str | None = None) -> dict[str, object]:
-    """OpenVINO CPU settings: `threads` threads in throughput mode (OpenVINO splits them
-    into streams: two of one thread each for two threads), and the floating-point
-    precision of what is not int8 (default `float_precision`). Two one-thread streams on
-    two cores beat one two-thread stream on passages (BENCHMARKS.md, issue 24)."""
+    """OpenVINO CPU settings: one stream of `threads` threads, latency mode, and the
+    floating-point precision of what is not int8 (default `float_precision`)."""
     return {"INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads()),
-            "PERFORMANCE_HINT": "THROUGHPUT",
+            "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
             "INFERENCE_PRECISION_HINT": precision or float_precision()}
 
 
-Batch = tuple[torch.Tensor, torch.Tensor]  # (B, T) input ids and attention mask
-
-
 class OpenVINOBackbone:
-    """A compiled OpenVINO model: (B, T) ids and mask → (B, T, H) float32 hidden states,
-    `streams` batches in flight at once (`run`)."""
+    """A compiled OpenVINO model: (B, T) ids and mask → (B, T, H) float32 hidden states."""
 
     def __init__(self, model: object, threads: int | None = None, precision: str | None = None,
                  path: Path | None = None) -> None:
         ov = import_openvino()
         self.path = path
         compiled = ov.Core().compile_model(model, "CPU", compile_options(threads, precision))
-        self.queue = ov.AsyncInferQueue(
-            compiled, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
-        self.streams = len(self.queue)
+        self.request = compiled.create_infer_request()
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        got: list[torch.Tensor] = []
-        self.run([(input_ids, attention_mask)], lambda _, hidden: got.append(hidden))
-        return got[0]
-
-    def run(self, batches: Sequence[Batch], done: Callable[[int, torch.Tensor], None]) -> None:
-        """Infer every batch, `streams` at a time; `done(i, hidden)` gets batch i's (B, T, H)
-        float32 states as it finishes (on an OpenVINO thread, in any order). Re-raises the
-        first error of a `done` call once all batches are through."""
-        errors: list[BaseException] = []
-
-        def finished(request: Any, i: int) -> None:
-            try:  # copy: the request reuses its output buffer for its next batch
-                done(i, torch.from_numpy(np.array(request.get_output_tensor(0).data,
-                                                  dtype=np.float32)))
-            except BaseException as err:  # noqa: BLE001 - raised again on the caller's thread
-                errors.append(err)
-
-        self.queue.set_callback(finished)
-        for i, (ids, mask) in enumerate(batches):
-            self.queue.start_async(
-                {"input_ids": ids.cpu().numpy().astype(np.int64, copy=False),
-                 "attention_mask": mask.cpu().numpy().astype(np.int64, copy=False)}, i)
-        self.queue.wait_all()
-        if errors:
-            raise errors[0]
+        feeds = {"input_ids": input_ids.cpu().numpy().astype(np.int64, copy=False),
+                 "attention_mask": attention_mask.cpu().numpy().astype(np.int64, copy=False)}
+        hidden = self.request.infer(feeds)[0]  # (B, T, H); the request reuses this buffer
+        return torch.from_numpy(np.array(hidden, dtype=np.float32))
 
 
 Int8Backbone = OpenVINOBackbone  # the int8 model is an OpenVINO model of int8 ops

@@ -209,33 +209,12 @@ class Encoder(nn.Module):
             log.info("int8: calibrating on the first %d texts encoded",
                      min(len(rows), CALIBRATION_TEXTS))
             self.set_calibration_rows(rows)
-        lengths = [len(r) for r in rows]
-        batches = plan_batches(lengths, max_tokens, batch_size or max_rows)
+        batches = plan_batches([len(r) for r in rows], max_tokens, batch_size or max_rows)
         with self._inference():
-            if self.config.dtype == "int8":
-                self._encode_int8(rows, lengths, batches, out)
-                return out
             for idx in batches:
                 ids, mask = pad_batch([rows[i] for i in idx], pad_id)
                 out[idx] = self._embed_batch(ids, mask).float().cpu().numpy()
         return out
-
-    def _encode_int8(self, rows: Sequence[Sequence[int]], lengths: list[int],
-                     batches: list[np.ndarray], out: np.ndarray) -> None:
-        """int8: every micro-batch through OpenVINO's streams at once, pooled as each ends.
-        Fewer batches than streams (a short request) are cut smaller so every stream works."""
-        backbone = self.int8_backbone()
-        if len(batches) < backbone.streams and len(rows) > 1:
-            budget = max(1, -(-sum(lengths) // backbone.streams))
-            batches = plan_batches(lengths, budget, max(map(len, batches)))
-        padded = [pad_batch([rows[i] for i in idx], self.text_tokenizer.pad_id) for idx in batches]
-        cfg = self.config
-
-        def done(i: int, hidden: torch.Tensor) -> None:
-            out[batches[i]] = embed_from_hidden(hidden, padded[i][1], cfg.pooling,
-                                                cfg.normalize).numpy()
-
-        backbone.run(padded, done)
 
     def encode(
         self,
