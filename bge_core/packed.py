@@ -2,12 +2,12 @@
 
 A padded (B, T) batch spends most of its FLOPs in the dense layers (Q/K/V, attention
 output, feed-forward: ≈ 24·H² per token and layer, against ≈ 4·T·H for attention), and
-every padding position pays them in full. Eight requests of random sentences padded to the
-longest are ≈ 1.7× their real tokens; a served request cannot be sorted against the rest of
-a corpus. Here the tokens are packed into an (N, H) matrix for the dense layers and only
-attention sees the padded (B, h, T, d) layout, with the mask. With CLS pooling the last
-layer computes queries, attention output and feed-forward for the B [CLS] rows alone (their
-keys and values still come from every token).
+every padding position pays them in full. A served request of a few texts of mixed lengths
+is padded to its longest and cannot be sorted against the rest of a corpus. Here the
+tokens are packed into an (N, H) matrix for the dense layers and only attention sees the
+padded (B, h, T, d) layout, with the mask. With CLS pooling the last layer computes
+queries, attention output and feed-forward for the B [CLS] rows alone (their keys and
+values still come from every token).
 
 Same weights, same modules, same maths as Hugging Face's `BertModel` forward in eval mode
 (`tests/test_packed.py` checks the states against it); used by `Encoder` for inference on
@@ -43,15 +43,15 @@ def packed_hidden(bert: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
         (B, T, H) states (zeros at padding), or (B, 1, H) with `cls_only`.
     """
     batch, width = ids.shape
-    real = mask.reshape(-1).bool()
-    where = real.nonzero().squeeze(1)  # (N,) flat positions of real tokens
-    starts = torch.arange(batch, device=ids.device) * width  # flat position of each [CLS]
+    where = mask.reshape(-1).bool().nonzero().squeeze(1)  # (N,) flat positions of real tokens
+    lengths = mask.sum(dim=1)
+    first = torch.cumsum(lengths, dim=0) - lengths  # (B,) packed index of each row's [CLS]
     x = _embed(bert, ids.reshape(-1)[where], where % width)  # (N, H)
     keep = mask.bool()[:, None, None, :]  # (B, 1, 1, T): keys each row may attend to
     layers = list(bert.encoder.layer)
     for i, layer in enumerate(layers):
-        last = cls_only and i == len(layers) - 1
-        x = _layer(layer, x, where, starts, keep, batch, width, last)
+        cls_index = first if cls_only and i == len(layers) - 1 else None
+        x = _layer(layer, x, where, keep, batch, width, cls_index)
     if cls_only:
         return x.unsqueeze(1)  # (B, 1, H)
     out = x.new_zeros(batch * width, x.shape[1])
@@ -66,10 +66,10 @@ def _embed(bert: nn.Module, token_ids: torch.Tensor, positions: torch.Tensor) ->
     return emb.LayerNorm(x)
 
 
-def _layer(layer: nn.Module, x: torch.Tensor, where: torch.Tensor, starts: torch.Tensor,
-           keep: torch.Tensor, batch: int, width: int, cls_rows: bool) -> torch.Tensor:
-    """One BERT layer on packed tokens `x` (N, H); with `cls_rows`, returns (B, H) for the
-    [CLS] rows only (packed position of row b's [CLS] is where == starts[b])."""
+def _layer(layer: nn.Module, x: torch.Tensor, where: torch.Tensor, keep: torch.Tensor,
+           batch: int, width: int, cls_index: torch.Tensor | None) -> torch.Tensor:
+    """One BERT layer on packed tokens `x` (N, H); given `cls_index` (the packed index of
+    each row's [CLS]), returns (B, H) for those rows only."""
     attn = layer.attention
     heads = attn.self.num_attention_heads
     size = x.shape[1] // heads
@@ -80,15 +80,14 @@ def _layer(layer: nn.Module, x: torch.Tensor, where: torch.Tensor, starts: torch
         return full.view(batch, width, heads, size).transpose(1, 2)
 
     key, value = padded(attn.self.key(x)), padded(attn.self.value(x))
-    if cls_rows:
-        first = torch.searchsorted(where, starts)  # packed index of each [CLS]
-        x = x[first]  # (B, H)
+    if cls_index is not None:
+        x = x[cls_index]  # (B, H)
         query = attn.self.query(x).view(batch, heads, 1, size)
     else:
         query = padded(attn.self.query(x))
     context = F.scaled_dot_product_attention(query, key, value, attn_mask=keep)
     context = context.transpose(1, 2).reshape(-1, heads * size)  # (B·T or B, H)
-    if not cls_rows:
+    if cls_index is None:
         context = context[where]
     x = attn.output.LayerNorm(attn.output.dense(context) + x)
     inner = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(x))
