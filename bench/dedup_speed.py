@@ -18,7 +18,12 @@ from ray.data.aggregate import Count, Max, Min
 from ray.data.expressions import col
 
 from pipelines.common.duplicates import first_copies, later_copies
-from pipelines.search.records import shuffle_partitions
+
+
+def shuffle_partitions(ds: ray.data.Dataset, bytes_per_partition: int = 128 << 20) -> int:
+    """Ray Data's partitions for the group-by, as mining set them: ~128 MiB each, at least
+    2 (Ray's default of 200 costs minutes of scheduling on small inputs)."""
+    return max(2, -(-(ds.size_bytes() or 0) // bytes_per_partition))
 
 
 def _data(rows: int, distinct: float, blocks: int) -> ray.data.Dataset:

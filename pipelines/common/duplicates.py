@@ -17,6 +17,8 @@ Arrow. The driver holds only object references and what a caller asks back:
 Measured against Ray Data's ``groupby`` (what mining and evaluation used) in
 BENCHMARKS.md "Finding duplicates": not slower, and one pass for the embedding job's
 incremental plan, which needs every copy of an id and the previous output side by side.
+Mining's joins (texts to corpus ids, ids back to texts, pieces to records) are the same
+map-reduce (`by_key`), so no job starts Ray Data's shuffle actors.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import ray
 
 Read = Callable[[Any], pa.Table]  # a map task's input → its rows
 Reduce = Callable[[pa.Table], pa.Table]  # every row of some keys → the result for them
+Split = Callable[[pa.Table, str, int], list[pa.Table]]  # rows → one table per partition
 ROWS_PER_PARTITION = 2_000_000  # keys per reduce task
 MAX_PARTITIONS = 64
 TASK_CPUS = 0.5
@@ -55,18 +58,32 @@ def split_by_key(table: pa.Table, on: str, partitions: int) -> list[pa.Table]:
     return [table.filter(pc.equal(buckets, p)) for p in range(partitions)]
 
 
+def split_by_range(size: int) -> Split:
+    """Partition rows by an integer key in ``[0, size)`` into contiguous ranges: partition
+    ``p`` holds keys ``[p * size / P, (p + 1) * size / P)``, so the reduce results, taken in
+    partition order, are in key order (no sort needed to write them in that order)."""
+    def split(table: pa.Table, on: str, partitions: int) -> list[pa.Table]:
+        if partitions == 1:
+            return [table]
+        keys = table.column(on).to_numpy(zero_copy_only=False)
+        buckets = pa.array(keys * partitions // max(size, 1))
+        return [table.filter(pc.equal(buckets, p)) for p in range(partitions)]
+    return split
+
+
 def partitions_for(rows: int) -> int:
     """Reduce tasks for `rows` rows: one per `ROWS_PER_PARTITION`, at most 64."""
     return min(MAX_PARTITIONS, 1 + rows // ROWS_PER_PARTITION)
 
 
-def _identity(table: pa.Table) -> pa.Table:
+def identity(table: pa.Table) -> pa.Table:
+    """The `Read` of a source that is a table (or a reference to one) already."""
     return table
 
 
 @ray.remote(num_cpus=TASK_CPUS)
-def _split(read: Read, item: Any, on: str, partitions: int) -> Any:
-    parts = split_by_key(read(item), on, partitions)
+def _split(read: Read, item: Any, on: str, partitions: int, split: Split) -> Any:
+    parts = split(read(item), on, partitions)
     return parts if partitions > 1 else parts[0]  # num_returns=1 wants the bare object
 
 
@@ -76,7 +93,7 @@ def _reduce(reduce: Reduce, *tables: pa.Table) -> pa.Table:
 
 
 def by_key(sources: Sequence[tuple[Read, Any]], on: str, reduce: Reduce,
-           rows: int) -> list[ray.ObjectRef]:
+           rows: int, split: Split = split_by_key) -> list[ray.ObjectRef]:
     """Run `reduce` on every row of each key, over Ray; references to its results.
 
     Args:
@@ -85,21 +102,26 @@ def by_key(sources: Sequence[tuple[Read, Any]], on: str, reduce: Reduce,
         on: the key column (every source has it).
         reduce: runs in one task per partition on all rows of the partition's keys.
         rows: about how many rows the sources hold (sets the number of partitions).
+        split: how a map task cuts its rows into partitions (by hash of the key unless
+            given; `split_by_range` keeps the partitions in key order).
+
+    Returns:
+        One reference per partition, in partition order.
     """
     if not sources:
         return []
     partitions = partitions_for(rows)
-    mapped = [_split.options(num_returns=partitions).remote(read, item, on, partitions)
+    mapped = [_split.options(num_returns=partitions).remote(read, item, on, partitions, split)
               for read, item in sources]
     if partitions == 1:
         mapped = [[ref] for ref in mapped]
     return [_reduce.remote(reduce, *[m[p] for m in mapped]) for p in range(partitions)]
 
 
-def _blocks(ds: ray.data.Dataset) -> tuple[list[tuple[Read, Any]], int]:
+def blocks(ds: ray.data.Dataset) -> tuple[list[tuple[Read, Any]], int]:
     """One source per block of `ds` (materialised once), and its row count."""
     ds = ds.materialize()
-    return [(_identity, ref) for ref in ds.to_arrow_refs()], ds.count()
+    return [(identity, ref) for ref in ds.to_arrow_refs()], ds.count()
 
 
 def _later(table: pa.Table, on: str, order: str) -> pa.Table:
@@ -113,7 +135,7 @@ def _first(table: pa.Table, on: str, order: str) -> pa.Table:
 def later_copies(ds: ray.data.Dataset, on: str, order: str) -> pa.Table:
     """The duplicates of `ds` (every row but the first copy of its `on` value), in
     `order`; only they reach the driver."""
-    sources, rows = _blocks(ds)
+    sources, rows = blocks(ds)
     tables = ray.get(by_key(sources, on, lambda t: _later(t, on, order), rows))
     if not tables:
         return ds.schema().base_schema.empty_table()
@@ -123,6 +145,6 @@ def later_copies(ds: ray.data.Dataset, on: str, order: str) -> pa.Table:
 def first_copies(ds: ray.data.Dataset, on: str, order: str) -> ray.data.Dataset:
     """`ds` without its duplicates: the first copy of each `on` value, its rows left in
     the object store (in no particular order)."""
-    sources, rows = _blocks(ds)
+    sources, rows = blocks(ds)
     refs = by_key(sources, on, lambda t: _first(t, on, order), rows)
     return ray.data.from_arrow_refs(refs) if refs else ds

@@ -6,8 +6,9 @@ numbered 0..n-1 in first-seen order, as `bge_core.mining.distinct_texts` orders 
 process, so passage ids stand for texts exactly. The driver then holds only ids: each
 query's top ids (from `pipelines.search.exact`), each example's banned ids (its positives
 and query found in the corpus by a join on the text) and the mined ids; a join on the id
-resolves the mined negatives' texts, a group-by per example rebuilds each record, and tasks
-write the JSONL.
+resolves the mined negatives' texts, a second map-reduce on the example rebuilds each
+record in contiguous ranges of examples, and tasks write the JSONL in order. The joins
+are `pipelines.common.duplicates.by_key` map-reduces on Ray tasks.
 """
 
 from __future__ import annotations
@@ -18,17 +19,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from bge_core.errors import InputError
 from bge_core.records import check_candidate, check_training_example
-from pipelines.common.duplicates import first_copies
-from pipelines.search.records import (
-    number_rows,
-    read_checked_dataset,
-    shuffle_partitions,
-    write_lines,
-)
+from pipelines.common.duplicates import blocks, by_key, first_copies, identity, split_by_range
+from pipelines.search.records import number_rows, read_checked_dataset, write_lines
 
 SLOT_BITS = 20  # default pool: key of example i's passage j = i << SLOT_BITS | j
 EXAMPLE_SCHEMA = pa.schema([("key", pa.int64()), ("text", pa.string()),
@@ -82,7 +79,7 @@ def corpus_dataset(examples: ray.data.Dataset,
     source = pool if pool is not None else examples.map_batches(
         _passages, batch_format="pyarrow").materialize()
     unique = first_copies(source, on="text", order="key")
-    corpus = number_rows(unique.sort("key"), "row").select_columns(["row", "text"])
+    corpus = number_rows(unique.sort("key"), "row").select_columns(["row", "text"]).materialize()
     size = corpus.count()
     if not size:
         raise InputError("the corpus is empty: no candidate texts")
@@ -99,17 +96,37 @@ def _query_and_positives(batch: pa.Table) -> pa.Table:
                      "text": pa.array(texts, pa.string())})
 
 
+def _sides(table: pa.Table, left: str, right: str) -> tuple[pa.Table, pa.Table]:
+    """A partition's rows from the two kinds of source (each leaves the other's own
+    column null), split back apart."""
+    return table.filter(pc.is_valid(table[left])), table.filter(pc.is_valid(table[right]))
+
+
+def _banned_pairs(table: pa.Table) -> pa.Table:
+    """Texts of queries and positives, and corpus texts → (example, row) where equal."""
+    texts, corpus = _sides(table, "example", "row")
+    return texts.select(["example", "text"]).join(
+        corpus.select(["row", "text"]), "text").select(["example", "row"])
+
+
 def banned_ids(examples: ray.data.Dataset, corpus: ray.data.Dataset,
                count: int) -> list[set[int]]:
     """Per example, the corpus ids of its query and positives (a join on the text)."""
-    texts = examples.map_batches(_query_and_positives, batch_format="pyarrow")
-    joined = texts.join(corpus, "inner", num_partitions=shuffle_partitions(corpus),
-                        on=("text",)).select_columns(["example", "row"])
+    texts, rows = blocks(examples.map_batches(_query_and_positives, batch_format="pyarrow"))
+    corpus_sources, size = blocks(corpus)
     banned: list[set[int]] = [set() for _ in range(count)]
-    for batch in joined.iter_batches(batch_format="numpy", batch_size=None):
-        for example, row in zip(batch["example"].tolist(), batch["row"].tolist()):
+    for ref in by_key([*texts, *corpus_sources], "text", _banned_pairs, rows + size):
+        pairs = ray.get(ref)
+        for example, row in zip(pairs["example"].to_pylist(), pairs["row"].to_pylist()):
             banned[example].add(row)
     return banned
+
+
+def _picked_texts(table: pa.Table) -> pa.Table:
+    """Mined picks (example, slot, row) and corpus rows (row, text) → picks with texts."""
+    picks, corpus = _sides(table, "slot", "text")
+    return picks.select(["example", "slot", "row"]).join(
+        corpus.select(["row", "text"]), "row").select(["example", "slot", "text"])
 
 
 def _records(batch: pa.Table) -> pa.Table:
@@ -118,32 +135,42 @@ def _records(batch: pa.Table) -> pa.Table:
                      "text": batch["record"]}, schema=PIECE_SCHEMA)
 
 
-def _assemble(group: pa.Table) -> pa.Table:
-    """One example's pieces (its record at slot -1, its negatives' texts at slots 0..)
-    → its output line, ``neg`` replaced and every other field kept in place."""
-    slots = group["slot"].to_pylist()
-    texts = group["text"].to_pylist()
-    pieces = sorted(zip(slots, texts))
-    record = json.loads(pieces[0][1])
-    record["neg"] = [text for _, text in pieces[1:]]
-    line = json.dumps(record, ensure_ascii=False)
-    return pa.table({"order": pa.array([group["example"][0].as_py()], pa.int64()),
-                     "line": pa.array([line], pa.string())})
+def _assemble(pieces: pa.Table) -> pa.Table:
+    """Examples' pieces (each record at slot -1, its negatives' texts at slots 0..) → one
+    output line per example, in example order, ``neg`` replaced and every other field
+    kept in place."""
+    pieces = pieces.sort_by([("example", "ascending"), ("slot", "ascending")])
+    lines: list[str] = []
+    record: dict[str, Any] | None = None
+    for slot, text in zip(pieces["slot"].to_pylist(), pieces["text"].to_pylist()):
+        if slot < 0:  # a record opens its example (slots sort after it)
+            if record is not None:
+                lines.append(json.dumps(record, ensure_ascii=False))
+            record = {**json.loads(text), "neg": []}
+        else:
+            assert record is not None
+            record["neg"].append(text)
+    if record is not None:
+        lines.append(json.dumps(record, ensure_ascii=False))
+    return pa.table({"line": pa.array(lines, pa.string())})
 
 
 def write_mined(examples: ray.data.Dataset, corpus: ray.data.Dataset,
                 mined: Sequence[Sequence[int]], uri: str, block_rows: int = 65536) -> None:
-    """Write each example with ``neg`` = the texts of its mined ids (in order) to `uri`."""
+    """Write each example with ``neg`` = the texts of its mined ids (in order) to `uri`.
+
+    Two map-reduces on Ray tasks (`pipelines.common.duplicates.by_key`): picks meet the
+    corpus rows they name (by id), then every example's record meets its picks' texts (by
+    example, in contiguous ranges of examples, so the parts come out in file order)."""
     example = np.repeat(np.arange(len(mined), dtype=np.int64), [len(m) for m in mined])
     slot = np.concatenate([np.arange(len(m), dtype=np.int64) for m in mined])
     ids = np.fromiter((i for m in mined for i in m), dtype=np.int64, count=len(example))
     table = pa.table({"example": example, "slot": slot, "row": ids})
-    picks = ray.data.from_arrow([table.slice(i, block_rows)
-                                 for i in range(0, max(len(table), 1), block_rows)])
-    texts = picks.join(corpus, "inner", num_partitions=shuffle_partitions(corpus),
-                       on=("row",)).select_columns(["example", "slot", "text"])
-    texts = texts.map_batches(lambda t: t.cast(PIECE_SCHEMA), batch_format="pyarrow")
-    pieces = examples.map_batches(_records, batch_format="pyarrow").union(texts)
-    lines = pieces.groupby("example", num_partitions=shuffle_partitions(examples)).map_groups(
-        _assemble, batch_format="pyarrow")
+    picks = [(identity, ray.put(table.slice(i, block_rows)))
+             for i in range(0, max(len(table), 1), block_rows)]
+    corpus_sources, size = blocks(corpus)
+    texts = by_key([*picks, *corpus_sources], "row", _picked_texts, len(table) + size)
+    records, count = blocks(examples.map_batches(_records, batch_format="pyarrow"))
+    lines = by_key([*records, *[(identity, ref) for ref in texts]], "example", _assemble,
+                   count + len(table), split=split_by_range(count))
     write_lines(lines, uri)

@@ -5,14 +5,14 @@ uses), one Ray task per range, every record checked by its `bge_core.records` va
 record becomes one row whose ``error`` column holds its located message, and
 `raise_first_error` stops the job with the first in file order. `number_rows` numbers
 rows 0..n-1 in file order (counts per block, not rows, reach the driver). `write_lines`
-writes a dataset of ``(order, line)`` rows as one JSONL file at a local path or URI:
-sorted, written in parts by tasks, and concatenated by one task.
+writes tables of lines, given in order, as one JSONL file at a local path or URI: in
+parts by tasks, concatenated by one task.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import fsspec
@@ -127,14 +127,13 @@ def number_rows(ds: ray.data.Dataset, column: str, by: str | None = None) -> ray
         [_with_ids.remote(refs[i], int(s), column) for i, s in zip(order, starts)])
 
 
-def _write_part(batch: pa.Table, folder: str) -> pa.Table:
-    """Ray task: one sorted batch of lines → a part file named by its first `order`."""
-    first = int(pc.min(batch["order"]).as_py())
-    name = f"{folder}/part-{first:015d}-{uuid.uuid4().hex[:8]}.jsonl"
+@ray.remote
+def _write_part(lines: pa.Table, name: str) -> str:
+    """Ray task: one table of lines (its ``line`` column, in order) → a part file."""
     with open_text(name, "w") as handle:
-        for line in batch["line"].to_pylist():
+        for line in lines["line"].to_pylist():
             handle.write(line + "\n")
-    return pa.table({"part": [name], "first": [first]})
+    return name
 
 
 @ray.remote
@@ -150,20 +149,12 @@ def _concatenate(parts: list[str], uri: str, folder: str) -> None:
         fs.rm(path, recursive=True)
 
 
-def write_lines(ds: ray.data.Dataset, uri: str) -> None:
-    """Write the ``line`` column of `ds` in ``order`` as one text file at `uri` (lines end
-    with a newline); tasks write sorted parts beside it, one task joins them."""
+def write_lines(tables: Sequence[ray.ObjectRef], uri: str) -> None:
+    """Write the ``line`` columns of `tables` (references, in file order) as one text file
+    at `uri` (lines end with a newline): a task writes each as a part beside it, one task
+    joins them. The driver holds only references and part names."""
     folder = f"{uri.rstrip('/')}.parts-{uuid.uuid4().hex[:8]}"
-    written = ds.sort("order").map_batches(
-        _write_part, batch_format="pyarrow", batch_size=None, fn_kwargs={"folder": folder},
-        **io_remote_args())
-    parts = sorted((int(r["first"]), r["part"]) for r in written.take_all())  # O(parts)
     args = io_remote_args()
-    ray.get(_concatenate.options(**args).remote([p for _, p in parts], uri, folder))
-
-
-def shuffle_partitions(ds: ray.data.Dataset, bytes_per_partition: int = 128 << 20) -> int:
-    """Partitions for a join or group-by over materialised `ds`: ~128 MiB each, at least 2
-    (Ray's default of 200 costs minutes of scheduling on small inputs)."""
-    size = ds.size_bytes() or 0
-    return max(2, -(-size // bytes_per_partition))
+    parts = ray.get([_write_part.options(**args).remote(ref, f"{folder}/part-{i:06d}.jsonl")
+                     for i, ref in enumerate(tables)])
+    ray.get(_concatenate.options(**args).remote(parts, uri, folder))
