@@ -70,10 +70,14 @@ def _module_folders(fs: fsspec.AbstractFileSystem, root: str, top: list[str]) ->
 
 def needed_files(fs: fsspec.AbstractFileSystem, root: str) -> list[tuple[str, int, str]]:
     """(relative name, size, version tag) of every file loading the model at `root` needs,
-    sorted: the needed files at the top and in the module folders, nothing else listed."""
+    sorted: the needed files at the top and in the module folders, nothing else listed.
+    Listed afresh: a filesystem's listing cache (s3fs keeps one per process) would hide a
+    checkpoint rewritten since this process last listed it."""
+    fs.invalidate_cache(root)
     entries = fs.ls(root, detail=True)
     out = _files(entries, root)
     for folder in _module_folders(fs, root, [name for name, _, _ in out]):
+        fs.invalidate_cache(f"{root}/{folder}")
         found = fs.find(f"{root}/{folder}", detail=True)
         out += _files(list(found.values()), root)
     return sorted(set(out))
