@@ -51,12 +51,12 @@ class StallingFS(LocalFileSystem):
 
 
 def test_a_live_lease_refuses_a_second_run_until_released(tmp_path: Path) -> None:
-    first = OutputLease(str(tmp_path), stale_after_s=4.0, heartbeat_s=0.1, settle_s=0)
+    first = OutputLease(str(tmp_path), stale_after_s=2.0, heartbeat_s=0.1, settle_s=0)
     with first:
-        time.sleep(4.5)  # longer than stale_after_s: only the heartbeat keeps it live
+        time.sleep(2.5)  # longer than stale_after_s: only the heartbeat keeps it live
         first.check()
         with pytest.raises(LeaseHeld, match=f"{tmp_path} is being written by another run"):
-            OutputLease(str(tmp_path), stale_after_s=4.0, settle_s=0).acquire()
+            OutputLease(str(tmp_path), stale_after_s=2.0, settle_s=0).acquire()
     assert not (tmp_path / LEASE_FILE).exists()  # released
     assert not (tmp_path / "_state").exists()  # and no empty folder left behind
     with OutputLease(str(tmp_path), stale_after_s=2.0, settle_s=0):
