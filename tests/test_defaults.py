@@ -110,6 +110,7 @@ def test_job_finishes_at_its_defaults_on_two_cpus(job: str, ray_session, tiny_be
     check_result(job, run_job(job, settings), settings)
 
 
+@pytest.mark.e2e
 @pytest.mark.ray
 @pytest.mark.timeout(900)
 def test_every_job_finishes_at_its_defaults_on_two_nodes(tiny_bert_dir: Path,

@@ -262,6 +262,7 @@ def test_s3_input_and_output_match_the_encoder(tiny_bert_dir, encoder, tmp_path,
     assert manifest["rows_written"] == 24 and manifest["input"] == "s3://corpus-bucket/in/"
 
 
+@pytest.mark.e2e
 def test_actors_on_two_raylets_both_encode(tmp_path) -> None:
     """The pool spans both raylets and both actors encode. Ray Data hands a block to an idle
     actor beside the data first, so the actors only share work when it queues: a model and

@@ -109,6 +109,7 @@ def test_full_then_incremental_run_keeps_one_row_per_current_id(
     assert sorted(os.listdir(f"{out}/_embed/run")) in ([], ["_state"])  # work folder emptied
 
 
+@pytest.mark.e2e
 @pytest.mark.ray  # the job runs its own local Ray in a subprocess
 def test_full_then_incremental_on_s3(tiny_bert_dir, encoder, tmp_path, s3) -> None:
     """The job as a user runs it (its own Ray, AWS settings from the environment)."""

@@ -77,6 +77,7 @@ def two_node_run(tiny_bert_dir, tmp_path_factory):
     return json.loads(line[len("RESULT "):]), tmp
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.timeout(600)
@@ -92,6 +93,7 @@ def test_killed_worker_resumes_from_last_checkpoint(two_node_run):
     assert state["step"] == 4 and state["resumed_from"] == [2]
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.timeout(600)

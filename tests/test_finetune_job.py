@@ -142,6 +142,7 @@ def uninterrupted_finetune(ray_session, tiny_bert_dir, tmp_path_factory):
     return run(_resume_config(tiny_bert_dir, data, root / "plain")), data
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # a Ray Train start is ~30 s idle, minutes on a busy box
 def test_resume_after_a_killed_worker_matches_the_uninterrupted_run(

@@ -32,7 +32,7 @@ VENV_BIN = Path(sys.executable).parent
 RAY = str(VENV_BIN / "ray")
 EXCLUDES = json.dumps({"excludes": [".venv", ".git", ".pytest_cache", ".ruff_cache", "*.egg-info"]})
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.e2e, pytest.mark.timeout(600)]
 
 
 def _free_port() -> int:

@@ -185,6 +185,7 @@ def plain_run(ray_session, tiny_bert_dir, tmp_path_factory):
     return result, data, root, spy
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # a Ray Train start is ~30 s idle, minutes on a busy box
 def test_two_workers_pretrain_a_loadable_encoder_that_finetune_starts_from(
@@ -218,6 +219,7 @@ def test_two_workers_pretrain_a_loadable_encoder_that_finetune_starts_from(
     assert all(p.grad is not None for p in tuned.backbone.encoder.parameters())
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # a Ray Train start is ~30 s idle, minutes on a busy box
 def test_resume_after_a_killed_worker_matches_the_uninterrupted_run(
@@ -235,6 +237,7 @@ def test_resume_after_a_killed_worker_matches_the_uninterrupted_run(
         np.testing.assert_allclose(weights[key].numpy(), value.numpy(), atol=1e-6, err_msg=key)
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_no_corpus_text_reaches_the_driver(plain_run):

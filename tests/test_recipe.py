@@ -68,6 +68,7 @@ def _write_domain(root: Path) -> dict[str, str]:
             "beir": str(beir)}
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(1800)  # ~2-3 min on an idle 2-core box; >15 min at load 60
 def test_whole_chain_on_tiny_models_then_skips_what_is_complete(
         ray_session, mean_bert_dir: Path, tmp_path: Path, capsys) -> None:

@@ -36,6 +36,7 @@ def _post(url: str, body: dict | None, key: str) -> tuple[int, dict]:
         return 0, {}
 
 
+@pytest.mark.e2e
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(300)
