@@ -144,13 +144,17 @@ class Encoder(nn.Module):
     # ------------------------------------------------------------------ inference
     @contextlib.contextmanager
     def _inference(self) -> Iterator[None]:
-        was_training = self.training
-        self.eval()
+        # eval() and train() walk every module (~2 ms for a 6-layer BERT, a fifth of a
+        # one-text encode): only when training mode is on
+        training = next((m for m in (self, self.backbone) if m.training), None)
+        if training is not None:
+            self.eval()
         try:
             with torch.inference_mode(), autocast_context(self.config.dtype, self.device):
                 yield
         finally:
-            self.train(was_training)
+            if training is not None:
+                training.train()
 
     def set_calibration(self, texts: str | Path | Sequence[str]) -> None:
         """Calibrate int8 on `texts` (or a file of texts, one per line): the first
