@@ -17,9 +17,7 @@ The quantised model is built once per fingerprint and node, and cached on disk
 builders on one node (several Ray actors starting together) build it once, and a build is
 written to a scratch folder renamed into place when complete, so an interrupted build never
 leaves an entry that a later run loads. Pooling and normalisation stay in torch
-(`bge_core.pooling`), so int8 and fp32 share that code. A BERT that pools [CLS] is exported
-as `bge_core.packed.padded_cls_states`: its last layer computes only the [CLS] rows (≈ 1/7
-of a 6-layer model's dense work saved; recipe v4), as the packed fp32 path does.
+(`bge_core.pooling`), so int8 and fp32 share that code.
 """
 
 from __future__ import annotations
@@ -41,14 +39,13 @@ from filelock import FileLock
 from torch import nn
 
 from bge_core.errors import InputError
-from bge_core.packed import padded_cls_states
 from bge_core.storage import write_then_move
 
 log = logging.getLogger(__name__)
 
 # What the manifest records as the precision of int8 vectors; bump the version whenever the
 # recipe changes the vectors, so fingerprints and cache entries change with it.
-PRECISION = "int8/openvino-nncf-static-smoothquant-bf16rest/v4"
+PRECISION = "int8/openvino-nncf-static-smoothquant-bf16rest/v3"
 CACHE_ENV = "BGE_RAY_INT8_CACHE"
 MODEL_FILE = "model.xml"  # beside it: model.bin (the weights)
 CALIBRATION_TEXTS = 300  # how many texts calibrate the activation scales
@@ -86,8 +83,7 @@ def compile_options(threads: int | None, precision: str | None = None) -> dict[s
 
 
 class OpenVINOBackbone:
-    """A compiled OpenVINO model: (B, T) ids and mask → float32 hidden states, (B, T, H),
-    or (B, 1, H) for a model exported for [CLS] pooling."""
+    """A compiled OpenVINO model: (B, T) ids and mask → (B, T, H) float32 hidden states."""
 
     def __init__(self, model: object, threads: int | None = None, precision: str | None = None,
                  path: Path | None = None) -> None:
@@ -99,7 +95,7 @@ class OpenVINOBackbone:
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         feeds = {"input_ids": input_ids.cpu().numpy().astype(np.int64, copy=False),
                  "attention_mask": attention_mask.cpu().numpy().astype(np.int64, copy=False)}
-        hidden = self.request.infer(feeds)[0]  # (B, T or 1, H); the request reuses it
+        hidden = self.request.infer(feeds)[0]  # (B, T, H); the request reuses this buffer
         return torch.from_numpy(np.array(hidden, dtype=np.float32))
 
 
@@ -107,15 +103,14 @@ Int8Backbone = OpenVINOBackbone  # the int8 model is an OpenVINO model of int8 o
 
 
 def load_int8_backbone(backbone: nn.Module, fingerprint: str, calibration: TokenRows,
-                       threads: int | None = None, cls_only: bool = False) -> OpenVINOBackbone:
-    """The cached int8 model for `fingerprint`, built from `backbone` if not on disk yet
-    (`cls_only`: exported for [CLS] pooling; the fingerprint must say so, by its pooling)."""
-    path = quantized_model_path(backbone, fingerprint, calibration, cls_only=cls_only)
+                       threads: int | None = None) -> OpenVINOBackbone:
+    """The cached int8 model for `fingerprint`, built from `backbone` if not on disk yet."""
+    path = quantized_model_path(backbone, fingerprint, calibration)
     return OpenVINOBackbone(str(path), threads, path=path)
 
 
 def quantized_model_path(backbone: nn.Module, fingerprint: str, calibration: TokenRows,
-                         root: Path | None = None, cls_only: bool = False) -> Path:
+                         root: Path | None = None) -> Path:
     """Path of the quantised model for `fingerprint`; builds it on a cache miss."""
     import_openvino()
     folder = (root or cache_root()) / fingerprint
@@ -132,22 +127,21 @@ def quantized_model_path(backbone: nn.Module, fingerprint: str, calibration: Tok
         # readers never see a half-written model: built under `.build-*`, renamed when done
         with write_then_move(fsspec.filesystem("file"), str(folder), tag="build") as scratch:
             Path(scratch).mkdir()
-            build_quantized(backbone, Path(scratch) / MODEL_FILE, calibration, cls_only)
+            build_quantized(backbone, Path(scratch) / MODEL_FILE, calibration)
         log.info("built int8 model %s from %d calibration texts in %.1f s", target,
                  len(calibration), time.perf_counter() - start)
     return target
 
 
-def build_quantized(backbone: nn.Module, target: Path, calibration: TokenRows,
-                    cls_only: bool = False) -> None:
-    """Convert `backbone` (`convert_backbone`), quantise it on `calibration` (token id
-    rows); writes `target` and its ``.bin`` only."""
+def build_quantized(backbone: nn.Module, target: Path, calibration: TokenRows) -> None:
+    """Convert `backbone`, quantise it on `calibration` (token id rows); writes `target`
+    and its ``.bin`` only."""
     ov = import_openvino()
     import nncf
 
     if not calibration:
         raise ValueError("int8 calibration needs at least one text")
-    model = convert_backbone(backbone, cls_only)
+    model = convert_backbone(backbone)
     # One text per item: NNCF collects activation ranges per item, and no padding enters
     # the statistics.
     items = [{"input_ids": np.asarray([row], dtype=np.int64),
@@ -167,11 +161,9 @@ def save_model(ov: object, model: object, target: Path) -> None:
     ov.save_model(model, str(target), compress_to_fp16=False)
 
 
-def convert_backbone(backbone: nn.Module, cls_only: bool = False) -> object:
+def convert_backbone(backbone: nn.Module) -> object:
     """The bare transformer as an OpenVINO model: (input_ids, attention_mask) →
-    last_hidden_state (B, T, H), or with `cls_only` (a BERT, `bge_core.packed.packs`) its
-    [CLS] rows (B, 1, H) with the last layer computed for them alone; dynamic in batch
-    and length."""
+    last_hidden_state, both dynamic in batch and length."""
     ov = import_openvino()
     ids = torch.ones(2, 8, dtype=torch.long)  # (B, T)
     mask = torch.tensor([[1] * 8, [1] * 5 + [0] * 3])  # padded: no all-ones shortcut traced
@@ -182,7 +174,7 @@ def convert_backbone(backbone: nn.Module, cls_only: bool = False) -> object:
         # same way for every batch; the int8 tests check vectors on other shapes.
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = ov.convert_model(_HiddenStates(backbone, cls_only),
+            model = ov.convert_model(_HiddenStates(backbone),
                                      example_input={"input_ids": ids, "attention_mask": mask})
     finally:
         backbone.train(was_training)
@@ -195,14 +187,11 @@ def convert_backbone(backbone: nn.Module, cls_only: bool = False) -> object:
 class _HiddenStates(nn.Module):
     """Keyword call of a Hugging Face model, returning only the last hidden states."""
 
-    def __init__(self, backbone: nn.Module, cls_only: bool = False) -> None:
+    def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
         self.backbone = backbone
-        self.cls_only = cls_only
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        if self.cls_only:
-            return padded_cls_states(self.backbone, input_ids, attention_mask)
         return self.backbone(input_ids=input_ids, attention_mask=attention_mask)[0]
 
 

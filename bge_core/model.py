@@ -182,10 +182,8 @@ class Encoder(nn.Module):
             if self._calibration is None:
                 raise ValueError("int8 needs calibration texts: pass calibration= to "
                                  "Encoder.from_pretrained, call set_calibration, or encode")
-            cls_only = self.config.pooling == "cls" and packs(self.backbone, self.device)
             self._int8 = load_int8_backbone(self.backbone, self.fingerprint(),
-                                            self._calibration, torch.get_num_threads(),
-                                            cls_only)
+                                            self._calibration, torch.get_num_threads())
         return self._int8
 
     def reset_int8(self) -> None:
@@ -195,7 +193,7 @@ class Encoder(nn.Module):
     def _embed_batch(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, T) ids and mask → (B, D) embeddings in the configured precision."""
         if self.config.dtype == "int8":
-            hidden = self.int8_backbone()(ids, mask)  # (B, T or 1, H) float32, int8 matmuls
+            hidden = self.int8_backbone()(ids, mask)  # (B, T, H) float32 from int8 matmuls
         elif packs(self.backbone, self.device) and bool(mask[:, 0].all()):
             # dense layers on real tokens only (bge_core.packed): padding costs nothing
             hidden = packed_hidden(self.backbone, ids, mask, self.config.pooling == "cls")

@@ -12,10 +12,6 @@ values still come from every token).
 Same weights, same modules, same maths as Hugging Face's `BertModel` forward in eval mode
 (`tests/test_packed.py` checks the states against it); used by `Encoder` for inference on
 CPU (`packs`), never for training (no dropout).
-
-`padded_cls_states` is the graph the int8 model is exported from (`bge_core.int8`): padded
-(shape-generic ops only, so one traced graph serves every batch shape), with the last
-layer again computing only the [CLS] rows.
 """
 
 from __future__ import annotations
@@ -93,35 +89,6 @@ def _layer(layer: nn.Module, x: torch.Tensor, where: torch.Tensor, keep: torch.T
     context = context.transpose(1, 2).reshape(-1, heads * size)  # (B·T or B, H)
     if cls_index is None:
         context = context[where]
-    return _output(layer, context, x)
-
-
-def _output(layer: nn.Module, context: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A BERT layer after attention: output projection, residual, LayerNorm, feed-forward."""
-    x = layer.attention.output.LayerNorm(layer.attention.output.dense(context) + x)
+    x = attn.output.LayerNorm(attn.output.dense(context) + x)
     inner = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(x))
     return layer.output.LayerNorm(layer.output.dense(inner) + x)
-
-
-def padded_cls_states(bert: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, 1, H) last-layer [CLS] states of a padded batch, the last layer computed for the
-    [CLS] rows only (its keys and values from every token). Shape-generic: every reshape
-    keeps B and T symbolic, so a trace of it holds for any batch."""
-    x = bert.embeddings(input_ids=ids)  # (B, T, H): positions 0..T-1, token type 0
-    keep = mask.bool()[:, None, None, :]  # (B, 1, 1, T)
-    layers = list(bert.encoder.layer)
-    for i, layer in enumerate(layers):
-        attn = layer.attention.self
-        heads = attn.num_attention_heads
-        size = x.shape[-1] // heads
-
-        def split(t: torch.Tensor) -> torch.Tensor:  # (B, T', H) → (B, heads, T', size)
-            return t.unflatten(-1, (heads, size)).transpose(1, 2)
-
-        key, value = split(attn.key(x)), split(attn.value(x))
-        if i == len(layers) - 1:
-            x = x[:, :1]  # (B, 1, H): only [CLS] goes on
-        context = F.scaled_dot_product_attention(split(attn.query(x)), key, value,
-                                                 attn_mask=keep)
-        x = _output(layer, context.transpose(1, 2).flatten(2), x)
-    return x

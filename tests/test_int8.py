@@ -66,31 +66,6 @@ def test_int8_vectors_close_to_fp32(tiny_bert_dir: Path, cache: Path) -> None:
     assert (fp32.encode(other) * q8.encode(other, batch_size=3)).sum(1).min() >= 0.995
 
 
-def test_cls_export_gives_the_cls_rows_for_every_batch_shape(tiny_bert_dir: Path,
-                                                             cache: Path) -> None:
-    """A [CLS]-pooled BERT is exported with its last layer on the [CLS] rows only
-    (`bge_core.packed.padded_cls_states`), traced once: before quantisation (f32) the
-    compiled model gives Hugging Face's [CLS] states on batches of other shapes."""
-    from bge_core.batching import pad_batch
-
-    encoder = Encoder.from_pretrained(str(tiny_bert_dir), device="cpu")
-    model = int8.convert_backbone(encoder.backbone, cls_only=True)
-    compiled = int8.OpenVINOBackbone(model, threads=1, precision="f32")
-    for texts in (TEXTS, TEXTS[:3], [TEXTS[4] + " " + TEXTS[5]]):
-        ids, mask = pad_batch(encoder.tokenize(texts)[0], encoder.text_tokenizer.pad_id)
-        with torch.inference_mode():
-            want = encoder.backbone(input_ids=ids, attention_mask=mask)[0][:, :1]
-        got = compiled(ids, mask)
-        assert got.shape == want.shape
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
-    q8 = Encoder.from_pretrained(str(tiny_bert_dir), device="cpu", dtype="int8",
-                                 calibration=TEXTS)  # pools [CLS]: the int8 model is this one
-    assert q8.int8_backbone()(ids, mask).shape == (1, 1, encoder.dim)
-    mean = Encoder.from_pretrained(str(tiny_bert_dir), device="cpu", dtype="int8",
-                                   pooling="mean", calibration=TEXTS)
-    assert mean.int8_backbone()(ids, mask).shape == (1, ids.shape[1], encoder.dim)
-
-
 def test_calibration_is_the_first_texts_encoded_and_in_the_fingerprint(
     tiny_bert_dir: Path, cache: Path
 ) -> None:

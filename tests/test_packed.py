@@ -9,7 +9,7 @@ import torch
 
 from bge_core import Encoder
 from bge_core.batching import pad_batch
-from bge_core.packed import packed_hidden, packs, padded_cls_states
+from bge_core.packed import packed_hidden, packs
 from bge_core.pooling import embed_from_hidden
 
 TEXTS = ["a", "the cat sat on the mat", "dog", "a much longer text about cats and dogs and mats",
@@ -34,17 +34,6 @@ def test_packed_states_equal_the_padded_forward_at_every_real_token(tiny_bert_di
     assert bool((got[~real] == 0).all())
     assert cls.shape == (len(TEXTS), 1, want.shape[-1])
     torch.testing.assert_close(cls[:, 0], want[:, 0], atol=1e-5, rtol=1e-4)
-
-
-def test_padded_cls_states_equal_the_padded_forward(tiny_bert_dir: Path) -> None:
-    """The graph int8 exports (`bge_core.int8.convert_backbone`; test_int8 checks the
-    exported model on other shapes): [CLS] rows as Hugging Face's forward gives them."""
-    encoder = Encoder.from_pretrained(str(tiny_bert_dir), device="cpu")
-    ids, mask = _batch(encoder, TEXTS)
-    with torch.inference_mode():
-        want = encoder.backbone(input_ids=ids, attention_mask=mask)[0][:, :1]
-        got = padded_cls_states(encoder.backbone, ids, mask)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
