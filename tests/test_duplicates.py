@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from pipelines.common.duplicates import split_by_key, split_copies
+from pipelines.common.duplicates import split_by_key, split_by_range, split_copies
 
 
 def test_the_lowest_order_is_the_first_copy_whatever_the_row_order() -> None:
@@ -27,3 +27,18 @@ def test_every_copy_of_a_key_lands_in_one_partition(partitions: int) -> None:
     homes = [{k for k in p["id"].to_pylist()} for p in parts]
     assert all(not (a & b) for i, a in enumerate(homes) for b in homes[i + 1:])
     assert split_by_key(table, "id", partitions)[0].equals(parts[0])  # stable: crc32
+
+
+@pytest.mark.parametrize("partitions", [2, 3, 7])
+def test_range_partitions_are_contiguous_and_in_key_order(partitions: int) -> None:
+    """Mining writes the reduce results in partition order: partition p must hold a run of
+    keys, every key of it below every key of p + 1, and no key lost."""
+    keys = [5, 0, 9, 3, 3, 8, 1, 6, 2, 7, 4, 9]
+    table = pa.table({"example": pa.array(keys, pa.int64()), "slot": list(range(len(keys)))})
+    parts = split_by_range(10)(table, "example", partitions)
+    assert len(parts) == partitions
+    assert sorted(k for p in parts for k in p["example"].to_pylist()) == sorted(keys)
+    runs = [sorted(set(p["example"].to_pylist())) for p in parts]
+    filled = [r for r in runs if r]
+    assert all(a[-1] < b[0] for a, b in zip(filled, filled[1:]))
+    assert len(filled) == partitions  # 10 keys over at most 7 ranges: none empty

@@ -63,8 +63,6 @@ def split_by_range(size: int) -> Split:
     ``p`` holds keys ``[p * size / P, (p + 1) * size / P)``, so the reduce results, taken in
     partition order, are in key order (no sort needed to write them in that order)."""
     def split(table: pa.Table, on: str, partitions: int) -> list[pa.Table]:
-        if partitions == 1:
-            return [table]
         keys = table.column(on).to_numpy(zero_copy_only=False)
         buckets = pa.array(keys * partitions // max(size, 1))
         return [table.filter(pc.equal(buckets, p)) for p in range(partitions)]
@@ -83,8 +81,10 @@ def identity(table: pa.Table) -> pa.Table:
 
 @ray.remote(num_cpus=TASK_CPUS)
 def _split(read: Read, item: Any, on: str, partitions: int, split: Split) -> Any:
-    parts = split(read(item), on, partitions)
-    return parts if partitions > 1 else parts[0]  # num_returns=1 wants the bare object
+    table = read(item)
+    if partitions == 1:  # num_returns=1 wants the bare object; nothing to cut
+        return table
+    return split(table, on, partitions)
 
 
 @ray.remote(num_cpus=TASK_CPUS)
