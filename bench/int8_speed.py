@@ -3,7 +3,7 @@ OpenVINO-qint8 (and ONNX-qint8) backends; plus ours on a bge-base-sized random m
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/int8_speed.py [--rounds 5] [--passages 200] \
         [--openvino-python /tmp/peers/ov/bin/python] [--onnx-python /tmp/peers/ort/bin/python] \
-        [--peer-model-dir /tmp/peers/minilm] [--base] [--json out.json]
+        [--peer-model-dir /tmp/peers/minilm] [--peer-ftz] [--base] [--json out.json]
 
 Each engine is a long-lived worker process (this file with ``--worker NAME``) holding its
 model; the driver asks them in turn to encode the same texts (STS-B test sentences, the first
@@ -73,8 +73,11 @@ def encoder_for(name: str, model_dir: str, sets: dict):  # noqa: ANN201 - texts 
     kwargs: dict = {}
     if name == "st-onnx-qint8":
         kwargs = {"backend": "onnx", "model_kwargs": {"file_name": ONNX_FILE}}
-    elif name == "st-openvino-qint8":
+    elif name.startswith("st-openvino-qint8"):
         kwargs = {"backend": "openvino", "model_kwargs": {"file_name": OV_FILE}}
+        if name.endswith("-ftz"):  # the peer with our engine's denormal setting added
+            kwargs["model_kwargs"]["ov_config"] = {"PERFORMANCE_HINT": "LATENCY",
+                                                   "CPU_DENORMALS_OPTIMIZATION": "YES"}
     model = SentenceTransformer(model_dir, device="cpu", **kwargs)
     return lambda texts: model.encode(texts, batch_size=ST_BATCH)
 
@@ -200,6 +203,8 @@ def drive(args: argparse.Namespace) -> dict:
         engines["st-onnx-qint8"] = args.onnx_python
     if args.openvino_python:
         engines["st-openvino-qint8"] = args.openvino_python
+        if args.peer_ftz:
+            engines["st-openvino-qint8-ftz"] = args.openvino_python
     if args.base:
         make_base_model(args.peer_model_dir)
         engines.update({f"{n}@base": sys.executable
@@ -250,6 +255,8 @@ def main() -> None:
                         help="also time a random bge-base-sized model (12 x 768)")
     parser.add_argument("--onnx-python", default=None)
     parser.add_argument("--openvino-python", default=None)
+    parser.add_argument("--peer-ftz", action="store_true",
+                        help="also time the OpenVINO peer with denormals flushed, as ours runs")
     parser.add_argument("--peer-model-dir", default="/tmp/peers/minilm")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)

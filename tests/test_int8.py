@@ -203,6 +203,16 @@ def test_fingerprint_and_precision_record_int8(tiny_bert_dir: Path, cache: Path)
     assert q8.int8_backbone().path.parent.name == q8.fingerprint()
 
 
+def test_int8_engine_flushes_denormals_at_the_threads_asked(tiny_bert_dir: Path,
+                                                            cache: Path) -> None:
+    q8 = Encoder.from_pretrained(str(tiny_bert_dir), device="cpu", dtype="int8",
+                                 calibration=TEXTS)
+    path = q8.int8_backbone().path
+    compiled = int8.OpenVINOBackbone(str(path), threads=1).request.get_compiled_model()
+    assert compiled.get_property("CPU_DENORMALS_OPTIMIZATION") is True
+    assert compiled.get_property("INFERENCE_NUM_THREADS") == 1
+
+
 def test_saving_an_int8_encoder_writes_the_fp32_checkpoint(
     tiny_bert_dir: Path, cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
