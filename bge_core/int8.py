@@ -29,7 +29,8 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import fsspec
@@ -86,6 +87,27 @@ def compile_options(threads: int | None, precision: str | None = None) -> dict[s
             "CPU_DENORMALS_OPTIMIZATION": True}
 
 
+def flushing_denormals() -> bool:
+    """Whether this thread flushes denormal floats to zero (its FTZ/DAZ state)."""
+    tiny = np.array([1e-40], dtype=np.float32)  # a float32 denormal
+    return bool((tiny * np.float32(1.0))[0] == 0)
+
+
+@contextmanager
+def denormals_flushed() -> Iterator[None]:
+    """Flush denormals on this thread inside the block only: OpenVINO's denormal setting
+    turns the calling thread's flush on (compiling sets it, and the caller takes part in
+    inference), and left on it would change every later float op of the caller's thread
+    (numpy, torch, the user's own code)."""
+    was = flushing_denormals()
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if not was:
+            torch.set_flush_denormal(False)
+
+
 class OpenVINOBackbone:
     """A compiled OpenVINO model: (B, T) ids and mask → (B, T, H) float32 hidden states."""
 
@@ -93,14 +115,16 @@ class OpenVINOBackbone:
                  path: Path | None = None) -> None:
         ov = import_openvino()
         self.path = path
-        compiled = ov.Core().compile_model(model, "CPU", compile_options(threads, precision))
+        with denormals_flushed():  # compiling turns the flush on: restored after
+            compiled = ov.Core().compile_model(model, "CPU", compile_options(threads, precision))
         self.request = compiled.create_infer_request()
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         feeds = {"input_ids": input_ids.cpu().numpy().astype(np.int64, copy=False),
                  "attention_mask": attention_mask.cpu().numpy().astype(np.int64, copy=False)}
-        hidden = self.request.infer(feeds)[0]  # (B, T, H); the request reuses this buffer
-        return torch.from_numpy(np.array(hidden, dtype=np.float32))
+        with denormals_flushed():
+            hidden = self.request.infer(feeds)[0]  # (B, T, H); the request reuses it
+            return torch.from_numpy(np.array(hidden, dtype=np.float32))
 
 
 Int8Backbone = OpenVINOBackbone  # the int8 model is an OpenVINO model of int8 ops

@@ -213,6 +213,24 @@ def test_int8_engine_flushes_denormals_at_the_threads_asked(tiny_bert_dir: Path,
     assert compiled.get_property("INFERENCE_NUM_THREADS") == 1
 
 
+def test_int8_leaves_the_callers_denormal_state_as_it_was(tiny_bert_dir: Path,
+                                                           cache: Path) -> None:
+    # OpenVINO's flush is switched on in the calling thread by compiling; left on, it would
+    # zero every later denormal of the caller's numpy and torch code.
+    assert not int8.flushing_denormals()
+    q8 = Encoder.from_pretrained(str(tiny_bert_dir), device="cpu", dtype="int8",
+                                 calibration=TEXTS)
+    q8.encode(TEXTS)
+    assert not int8.flushing_denormals()
+    assert np.float32(1e-40) * np.float32(2.0) > 0  # a denormal survives
+    torch.set_flush_denormal(True)  # a caller that flushes keeps flushing
+    try:
+        q8.encode(TEXTS)
+        assert int8.flushing_denormals()
+    finally:
+        torch.set_flush_denormal(False)
+
+
 def test_saving_an_int8_encoder_writes_the_fp32_checkpoint(
     tiny_bert_dir: Path, cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
