@@ -33,8 +33,8 @@ def stsb_spearman(encoder: Encoder) -> float:
     return 100 * spearman((vectors[: len(left)] * vectors[len(left):]).sum(1), gold)
 
 
-def nfcorpus_metrics(encoder: Encoder, k: int = 100) -> dict[str, float]:
-    data = load_beir(SHARED / "nfcorpus", "test")
+def nfcorpus_metrics(encoder: Encoder, k: int = 100, split: str = "test") -> dict[str, float]:
+    data = load_beir(SHARED / "nfcorpus", split)
     qids = list(data.qrels)
     corpus = encoder.encode_corpus(data.corpus_texts)  # (N, D)
     queries = encoder.encode_queries([data.queries[q] for q in qids])  # (Q, D)

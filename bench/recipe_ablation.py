@@ -47,7 +47,8 @@ USER = "--num_train_epochs 1 --per_device_train_batch_size 32 --train_group_size
 FT_ONLY = "mine,finetune,evaluate"
 # bf16 (the cost lever) and the first lr row; a checkpoint every 20 steps so a row stopped
 # at a session's end resumes (the recipe's resume) instead of starting again
-FAST = f"{USER} --bf16 --learning_rate 5e-5 --save_steps 20"
+BF16 = f"{USER} --bf16 --save_steps 20"
+FAST = f"{BF16} --learning_rate 5e-5"
 SHORT_RETROMAE = "--max_seq_length 128 --max_steps 150 --bf16"
 # name → the recipe settings the row gives (model, data and paths come from the script)
 ROWS: dict[str, dict[str, str]] = {
@@ -57,6 +58,15 @@ ROWS: dict[str, dict[str, str]] = {
     "retromae_mean": {"finetune_args": f"{USER} --sentence_pooling_method mean"},
     "epochs2": {"steps": FT_ONLY, "finetune_args": f"{USER} --num_train_epochs 2"},
     "lr5e5": {"steps": FT_ONLY, "finetune_args": FAST},
+    "lr1e4": {"steps": FT_ONLY, "finetune_args": f"{BF16} --learning_rate 1e-4"},
+    "lr5e5_ep2": {"steps": FT_ONLY, "finetune_args": f"{FAST} --num_train_epochs 2"},
+    # the same passages per query spread over more epochs: fewer mined negatives per group
+    "lr5e5_g2_ep2": {"steps": FT_ONLY,
+                     "finetune_args": f"{FAST} --train_group_size 2 --num_train_epochs 2"},
+    "lr5e5_g2_ep3": {"steps": FT_ONLY,
+                     "finetune_args": f"{FAST} --train_group_size 2 --num_train_epochs 3"},
+    "lr5e5_g1_ep3": {"steps": FT_ONLY,
+                     "finetune_args": f"{FAST} --train_group_size 1 --num_train_epochs 3"},
     "lr5e5_t002": {"steps": FT_ONLY, "finetune_args": f"{FAST} --temperature 0.02"},
     "lr5e5_allpos": {"steps": FT_ONLY, "finetune_args": FAST, "positives": "all"},
     "lr5e5_retromae150": {"retromae_args": SHORT_RETROMAE,
