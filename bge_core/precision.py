@@ -40,11 +40,12 @@ def check_dtype(dtype: DType, device: torch.device) -> None:
 
 
 def cpu_dtype(dtype: DType, device: torch.device) -> DType:
-    """The dtype an encoder computes in on `device`: bf16 on a CPU without native bf16 is
-    emulated, slower than fp32 and no more exact, so it runs in fp32 (with one warning)."""
+    """The dtype an encoder (or a training step) computes in on `device`: bf16 on a CPU
+    without native bf16 is emulated, slower than fp32 and no more exact, so it runs in fp32
+    (with one warning)."""
     if dtype == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
         log.warning("dtype bf16: this CPU has no native bf16 (AVX512-BF16 or AMX); "
-                    "encoding in fp32 instead")
+                    "running fp32 instead")
         return "fp32"
     return dtype
 
@@ -80,7 +81,11 @@ class Precision:
 
     @classmethod
     def create(cls, dtype: DType, device: torch.device) -> Precision:
-        check_dtype(dtype, device)  # fp16 needs CUDA; bf16 on CPU warns when emulated
+        """Training precision on `device`: ``--bf16`` on a CPU without native bf16 trains in
+        fp32 (one warning), as the encoder does: emulated bf16 is slower and no more exact,
+        so a command line written for a GPU or a bf16 CPU runs anywhere."""
+        dtype = cpu_dtype(dtype, device)
+        check_dtype(dtype, device)  # fp16 needs CUDA
         scaler = torch.amp.GradScaler(device.type) if dtype == "fp16" else None
         return cls(dtype, device, scaler)
 

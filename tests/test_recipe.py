@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.chain.recipe import RecipeConfig, main, plan
+from pipelines.chain.recipe import FINETUNE_DEFAULTS, RecipeConfig, main, plan
 from pipelines.common.cli import ConfigError, make_config, parse_config
 from tests.tiny_models import WORDS
 
@@ -29,6 +29,8 @@ def test_plan_chains_the_outputs_and_appends_the_users_flags() -> None:
     assert steps["finetune"][:6] == ["--model_name_or_path", "s3://b/out/retromae",
                                      "--train_data", "s3://b/out/mined.jsonl",
                                      "--output_dir", "s3://b/out/finetuned"]
+    # the chain's measured finetuning settings, then the user's flags, which win (last)
+    assert steps["finetune"][6:-2] == FINETUNE_DEFAULTS.split()
     assert steps["finetune"][-2:] == ["--learning_rate", "2e-5"]
     assert steps["evaluate"] == ["--model", "s3://b/out/finetuned"]
     no_mae = {s.name: s.argv for s in plan(_config(steps="mine,finetune,evaluate",
@@ -91,7 +93,7 @@ def test_whole_chain_on_tiny_models_then_skips_what_is_complete(
     assert records["mine"]["summary"]["examples"] == 16
     mined = [json.loads(line) for line in (out / "mined.jsonl").read_text().splitlines()]
     assert all(len(r["neg"]) == 3 and not set(r["neg"]) & set(r["pos"]) for r in mined)
-    assert records["finetune"]["summary"]["steps"] == 16 // 4
+    assert records["finetune"]["summary"]["steps"] == 2 * (16 // 4)  # the chain's 2 epochs
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]
     assert 0.0 <= metrics["ndcg@10"] <= 1.0
     assert records["evaluate"]["summary"]["retrieval"]["ndcg@10"] == metrics["ndcg@10"]

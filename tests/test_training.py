@@ -10,8 +10,9 @@ import pytest
 import torch
 from transformers import get_scheduler
 
+from bge_core import precision
 from bge_core.optim import SCHEDULES, build_adamw, build_scheduler, warmup_steps
-from bge_core.precision import resolve_precision
+from bge_core.precision import Precision, resolve_precision
 from bge_core.progress import Progress, ProgressMeter, eta_s, progress_line
 from bge_core.train_state import TrainState
 from bge_core.trainable import enable_gradient_checkpointing
@@ -78,6 +79,20 @@ def test_precision_flags():
     assert resolve_precision(False, True, "cpu") == "bf16"
     with pytest.raises(ValueError, match="exclusive"):
         resolve_precision(True, True)
+
+
+def test_bf16_training_on_a_cpu_without_native_bf16_runs_fp32(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    assert Precision.create("bf16", cpu).dtype == "bf16"
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    with caplog.at_level("WARNING", logger="bge_core.precision"):
+        amp = Precision.create("bf16", cpu)
+    assert amp.dtype == "fp32" and amp.scaler is None
+    assert any("fp32 instead" in r.getMessage() for r in caplog.records)
+    with amp.autocast():  # no autocast: the matmul stays float32
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
 
 
 def test_progress_meter_reports_rate_and_eta():

@@ -5,7 +5,8 @@
         --beir_dir s3://bucket/eval/ --output_dir s3://bucket/recipe/
 
 Each step is one of the project's jobs, run in this process on the same Ray, at its own
-defaults, with the paths below under `output_dir` (a local path or any fsspec URI):
+defaults (finetuning at `FINETUNE_DEFAULTS`, measured on NFCorpus), with the paths below
+under `output_dir` (a local path or any fsspec URI):
 
 =========  ==========================================  ===============================
 step       job (its flags: ``--<step>_args "..."``)    writes
@@ -44,6 +45,12 @@ from pipelines.common.lease import LeaseHeld
 
 log = logging.getLogger("bge.recipe")
 STEPS = ("retromae", "mine", "finetune", "evaluate")
+# Finetuning's settings in the chain, chosen by the NFCorpus ablation (BENCHMARKS.md, "The
+# whole recipe on NFCorpus"; docs/recipe.md): a domain's training set is small (NFCorpus:
+# 2,563 queries), and more passes over it with one mined negative per query gained most for
+# the same compute. They come before `--finetune_args`, whose flags win.
+FINETUNE_DEFAULTS = ("--num_train_epochs 2 --per_device_train_batch_size 32 "
+                     "--train_group_size 2 --learning_rate 5e-5 --bf16")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -132,8 +139,9 @@ def plan(cfg: RecipeConfig) -> list[Step]:
     runners = {"retromae": _retromae, "mine": _mine, "finetune": _finetune,
                "evaluate": _evaluator(cfg)}
     inputs = {"evaluate": (f"beir_dir={cfg.beir_dir}", f"split={cfg.split}", f"sts={cfg.sts}")}
-    return [Step(n, flags[n] + shlex.split(getattr(cfg, f"{n}_args")), runners[n],
-                 inputs.get(n, ())) for n in names]
+    defaults = {"finetune": shlex.split(FINETUNE_DEFAULTS)}
+    return [Step(n, flags[n] + defaults.get(n, []) + shlex.split(getattr(cfg, f"{n}_args")),
+                 runners[n], inputs.get(n, ())) for n in names]
 
 
 def run(cfg: RecipeConfig) -> dict[str, dict[str, Any]]:
