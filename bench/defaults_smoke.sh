@@ -14,6 +14,7 @@ run retromae   $PY pipelines/pretrain_retromae.py --model_name_or_path all-MiniL
 run finetune   $PY pipelines/finetune.py --model_name_or_path all-MiniLM-L6-v2 --train_data $D/train.jsonl --output_dir $O/ft
 run mine       $PY pipelines/mine_hard_negatives.py --model_name_or_path all-MiniLM-L6-v2 --input_file $D/train.jsonl --output_file $O/mined.jsonl
 run evaluate   $PY pipelines/evaluate.py --model $O/ft --beir_dir $D/beir --split test --output $O/metrics.json
+run recipe     $PY pipelines/recipe.py --corpus $D/raw.jsonl --train_data $D/train.jsonl --beir_dir $D/beir --output_dir $O/recipe
 ( $PY pipelines/serve_embeddings.py --port 8321 > $O/serve.log 2>&1 & echo $! > $O/serve.pid )
 for i in $(seq 1 120); do curl -sf http://127.0.0.1:8321/health >/dev/null 2>&1 && break; sleep 2; done
 curl -s http://127.0.0.1:8321/v1/embeddings -H 'Content-Type: application/json' -d '{"input":["hello world"],"input_type":"query"}' | head -c 200; echo

@@ -165,7 +165,10 @@ def run_row(name: str, seed: int, workdir: Path) -> dict:
                     "output_dir": str(workdir / f"{name}_seed{seed}"), "beir_dir": str(DATA),
                     "sts": str(STS), **row}
         settings["finetune_args"] = f"{settings.get('finetune_args', '')} --seed {seed}"
-        steps = settings.get("steps", ",".join(STEPS)).split(",")
+        # rows name their steps; one without names the whole chain (the recipe's `auto`
+        # would leave RetroMAE out for this model, an embedder already)
+        settings.setdefault("steps", ",".join(STEPS))
+        steps = settings["steps"].split(",")
         mined = Path(settings["output_dir"]) / "mined.jsonl"
         slug = mining_slug(row)
         if slug is not None:  # a copy of the shared mining; the recipe skips its own

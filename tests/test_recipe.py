@@ -13,6 +13,8 @@ from pipelines.chain.recipe import FINETUNE_DEFAULTS, RecipeConfig, main, plan
 from pipelines.common.cli import ConfigError, make_config, parse_config
 from tests.tiny_models import WORDS
 
+STEPS_ALL = ["retromae", "mine", "finetune", "evaluate"]
+
 
 def _config(**extra: str | None) -> RecipeConfig:
     settings = {"corpus": "c.jsonl", "train_data": "t.jsonl", "output_dir": "s3://b/out/",
@@ -21,7 +23,8 @@ def _config(**extra: str | None) -> RecipeConfig:
 
 
 def test_plan_chains_the_outputs_and_appends_the_users_flags() -> None:
-    steps = {s.name: s.argv for s in plan(_config(finetune_args="--learning_rate 2e-5"))}
+    steps = {s.name: s.argv for s in plan(_config(finetune_args="--learning_rate 2e-5",
+                                                  steps="retromae,mine,finetune,evaluate"))}
     assert list(steps) == ["retromae", "mine", "finetune", "evaluate"]
     assert steps["retromae"][-2:] == ["--output_dir", "s3://b/out/retromae"]
     assert steps["mine"][:2] == ["--model_name_or_path", "all-MiniLM-L6-v2"]  # the base mines
@@ -36,13 +39,36 @@ def test_plan_chains_the_outputs_and_appends_the_users_flags() -> None:
     no_mae = {s.name: s.argv for s in plan(_config(steps="mine,finetune,evaluate",
                                                    mine_with="retromae"))}
     assert no_mae["finetune"][1] == no_mae["mine"][1] == "all-MiniLM-L6-v2"
-    assert plan(_config(mine_with="retromae"))[1].argv[1] == "s3://b/out/retromae"
+    assert plan(_config(mine_with="retromae", steps="retromae,mine"))[1].argv[1] == \
+        "s3://b/out/retromae"
+
+
+def test_auto_steps_skip_retromae_for_an_embedder_and_evaluate_without_a_set(
+        tmp_path: Path) -> None:
+    def names(**extra: str | None) -> list[str]:
+        return [s.name for s in plan(_config(**extra))]
+
+    # a preset is an embedder already: RetroMAE measured a loss on it (BENCHMARKS.md)
+    assert names() == ["mine", "finetune", "evaluate"]
+    assert names(model_name_or_path="BAAI/bge-base-en-v1.5") == ["mine", "finetune", "evaluate"]
+    backbone = tmp_path / "bert"
+    backbone.mkdir()
+    (backbone / "config.json").write_text("{}")
+    assert names(model_name_or_path=str(backbone)) == STEPS_ALL
+    assert names(model_name_or_path="bert-base-uncased", beir_dir=None) == \
+        ["retromae", "mine", "finetune"]  # a hub id that is no preset: not fetched, a backbone
+    for marker in ("modules.json", "bge_config.json"):
+        embedder = tmp_path / marker.split(".")[0]
+        embedder.mkdir()
+        (embedder / marker).write_text("{}")
+        assert names(model_name_or_path=str(embedder), beir_dir=None, sts="s.csv") == \
+            ["mine", "finetune", "evaluate"]
 
 
 @pytest.mark.parametrize(("extra", "message"), [
     ({"steps": "mine,pretrain"}, r"unknown step\(s\) \['pretrain'\]"),
     ({"steps": "finetune,mine"}, "steps run in the order"),
-    ({"beir_dir": None}, "give --beir_dir and/or --sts"),
+    ({"beir_dir": None, "steps": "mine,evaluate"}, "give --beir_dir and/or --sts"),
     ({"mine_args": "--seed '7"}, "--mine_args: No closing quotation"),
 ])
 def test_bad_settings_are_named(extra: dict, message: str) -> None:
@@ -80,6 +106,8 @@ def test_whole_chain_on_tiny_models_then_skips_what_is_complete(
     argv = ["--model_name_or_path", str(mean_bert_dir), "--corpus", data["corpus"],
             "--train_data", data["train"], "--beir_dir", data["beir"],
             "--output_dir", str(out),
+            # the tiny BERT's bge_config.json makes it an embedder: `auto` would skip RetroMAE
+            "--steps", "retromae,mine,finetune,evaluate",
             # tiny BERTs hold 128 positions (RetroMAE's default is 512)
             "--retromae_args", "--max_seq_length 64 --per_device_train_batch_size 8",
             "--mine_args", "--range_for_sampling 2-20 --negative_number 3",
@@ -135,7 +163,7 @@ def test_a_changed_later_step_stops_the_run_before_any_step_runs(tmp_path: Path,
     import pipelines.chain.recipe as recipe
 
     cfg = make_config(RecipeConfig, corpus="c", train_data="t", output_dir=str(tmp_path),
-                      beir_dir="eval")
+                      beir_dir="eval", steps=",".join(STEPS_ALL))
     for step in plan(cfg):
         (tmp_path / "_recipe").mkdir(exist_ok=True)
         (tmp_path / "_recipe" / f"{step.name}.json").write_text(json.dumps(
@@ -146,7 +174,7 @@ def test_a_changed_later_step_stops_the_run_before_any_step_runs(tmp_path: Path,
     assert set(recipe.run(cfg)) == set(recipe.STEPS) and len(ran) == 1  # only the missing one
     assert json.loads((tmp_path / "_recipe" / "retromae.json").read_text())["key"] == ran[0]
     changed = make_config(RecipeConfig, corpus="c", train_data="t", output_dir=str(tmp_path),
-                          beir_dir="eval", split="dev")
+                          beir_dir="eval", split="dev", steps=",".join(STEPS_ALL))
     (tmp_path / "_recipe" / "retromae.json").unlink()
     with pytest.raises(ConfigError, match=r"evaluate\.json: step evaluate completed with other"):
         recipe.run(changed)

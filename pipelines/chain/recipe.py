@@ -20,6 +20,13 @@ evaluate   evaluate ``finetuned/`` on `beir_dir`       ``metrics.json``, ``sts.j
            and/or `sts`
 =========  ==========================================  ===============================
 
+``--steps auto`` (the default) measures what the chain runs from the start: RetroMAE only
+when the starting model is a raw backbone, not an embedder already (a preset, or a folder
+with sentence-transformers' ``modules.json`` or this project's ``bge_config.json``):
+RetroMAE's reconstruction objective moved all-MiniLM-L6-v2 away from retrieval (NFCorpus:
++0.57 nDCG@10 and STS-B -3.1 with it, +3.48 without; BENCHMARKS.md); and ``evaluate`` only
+when there is something to score on (`beir_dir` and/or `sts`).
+
 A step that returns writes ``_recipe/<step>.json`` (its flags, summary and seconds). A
 rerun of the same command skips every step with such a record and reruns the first one
 without: the training jobs resume from their own checkpoints, mining and evaluation start
@@ -38,7 +45,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import fsspec
+
 from bge_core.io import open_text
+from bge_core.loading import BGE_CONFIG_FILE
+from bge_core.presets import find_preset
 from bge_core.storage import StorageError
 from pipelines.common.cli import ConfigError, parse_config, run_main
 from pipelines.common.lease import LeaseHeld
@@ -65,7 +76,8 @@ class RecipeConfig:
         model_name_or_path: the starting model (a directory, preset or hub id).
         beir_dir / split: BEIR-layout retrieval set the final model is scored on.
         sts: STS CSV the final model's Spearman is measured on.
-        steps: which steps, in the order above (a rerun should name the same ones).
+        steps: which steps, in the order above (a rerun should name the same ones), or
+            ``auto``: RetroMAE only for a raw backbone, evaluate only with a set to score.
         mine_with: mine with the starting model (``base``) or the RetroMAE encoder.
         retromae_args ... evaluate_args: extra flags for that step's job, as on its
             command line (they win over the paths this job gives).
@@ -78,7 +90,7 @@ class RecipeConfig:
     beir_dir: str | None = None
     split: str = "test"
     sts: str | None = None
-    steps: str = ",".join(STEPS)
+    steps: str = "auto"
     mine_with: Literal["base", "retromae"] = "base"
     retromae_args: str = ""
     mine_args: str = ""
@@ -86,9 +98,9 @@ class RecipeConfig:
     evaluate_args: str = ""
 
     def __post_init__(self) -> None:
-        names = self.step_names()
+        names = [] if self.steps == "auto" else self.step_names()
         unknown = [s for s in names if s not in STEPS]
-        if unknown or not names:
+        if unknown or (self.steps != "auto" and not names):
             raise ConfigError(f"--steps: unknown step(s) {unknown}; choose from {list(STEPS)}")
         if names != [s for s in STEPS if s in names]:
             raise ConfigError(f"--steps {self.steps!r}: steps run in the order {list(STEPS)}")
@@ -102,11 +114,28 @@ class RecipeConfig:
                 raise ConfigError(f"--{step}_args: {err}") from err
 
     def step_names(self) -> list[str]:
+        """The steps to run; ``auto`` looks at the starting model (a preset needs no I/O,
+        a folder at any URI is checked for an embedder's settings file)."""
+        if self.steps == "auto":
+            return [s for s in STEPS
+                    if not (s == "retromae" and is_embedder(self.model_name_or_path))
+                    and not (s == "evaluate" and not (self.beir_dir or self.sts))]
         return [s.strip() for s in self.steps.split(",") if s.strip()]
 
     def path(self, name: str) -> str:
         """`name` under `output_dir` (``retromae``, ``mined.jsonl``, ``_recipe/...``)."""
         return f"{self.output_dir.rstrip('/')}/{name}"
+
+
+def is_embedder(model: str) -> bool:
+    """Whether `model` is already a sentence embedder, not a raw backbone: a preset, or a
+    folder (local or any fsspec URI) holding ``modules.json`` or ``bge_config.json``. A hub
+    id that is no preset counts as a backbone (nothing is fetched to look)."""
+    if find_preset(model) is not None:
+        return True
+    fs, root = fsspec.core.url_to_fs(model)
+    return any(fs.exists(f"{root.rstrip('/')}/{name}")
+               for name in ("modules.json", BGE_CONFIG_FILE))
 
 
 @dataclass(frozen=True)
@@ -148,6 +177,10 @@ def run(cfg: RecipeConfig) -> dict[str, dict[str, Any]]:
     """Run the steps not yet recorded as complete (Ray already started); returns each
     step's record, those skipped included."""
     steps = plan(cfg)
+    if cfg.steps == "auto":
+        log.info("steps (auto): %s%s", ",".join(s.name for s in steps),
+                 "" if steps[0].name == "retromae" else
+                 f" (no retromae: {cfg.model_name_or_path} is already an embedder)")
     done = {s.name: recorded(cfg, s) for s in steps}  # every mismatch named before any work
     records: dict[str, dict[str, Any]] = {}
     for step in steps:
