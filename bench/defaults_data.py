@@ -3,10 +3,10 @@
     python bench/defaults_data.py OUT_DIR
 
 Writes, from NFCorpus in ../shared/data (read here, never copied into the repo):
-``raw.jsonl`` (200 documents, RetroMAE's corpus), ``train.jsonl`` (20 train queries, each
-with its relevant documents as ``pos`` and 7 other documents as ``neg``: finetuning
-and mining input) and ``beir/`` (20 test
-queries, their relevant documents and the first 800 others: an evaluation set).
+``raw.jsonl`` (200 documents, RetroMAE's corpus), ``train.jsonl`` (64 train queries, so
+the recipe's batch of 32 fits; each with its relevant documents as ``pos`` and 7 other
+documents as ``neg``: finetuning and mining input) and ``beir/`` (20 test queries, their
+relevant documents and the first 800 others: an evaluation set).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def main(out: Path) -> None:
     rows = [{"query": queries[q], "pos": [text(d) for d in pos],  # negatives: 7 unjudged docs
              "neg": [text(d) for d in ids[200 + 7 * n: 207 + 7 * n]]}
             for n, (q, pos) in enumerate(train) if q in queries and pos]
-    _write(out / "train.jsonl", rows[:20])
+    _write(out / "train.jsonl", rows[:64])
     test = dict(list(_qrels("test").items())[:20])
     keep = list(dict.fromkeys([d for ids in test.values() for d in ids if d in docs]
                               + list(docs)[:800]))

@@ -122,8 +122,8 @@ def test_plan_steps_gives_every_worker_whole_equal_batches(tiny_bert_dir, tmp_pa
     cfg = make_config(tiny_bert_dir, tmp_path, max_steps=None, num_train_epochs=2)
     assert plan_steps(cfg, 17) == (4, 8)  # 17 // 2 workers = 8 rows = 4 batches of 2
     assert plan_steps(make_config(tiny_bert_dir, tmp_path, max_steps=5), 17) == (4, 5)
-    with pytest.raises(TrainingDataError, match="too few"):
-        plan_steps(cfg, 3)
+    with pytest.raises(TrainingDataError, match="too few.*--per_device_train_batch_size 1 or less"):
+        plan_steps(cfg, 3)  # 3 rows over 2 workers: one row each at most
 
 
 # ------------------------------------------------------- resume (Ray Train, slow)

@@ -156,7 +156,9 @@ def plan_steps(cfg: FinetuneConfig, examples: int) -> tuple[int, int]:
     if steps_per_epoch < 1:
         raise TrainingDataError(
             f"{examples} training examples are too few for {cfg.num_workers} workers x "
-            f"per_device_train_batch_size {cfg.per_device_train_batch_size}")
+            f"per_device_train_batch_size {cfg.per_device_train_batch_size}: pass "
+            f"--per_device_train_batch_size {max(1, examples // cfg.num_workers)} or less "
+            "(in pipelines/recipe.py: --finetune_args \"--per_device_train_batch_size N\")")
     return steps_per_epoch, cfg.total_steps(steps_per_epoch)
 
 
