@@ -44,7 +44,7 @@ def test_plan_chains_the_outputs_and_appends_the_users_flags() -> None:
 
 
 def test_auto_steps_skip_retromae_for_an_embedder_and_evaluate_without_a_set(
-        tmp_path: Path) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def names(**extra: str | None) -> list[str]:
         return [s.name for s in plan(_config(**extra))]
 
@@ -63,10 +63,14 @@ def test_auto_steps_skip_retromae_for_an_embedder_and_evaluate_without_a_set(
         (embedder / marker).write_text("{}")
         assert names(model_name_or_path=str(embedder), beir_dir=None, sts="s.csv") == \
             ["mine", "finetune", "evaluate"]
+    monkeypatch.setenv("HOME", str(tmp_path))  # a ``~`` path is read as the jobs read it
+    assert names(model_name_or_path="~/modules") == ["mine", "finetune", "evaluate"]
+    assert names(model_name_or_path="file://" + str(tmp_path / "bge_config")) == \
+        ["mine", "finetune", "evaluate"]
 
 
 @pytest.mark.parametrize(("extra", "message"), [
-    ({"steps": "mine,pretrain"}, r"unknown step\(s\) \['pretrain'\]"),
+    ({"steps": "mine,pretrain"}, r"unknown step\(s\) \['pretrain'\].* or auto"),
     ({"steps": "finetune,mine"}, "steps run in the order"),
     ({"beir_dir": None, "steps": "mine,evaluate"}, "give --beir_dir and/or --sts"),
     ({"mine_args": "--seed '7"}, "--mine_args: No closing quotation"),

@@ -43,6 +43,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import fsspec
@@ -50,7 +51,7 @@ import fsspec
 from bge_core.io import open_text
 from bge_core.loading import BGE_CONFIG_FILE
 from bge_core.presets import find_preset
-from bge_core.storage import StorageError
+from bge_core.storage import StorageError, is_local, local_path
 from pipelines.common.cli import ConfigError, parse_config, run_main
 from pipelines.common.lease import LeaseHeld
 
@@ -98,20 +99,24 @@ class RecipeConfig:
     evaluate_args: str = ""
 
     def __post_init__(self) -> None:
-        names = [] if self.steps == "auto" else self.step_names()
-        unknown = [s for s in names if s not in STEPS]
-        if unknown or (self.steps != "auto" and not names):
-            raise ConfigError(f"--steps: unknown step(s) {unknown}; choose from {list(STEPS)}")
-        if names != [s for s in STEPS if s in names]:
-            raise ConfigError(f"--steps {self.steps!r}: steps run in the order {list(STEPS)}")
-        if "evaluate" in names and not (self.beir_dir or self.sts):
-            raise ConfigError("--steps includes evaluate: give --beir_dir and/or --sts "
-                              "(or leave evaluate out of --steps)")
+        if self.steps != "auto":  # `auto` picks valid steps itself
+            self._check_named_steps(self.step_names())
         for step in STEPS:
             try:
                 shlex.split(getattr(self, f"{step}_args"))
             except ValueError as err:
                 raise ConfigError(f"--{step}_args: {err}") from err
+
+    def _check_named_steps(self, names: list[str]) -> None:
+        unknown = [s for s in names if s not in STEPS]
+        if unknown or not names:
+            raise ConfigError(f"--steps: unknown step(s) {unknown}; choose from "
+                              f"{list(STEPS)} or auto")
+        if names != [s for s in STEPS if s in names]:
+            raise ConfigError(f"--steps {self.steps!r}: steps run in the order {list(STEPS)}")
+        if "evaluate" in names and not (self.beir_dir or self.sts):
+            raise ConfigError("--steps includes evaluate: give --beir_dir and/or --sts "
+                              "(or leave evaluate out of --steps)")
 
     def step_names(self) -> list[str]:
         """The steps to run; ``auto`` looks at the starting model (a preset needs no I/O,
@@ -131,11 +136,14 @@ def is_embedder(model: str) -> bool:
     """Whether `model` is already a sentence embedder, not a raw backbone: a preset, or a
     folder (local or any fsspec URI) holding ``modules.json`` or ``bge_config.json``. A hub
     id that is no preset counts as a backbone (nothing is fetched to look)."""
+    names = ("modules.json", BGE_CONFIG_FILE)
     if find_preset(model) is not None:
         return True
+    if is_local(model):  # as `bge_core.loading.resolve_model` reads it: ``~`` expanded
+        folder = Path(local_path(model)).expanduser()
+        return any((folder / name).is_file() for name in names)
     fs, root = fsspec.core.url_to_fs(model)
-    return any(fs.exists(f"{root.rstrip('/')}/{name}")
-               for name in ("modules.json", BGE_CONFIG_FILE))
+    return any(fs.exists(f"{root.rstrip('/')}/{name}") for name in names)
 
 
 @dataclass(frozen=True)
