@@ -17,7 +17,9 @@ The quantised model is built once per fingerprint and node, and cached on disk
 builders on one node (several Ray actors starting together) build it once, and a build is
 written to a scratch folder renamed into place when complete, so an interrupted build never
 leaves an entry that a later run loads. Pooling and normalisation stay in torch
-(`bge_core.pooling`), so int8 and fp32 share that code.
+(`bge_core.pooling`), so int8 and fp32 share that code. On a CPU with AMX a batch is padded
+(masked) to a width that is a multiple of 16 where that adds little (`aligned_width`): the
+padding changes no real token's state, and AMX runs such widths faster.
 """
 
 from __future__ import annotations
@@ -50,6 +52,13 @@ PRECISION = "int8/openvino-nncf-static-smoothquant-bf16rest-ftz/v4"
 CACHE_ENV = "BGE_RAY_INT8_CACHE"
 MODEL_FILE = "model.xml"  # beside it: model.bin (the weights)
 CALIBRATION_TEXTS = 300  # how many texts calibrate the activation scales
+AMX_WIDTH_MULTIPLE = 16  # AMX tiles are 16 rows: other batch widths hit slower tail code
+ALIGN_SLACK = 0.08  # the most padding (share of the width) worth adding to align it
+# Widths OpenVINO 2026.4's bf16 kernels get wrong: on the AMX box a batch exactly 32 tokens
+# wide came out with 7x the error against fp32 of 31 or 33 (mean |state error| 0.16 vs 0.022,
+# B = 1 to 16; f32 was right; sentence-transformers' OpenVINO backend has it too). Scan a
+# CPU with `bench/int8_widths.py`.
+BAD_BF16_WIDTHS = frozenset({32})
 _MISSING = ("dtype 'int8' needs OpenVINO and NNCF: pip install 'bge-ray[int8]' "
             "(openvino and nncf)")
 
@@ -108,23 +117,62 @@ def denormals_flushed() -> Iterator[None]:
             torch.set_flush_denormal(False)
 
 
+def has_amx(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """Whether this CPU has AMX tiles (Linux's ``amx_tile`` flag; False where unreadable)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return False
+    return any(line.startswith("flags") and "amx_tile" in line.split()
+               for line in text.splitlines())
+
+
+def aligned_width(width: int, multiple: int, slack: float = ALIGN_SLACK) -> int:
+    """`width` rounded up to a multiple of `multiple` when that adds at most `slack` of it
+    in padding, else `width` as is: on an AMX CPU a batch 255 tokens wide took 1.27× as long
+    as one 256 wide, 24 → 32 lost 7% (BENCHMARKS.md, issue 24), so only a short pad pays."""
+    up = -(-width // multiple) * multiple
+    return up if up - width <= slack * width else width
+
+
+def batch_width(width: int, multiple: int, precision: str) -> int:
+    """The width a (B, `width`) batch runs at: `aligned_width`, but never one of
+    `BAD_BF16_WIDTHS` in bf16 (one more masked column instead)."""
+    chosen = aligned_width(width, multiple)
+    if precision == "bf16" and chosen in BAD_BF16_WIDTHS:
+        chosen = width if width not in BAD_BF16_WIDTHS else width + 1
+    return chosen
+
+
 class OpenVINOBackbone:
-    """A compiled OpenVINO model: (B, T) ids and mask → (B, T, H) float32 hidden states."""
+    """A compiled OpenVINO model: (B, T) ids and mask → (B, T, H) float32 hidden states.
+
+    `width_multiple` (default: `AMX_WIDTH_MULTIPLE` on a CPU with AMX, else 1): batches are
+    padded (masked) to the width `batch_width` picks, and the states cut back to T."""
 
     def __init__(self, model: object, threads: int | None = None, precision: str | None = None,
-                 path: Path | None = None) -> None:
+                 path: Path | None = None, width_multiple: int | None = None) -> None:
         ov = import_openvino()
         self.path = path
+        self.width_multiple = width_multiple or (AMX_WIDTH_MULTIPLE if has_amx() else 1)
+        self.precision = precision or float_precision()
         with denormals_flushed():  # compiling turns the flush on: restored after
-            compiled = ov.Core().compile_model(model, "CPU", compile_options(threads, precision))
+            compiled = ov.Core().compile_model(model, "CPU",
+                                               compile_options(threads, self.precision))
         self.request = compiled.create_infer_request()
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        feeds = {"input_ids": input_ids.cpu().numpy().astype(np.int64, copy=False),
-                 "attention_mask": attention_mask.cpu().numpy().astype(np.int64, copy=False)}
-        with denormals_flushed():
-            hidden = self.request.infer(feeds)[0]  # (B, T, H); the request reuses it
-            return torch.from_numpy(np.array(hidden, dtype=np.float32))
+        ids = input_ids.cpu().numpy().astype(np.int64, copy=False)
+        mask = attention_mask.cpu().numpy().astype(np.int64, copy=False)
+        width = ids.shape[1]
+        extra = batch_width(width, self.width_multiple, self.precision) - width
+        if extra:  # masked columns: no real token attends to them
+            ids, mask = (np.pad(a, ((0, 0), (0, extra))) for a in (ids, mask))
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        with denormals_flushed():  # zero-copy in and out: one copy, of the first T columns
+            hidden = self.request.infer(feeds, share_inputs=True, share_outputs=True)[0]
+            # (B, T', H) in the request's own buffer, which the next call overwrites
+            return torch.from_numpy(np.array(hidden[:, :width], dtype=np.float32))
 
 
 Int8Backbone = OpenVINOBackbone  # the int8 model is an OpenVINO model of int8 ops

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from bge_core import int8, precision
+from bge_core.batching import pad_batch
 from bge_core.model import Encoder
 from bge_core.precision import check_dtype
 
@@ -211,6 +212,56 @@ def test_int8_engine_flushes_denormals_at_the_threads_asked(tiny_bert_dir: Path,
     compiled = int8.OpenVINOBackbone(str(path), threads=1).request.get_compiled_model()
     assert compiled.get_property("CPU_DENORMALS_OPTIMIZATION") is True
     assert compiled.get_property("INFERENCE_NUM_THREADS") == 1
+
+
+def test_aligned_width_pads_only_a_short_way_to_the_multiple() -> None:
+    assert int8.aligned_width(255, 16) == 256  # 0.4% more: aligned
+    assert int8.aligned_width(31, 16) == 32
+    assert int8.aligned_width(256, 16) == 256  # already aligned
+    assert int8.aligned_width(24, 16) == 24  # 33% more: left as is
+    assert int8.aligned_width(129, 16) == 129  # 12% more
+    assert int8.aligned_width(37, 1) == 37  # no multiple (a CPU without AMX)
+
+
+def test_batch_width_never_runs_a_width_bf16_gets_wrong() -> None:
+    # OpenVINO's bf16 kernels got a 32-token batch wrong on the AMX box (bench/int8_widths.py)
+    assert 32 in int8.BAD_BF16_WIDTHS
+    assert int8.batch_width(32, 1, "bf16") == 33  # native 32: one masked column more
+    assert int8.batch_width(31, 16, "bf16") == 31  # would align to 32: left as is
+    assert int8.batch_width(30, 1, "bf16") == 30
+    assert int8.batch_width(32, 1, "f32") == 32  # f32 was right
+    assert int8.batch_width(255, 16, "bf16") == 256
+
+
+def test_has_amx_reads_the_cpu_flags(tmp_path: Path) -> None:
+    amx, avx = tmp_path / "amx", tmp_path / "avx"
+    amx.write_text("processor\t: 0\nflags\t\t: fpu avx512f amx_bf16 amx_tile amx_int8\n")
+    avx.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_vnni\n")
+    assert int8.has_amx(amx) and not int8.has_amx(avx)
+    assert not int8.has_amx(tmp_path / "missing")
+
+
+def test_aligned_batches_give_the_states_of_unaligned_ones(tiny_bert_dir: Path,
+                                                          cache: Path) -> None:
+    # A batch padded (masked) to a multiple of 16 and cut back: the same states for the real
+    # tokens as the batch run at its own width.
+    q8 = Encoder.from_pretrained(str(tiny_bert_dir), device="cpu", dtype="int8",
+                                 calibration=TEXTS)
+    path = str(q8.int8_backbone().path)
+    plain = int8.OpenVINOBackbone(path, threads=1, width_multiple=1)
+    aligned = int8.OpenVINOBackbone(path, threads=1, width_multiple=16)
+    rows, _ = q8.tokenize([" ".join(TEXTS), TEXTS[0], TEXTS[7]], 15)  # widest cut to 15
+    ids, mask = pad_batch(rows, q8.text_tokenizer.pad_id)
+    width = ids.shape[1]
+    assert width == 15 and int8.aligned_width(width, 16) == 16  # the test pads
+    a, b = plain(ids, mask), aligned(ids, mask)
+    assert a.shape == b.shape == (3, width, a.shape[-1])
+    real = mask.bool()
+    # bf16 attention on another tiling: ~1e-2 here (exactly 0 on all-MiniLM-L6-v2 on AMX);
+    # a wrong cut or an unmasked pad column moves states by tenths (two texts' first
+    # token states differ by more than 0.2, asserted)
+    np.testing.assert_allclose(a[real].numpy(), b[real].numpy(), atol=3e-2, rtol=0)
+    assert float((a[0, 1:5] - a[2, 1:5]).abs().max()) > 0.2  # other words
 
 
 def test_int8_leaves_the_callers_denormal_state_as_it_was(tiny_bert_dir: Path,
