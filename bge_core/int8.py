@@ -19,7 +19,8 @@ written to a scratch folder renamed into place when complete, so an interrupted 
 leaves an entry that a later run loads. Pooling and normalisation stay in torch
 (`bge_core.pooling`), so int8 and fp32 share that code. On a CPU with AMX a batch is padded
 (masked) to a width that is a multiple of 16 where that adds little (`aligned_width`): the
-padding changes no real token's state, and AMX runs such widths faster.
+padding changes no real token's state, and AMX runs such widths faster. A width OpenVINO's
+bf16 kernels get wrong (`BAD_BF16_WIDTHS`) is never run: one masked column is added.
 """
 
 from __future__ import annotations
@@ -135,25 +136,29 @@ def aligned_width(width: int, multiple: int, slack: float = ALIGN_SLACK) -> int:
     return up if up - width <= slack * width else width
 
 
-def batch_width(width: int, multiple: int, precision: str) -> int:
+def batch_width(width: int, multiple: int, precision: str, limit: int | None = None) -> int:
     """The width a (B, `width`) batch runs at: `aligned_width`, but never one of
-    `BAD_BF16_WIDTHS` in bf16 (one more masked column instead)."""
+    `BAD_BF16_WIDTHS` in bf16 (one more masked column instead), and never past `limit`
+    (the model's position table)."""
     chosen = aligned_width(width, multiple)
     if precision == "bf16" and chosen in BAD_BF16_WIDTHS:
         chosen = width if width not in BAD_BF16_WIDTHS else width + 1
-    return chosen
+    return chosen if limit is None or chosen <= limit else width
 
 
 class OpenVINOBackbone:
     """A compiled OpenVINO model: (B, T) ids and mask → (B, T, H) float32 hidden states.
 
     `width_multiple` (default: `AMX_WIDTH_MULTIPLE` on a CPU with AMX, else 1): batches are
-    padded (masked) to the width `batch_width` picks, and the states cut back to T."""
+    padded (masked) to the width `batch_width` picks, at most `max_width` (the model's
+    positions), and the states cut back to T."""
 
     def __init__(self, model: object, threads: int | None = None, precision: str | None = None,
-                 path: Path | None = None, width_multiple: int | None = None) -> None:
+                 path: Path | None = None, width_multiple: int | None = None,
+                 max_width: int | None = None) -> None:
         ov = import_openvino()
         self.path = path
+        self.max_width = max_width
         self.width_multiple = width_multiple or (AMX_WIDTH_MULTIPLE if has_amx() else 1)
         self.precision = precision or float_precision()
         with denormals_flushed():  # compiling turns the flush on: restored after
@@ -165,7 +170,7 @@ class OpenVINOBackbone:
         ids = input_ids.cpu().numpy().astype(np.int64, copy=False)
         mask = attention_mask.cpu().numpy().astype(np.int64, copy=False)
         width = ids.shape[1]
-        extra = batch_width(width, self.width_multiple, self.precision) - width
+        extra = batch_width(width, self.width_multiple, self.precision, self.max_width) - width
         if extra:  # masked columns: no real token attends to them
             ids, mask = (np.pad(a, ((0, 0), (0, extra))) for a in (ids, mask))
         feeds = {"input_ids": ids, "attention_mask": mask}
@@ -182,7 +187,8 @@ def load_int8_backbone(backbone: nn.Module, fingerprint: str, calibration: Token
                        threads: int | None = None) -> OpenVINOBackbone:
     """The cached int8 model for `fingerprint`, built from `backbone` if not on disk yet."""
     path = quantized_model_path(backbone, fingerprint, calibration)
-    return OpenVINOBackbone(str(path), threads, path=path)
+    positions = getattr(getattr(backbone, "config", None), "max_position_embeddings", None)
+    return OpenVINOBackbone(str(path), threads, path=path, max_width=positions)
 
 
 def quantized_model_path(backbone: nn.Module, fingerprint: str, calibration: TokenRows,

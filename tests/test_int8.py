@@ -231,6 +231,9 @@ def test_batch_width_never_runs_a_width_bf16_gets_wrong() -> None:
     assert int8.batch_width(30, 1, "bf16") == 30
     assert int8.batch_width(32, 1, "f32") == 32  # f32 was right
     assert int8.batch_width(255, 16, "bf16") == 256
+    assert int8.batch_width(510, 16, "bf16", limit=512) == 512
+    assert int8.batch_width(510, 16, "bf16", limit=511) == 510  # never past the positions
+    assert int8.batch_width(32, 1, "bf16", limit=32) == 32
 
 
 def test_has_amx_reads_the_cpu_flags(tmp_path: Path) -> None:
@@ -247,6 +250,7 @@ def test_aligned_batches_give_the_states_of_unaligned_ones(tiny_bert_dir: Path,
     # tokens as the batch run at its own width.
     q8 = Encoder.from_pretrained(str(tiny_bert_dir), device="cpu", dtype="int8",
                                  calibration=TEXTS)
+    assert q8.int8_backbone().max_width == 128  # the tiny BERT's positions: never padded past
     path = str(q8.int8_backbone().path)
     plain = int8.OpenVINOBackbone(path, threads=1, width_multiple=1)
     aligned = int8.OpenVINOBackbone(path, threads=1, width_multiple=16)
