@@ -40,7 +40,7 @@ def main() -> None:
     path = str(q8.int8_backbone().path)
     rows = [r for r in fp32.tokenize(passages, last)[0] if len(r) == last][: args.rows]
     engines = {"raw " + p: int8.OpenVINOBackbone(path, precision=p, width_multiple=1)
-               for p in {int8.float_precision(), "f32"}}
+               for p in dict.fromkeys((int8.float_precision(), "f32"))}
     engines["OpenVINOBackbone"] = int8.OpenVINOBackbone(path)
     raw = "raw " + int8.float_precision()
     errors: dict[str, dict[int, float]] = {name: {} for name in engines}
