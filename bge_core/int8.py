@@ -56,9 +56,8 @@ CALIBRATION_TEXTS = 300  # how many texts calibrate the activation scales
 AMX_WIDTH_MULTIPLE = 16  # AMX tiles are 16 rows: other batch widths hit slower tail code
 ALIGN_SLACK = 0.08  # the most padding (share of the width) worth adding to align it
 # Widths OpenVINO 2026.4's bf16 kernels get wrong: on the AMX box a batch exactly 32 tokens
-# wide came out with 7x the error against fp32 of 31 or 33 (mean |state error| 0.16 vs 0.022,
-# B = 1 to 16; f32 was right; sentence-transformers' OpenVINO backend has it too). Scan a
-# CPU with `bench/int8_widths.py`.
+# wide came out with 7x the error against fp32 of 31 or 33 (mean |state error| 0.165 vs
+# 0.022; f32 was right; BENCHMARKS.md). Scan a CPU with `bench/int8_widths.py`.
 BAD_BF16_WIDTHS = frozenset({32})
 _MISSING = ("dtype 'int8' needs OpenVINO and NNCF: pip install 'bge-ray[int8]' "
             "(openvino and nncf)")
@@ -130,8 +129,9 @@ def has_amx(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
 
 def aligned_width(width: int, multiple: int, slack: float = ALIGN_SLACK) -> int:
     """`width` rounded up to a multiple of `multiple` when that adds at most `slack` of it
-    in padding, else `width` as is: on an AMX CPU a batch 255 tokens wide took 1.27× as long
-    as one 256 wide, 24 → 32 lost 7% (BENCHMARKS.md, issue 24), so only a short pad pays."""
+    in padding, else `width` as is: on an AMX CPU a batch 255 tokens wide took 1.24× as long
+    as one 256 wide, 24 → 32 lost 6% (`bench/int8_widths.py --timing`, BENCHMARKS.md), so
+    only a short pad pays."""
     up = -(-width // multiple) * multiple
     return up if up - width <= slack * width else width
 
