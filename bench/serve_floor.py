@@ -5,7 +5,9 @@
 Starts the server as `bench/serve_load.py` does (local Ray, throughput-optimised Serve, one
 replica of 1 CPU, ``OMP_NUM_THREADS=1``), then, one request at a time: ``GET /health`` and
 ``GET /v1/models`` (no encode: the HTTP + Serve floor), ``POST /v1/embeddings`` of one word
-and of 8 STS-B sentences (p50, and the replica's own stage times from ``Server-Timing``);
+and of 8 STS-B sentences (p50, and the replica's own stage times from ``Server-Timing``),
+each through Serve's proxy (the server's port) and at the replica's own port (direct
+ingress, `direct_urls`);
 then the same texts through `Encoder.encode` in this process on one thread. Prints one JSON
 line per measurement.
 """
@@ -52,7 +54,7 @@ def main() -> None:
     from ray import serve
 
     from pipelines.common.cli import make_config
-    from pipelines.serve.main import THROUGHPUT_ENV, ServeConfig, start
+    from pipelines.serve.main import THROUGHPUT_ENV, ServeConfig, direct_urls, start
 
     os.environ[THROUGHPUT_ENV] = "1"
     ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
@@ -62,17 +64,22 @@ def main() -> None:
     cases = {"one word": [["a"]] * args.requests,
              "8 sentences": requests_for(sentences(), args.requests, 8)}
     try:
-        start(make_config(ServeConfig, model=MODEL, port=port, cpus_per_replica=1.0),
-              api_key="")
-        for path in ("/health", "/v1/models"):
-            print(json.dumps({"served": f"GET {path}", "p50_ms": asyncio.run(
-                _gets(base, path, args.requests))}))
-        for label, batches in cases.items():
-            url = f"{base}/v1/embeddings"
-            asyncio.run(_load(url, MODEL, batches[:20], 1, 60, None))  # warm-up
-            result = asyncio.run(_load(url, MODEL, batches, 1, 300, None))
-            print(json.dumps({"served": f"POST {label}", "p50_ms": result["p50_ms"],
-                              "replica_ms": result.get("replica_ms")}))
+        cfg = make_config(ServeConfig, model=MODEL, port=port, cpus_per_replica=1.0)
+        start(cfg, api_key="")
+        # through Serve's proxy (the server's port), then at the replica's own port
+        routes = {"proxy": base, **{"direct": url for url in
+                                    direct_urls(cfg.app_name, port, "127.0.0.1")[:1]}}
+        for route, root in routes.items():
+            for path in ("/health", "/v1/models"):
+                print(json.dumps({"served": f"GET {path}", "via": route, "p50_ms": asyncio.run(
+                    _gets(root, path, args.requests))}))
+            for label, batches in cases.items():
+                url = f"{root}/v1/embeddings"
+                asyncio.run(_load(url, MODEL, batches[:20], 1, 60, None))  # warm-up
+                result = asyncio.run(_load(url, MODEL, batches, 1, 300, None))
+                print(json.dumps({"served": f"POST {label}", "via": route,
+                                  "p50_ms": result["p50_ms"],
+                                  "replica_ms": result.get("replica_ms")}))
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -2,8 +2,9 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/serve_load.py [--requests 256] [--levels 1,8,32] \
         [--corpora sentences,passages] [--passage-requests 64] [--openai-threads 32] \
-        [--threads 1] [--dtype fp32] [--throughput-optimized 1] [--time-cap-s 120] \
-        [--json out.json] [--peer-url http://127.0.0.1:7997/embeddings --peer-model NAME]
+        [--threads 1] [--dtype fp32] [--throughput-optimized 1] [--paths direct,proxy] \
+        [--time-cap-s 120] [--json out.json] \
+        [--peer-url http://127.0.0.1:7997/embeddings --peer-model NAME]
 
 Corpora: STS-B test sentences and the first 200 NFCorpus documents (``passages``), 8 per
 request, sent by 1, 8 and 32 concurrent clients (asyncio + aiohttp, one process) to
@@ -18,6 +19,10 @@ its two. Each level reports p50 / p99 latency and the replica's mean share of a 
 stage (its ``Server-Timing`` header: parse, tokenize, queue, encode, serialize; the rest of
 the latency is client, HTTP, proxy and routing). `--peer-url` runs the same load, bracketed
 the same way, against another OpenAI-compatible server (e.g. infinity) already running.
+`--paths` picks how our clients reach the replica, each a full set of levels: ``direct``, its
+own port (Serve's direct ingress in throughput-optimised mode, `direct_urls`: what a load
+balancer in front of the replicas reaches), and ``proxy``, Serve's proxy on the server's
+port (one more Python process and hop per request).
 """
 
 from __future__ import annotations
@@ -207,6 +212,10 @@ def main() -> None:
     parser.add_argument("--throughput-optimized", type=int, default=1,
                         help="1: RAY_SERVE_THROUGHPUT_OPTIMIZED=1 for our Ray")
     parser.add_argument("--skip-ours", action="store_true", help="only the peer server")
+    parser.add_argument("--paths", default="direct,proxy",
+                        help="how clients reach our replica: `direct` (its own port, Serve's "
+                             "direct ingress: what a load balancer in front of the replicas "
+                             "gets) and/or `proxy` (Serve's proxy on --port)")
     parser.add_argument("--json", help="write all results here")
     args = parser.parse_args()
     args.levels = [int(x) for x in args.levels.split(",")]
@@ -247,26 +256,38 @@ def ours(args: argparse.Namespace, corpora: dict[str, list[str]], encoder) -> li
     from ray import serve
 
     from pipelines.common.cli import make_config
-    from pipelines.serve.main import THROUGHPUT_ENV, ServeConfig, start
+    from pipelines.serve.main import THROUGHPUT_ENV, ServeConfig, direct_urls, start
 
     os.environ[THROUGHPUT_ENV] = str(args.throughput_optimized)  # before Ray starts
     cpus = os.cpu_count() or 1
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": str(args.threads)}})
     port = _free_port()
-    url = f"http://127.0.0.1:{port}/v1"
     try:
-        start(make_config(ServeConfig, model=args.model, port=port, dtype=args.dtype,
+        cfg = make_config(ServeConfig, model=args.model, port=port, dtype=args.dtype,
                           calibration=args.calibration, cpus_per_replica=float(args.threads),
-                          max_batch_tokens=args.max_batch_tokens), api_key="")
-        results = [r for name, texts in corpora.items()
-                   for r in run_levels(f"{url}/embeddings", args.model, texts,
-                                       _requests(args, name), args, encoder, label=name)]
-        if args.openai_threads:
-            batches = requests_for(sentences(), max(args.requests, 4 * args.openai_threads),
-                                   args.texts_per_request)
-            results.append(bracketed(encoder, batches, "sentences", lambda b: openai_level(
-                url, args.model, b, args.openai_threads, None)))
+                          max_batch_tokens=args.max_batch_tokens)
+        start(cfg, api_key="")
+        bases = {"proxy": f"http://127.0.0.1:{port}"}
+        direct = direct_urls(cfg.app_name, port, "127.0.0.1")
+        if direct:  # one replica: its own port
+            bases["direct"] = direct[0]
+        results = []
+        for path in args.paths.split(","):
+            if path not in bases:
+                print(f"no {path} path to the replica (direct ingress needs "
+                      f"--throughput-optimized 1): skipped", flush=True)
+                continue
+            url = f"{bases[path]}/v1"
+            levels = [r for name, texts in corpora.items()
+                      for r in run_levels(f"{url}/embeddings", args.model, texts,
+                                          _requests(args, name), args, encoder, label=name)]
+            if args.openai_threads:
+                batches = requests_for(sentences(), max(args.requests, 4 * args.openai_threads),
+                                       args.texts_per_request)
+                levels.append(bracketed(encoder, batches, "sentences", lambda b, u=url: (
+                    openai_level(u, args.model, b, args.openai_threads, None))))
+            results += [{"path": path, **level} for level in levels]
         return results
     finally:
         serve.shutdown()

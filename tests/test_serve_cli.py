@@ -36,6 +36,20 @@ def _post(url: str, body: dict | None, key: str) -> tuple[int, dict]:
         return 0, {}
 
 
+def _logged_direct_url(proc: subprocess.Popen, deadline: float) -> str:
+    """The first replica URL of the server's "replicas answer directly" log line."""
+    marker = "replicas answer directly"
+    lines = []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if marker in line:
+            return line.rsplit(": ", 1)[1].split(",")[0].strip()
+    raise AssertionError(f"no {marker!r} line in the log:\n" + "".join(lines[-40:]))
+
+
 @pytest.mark.e2e
 @pytest.mark.ray
 @pytest.mark.slow
@@ -65,6 +79,15 @@ def test_script_serves_with_the_key_from_the_environment_until_ctrl_c(tiny_bert_
         expected = Encoder.from_pretrained(tiny_bert_dir, device="cpu").encode(
             ["the cat", "blue sky"])
         np.testing.assert_allclose(got, expected, atol=1e-5)
+        # the replica's own port (direct ingress), named in the log: same routes, same key
+        direct = _logged_direct_url(proc, deadline)
+        assert direct.startswith("http://127.0.0.1:") and direct != base, direct
+        assert _post(f"{direct}/health", None, "wrong")[0] == 200
+        assert _post(f"{direct}/v1/models", None, "wrong")[0] == 401
+        status, body = _post(f"{direct}/v1/embeddings", {"input": ["the cat", "blue sky"]},
+                             "k3y")
+        assert status == 200
+        np.testing.assert_allclose([d["embedding"] for d in body["data"]], expected, atol=1e-5)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
     finally:

@@ -23,6 +23,7 @@ from pipelines.serve.main import (
     ServeConfig,
     app_builder,
     deployment_options,
+    targets_to_urls,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,3 +207,30 @@ def test_the_script_refuses_an_open_host_without_a_key_as_a_user_runs_it():
     (line,) = done.stderr.strip().splitlines()
     assert API_KEY_ENV in line and "--allow-unauthenticated" in line
     assert "Started a local Ray" not in done.stdout + done.stderr
+
+
+def test_direct_urls_are_the_apps_http_replicas_not_the_proxy():
+    """`direct_urls` reads Serve's own target groups (the schema load balancers get)."""
+    from ray.serve.schema import RequestProtocol, Target, TargetGroup
+
+    def group(app: str, protocol: RequestProtocol, ports: list[int], prefix: str = "/"):
+        targets = [Target(ip="10.0.0.5", port=p, instance_id=f"i{p}", name=f"r{p}")
+                   for p in ports]
+        return TargetGroup(targets=targets, route_prefix=prefix, protocol=protocol,
+                           app_name=app)
+
+    groups = [group("bge-embeddings", RequestProtocol.HTTP, [30000, 8000, 30001]),
+              group("bge-embeddings", RequestProtocol.GRPC, [40000]),
+              group("other", RequestProtocol.HTTP, [30002])]
+    assert targets_to_urls(groups, "bge-embeddings", 8000) == [
+        "http://10.0.0.5:30000", "http://10.0.0.5:30001"]  # the proxy's port left out
+    # replicas bound to loopback are reached there, not at the node's address
+    assert targets_to_urls(groups, "bge-embeddings", 8000, "127.0.0.1") == [
+        "http://127.0.0.1:30000", "http://127.0.0.1:30001"]
+    assert targets_to_urls(groups, "bge-embeddings", 8000, "::1") == [
+        "http://[::1]:30000", "http://[::1]:30001"]
+    assert targets_to_urls(groups, "bge-embeddings", 8000, "0.0.0.0")[0] == \
+        "http://10.0.0.5:30000"
+    routed = [group("bge-embeddings", RequestProtocol.HTTP, [30000], "/embed/")]
+    assert targets_to_urls(routed, "bge-embeddings", None) == ["http://10.0.0.5:30000/embed"]
+    assert targets_to_urls([], "bge-embeddings", 8000) == []

@@ -16,6 +16,14 @@ request (``/health`` stays open for probes). Without a key the server binds only
 any other address (``--host 0.0.0.0``, or Serve's ``http_options`` for ``serve run`` /
 ``serve deploy``) is refused unless ``--allow-unauthenticated`` says so on purpose.
 Past ``--max-queued-requests`` waiting requests, callers get 429 at once.
+
+In Serve's throughput-optimised mode (the CLI's default) each replica also answers HTTP on a
+port of its own (Serve's direct ingress, 30000 up); the startup log names them
+(`direct_urls`). The port given by ``--port`` is Serve's proxy, a Python process that
+forwards each request to a replica: on the 2-core box it added ≈ 10 ms to a one-client
+request (BENCHMARKS.md, issue 26). For the encoder's speed, put a load balancer (HAProxy:
+Serve's ``RAY_SERVE_ENABLE_HA_PROXY=1``, or the platform's) in front of the replicas' own
+ports. They check the same key.
 """
 
 # No `from __future__ import annotations` here: run as a script, ServeConfig lives in
@@ -37,7 +45,13 @@ from bge_core.model import Encoder
 from pipelines.common.cli import config_from_dict, run_main
 from pipelines.common.encode_options import ModelOptions
 from pipelines.common.resources import parse_count_range
-from pipelines.serve.api import ServedModel, build_api, check_exposure, resolve_api_key
+from pipelines.serve.api import (
+    ServedModel,
+    build_api,
+    check_exposure,
+    is_loopback,
+    resolve_api_key,
+)
 from pipelines.serve.batcher import TokenBatcher
 
 log = logging.getLogger("serve_embeddings")
@@ -193,6 +207,45 @@ def app_builder(args: dict[str, Any]) -> Application:
     return build_app(cfg)
 
 
+def direct_urls(app_name: str, proxy_port: int | None = None,
+                host: str | None = None) -> list[str]:
+    """Base URLs (``http://ip:port`` + route prefix) at which `app_name`'s replicas answer
+    HTTP themselves (Serve's direct ingress, throughput-optimised mode); [] without it or
+    where Serve does not say. A target on `proxy_port` is Serve's proxy, not a replica, and
+    is left out; a loopback `host` (what the replicas bind then) replaces the node's IP."""
+    try:  # Serve's controller lists them for load balancers (`TargetGroup`); private call
+        import ray
+        from ray.serve.context import _get_global_client
+
+        client = _get_global_client(raise_if_no_controller_running=False)
+        if client is None:
+            return []
+        groups = ray.get(client._controller.get_target_groups.remote(app_name), timeout=30)
+    except Exception:  # an older or newer Serve without it: nothing to report
+        return []
+    return targets_to_urls(groups, app_name, proxy_port, host)
+
+
+def targets_to_urls(groups: Any, app_name: str, proxy_port: int | None,
+                    host: str | None = None) -> list[str]:
+    """`direct_urls` from Serve's target groups: the HTTP ones of `app_name`, in order."""
+    urls: list[str] = []
+    for group in groups:
+        if str(getattr(group.protocol, "value", group.protocol)).upper() != "HTTP":
+            continue
+        if getattr(group, "app_name", app_name) not in ("", app_name):
+            continue
+        prefix = str(getattr(group, "route_prefix", "") or "").rstrip("/")
+        urls += [f"http://{_netloc(host if host and is_loopback(host) else t.ip)}:{t.port}{prefix}"
+                 for t in group.targets
+                 if t.port != proxy_port]
+    return list(dict.fromkeys(urls))
+
+
+def _netloc(ip: str) -> str:
+    return f"[{ip.strip('[]')}]" if ":" in ip else ip  # an IPv6 address in a URL
+
+
 def start(cfg: ServeConfig, api_key: str | None = None) -> None:
     """Deploy on the connected Ray cluster (HTTP on cfg.host:cfg.port) and return.
 
@@ -211,6 +264,10 @@ def run(cfg: ServeConfig) -> None:
         start(cfg)
         log.info("serving %s at http://%s:%d%sv1/embeddings", cfg.encoder.model, cfg.host, cfg.port,
                  cfg.route_prefix.rstrip("/") + "/")
+        direct = direct_urls(cfg.app_name, cfg.port, cfg.host)
+        if direct:
+            log.info("replicas answer directly (no proxy hop; put a load balancer in front "
+                     "of them): %s", ", ".join(direct))
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
