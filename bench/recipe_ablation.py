@@ -78,6 +78,18 @@ ROWS: dict[str, dict[str, str]] = {
     "g2_ep2_t01": {"steps": FT_ONLY,
                    "finetune_args": f"{FAST} --train_group_size 2 --num_train_epochs 2"
                                     " --temperature 0.1"},
+    # the chain's settings with negatives drawn further down the ranking: g4 < g2 < g1 (by
+    # STS-B) hints that the mined window 10-210 holds unjudged relevant passages
+    "g2_ep2_r30": {"steps": FT_ONLY, "mine_args": "--range_for_sampling 30-230",
+                   "finetune_args": f"{FAST} --train_group_size 2 --num_train_epochs 2"},
+    "g2_ep2_r100": {"steps": FT_ONLY, "mine_args": "--range_for_sampling 100-300",
+                    "finetune_args": f"{FAST} --train_group_size 2 --num_train_epochs 2"},
+    # twice the in-batch negatives on the same memory (the gradient cache, chunks of 32),
+    # the learning rate scaled with the batch (half the steps)
+    "g2_ep2_b64": {"steps": FT_ONLY,
+                   "finetune_args": f"{BF16} --learning_rate 1e-4 --train_group_size 2"
+                                    " --num_train_epochs 2 --per_device_train_batch_size 64"
+                                    " --gradient_cache_chunk_size 32"},
     "lr5e5_g1_ep3": {"steps": FT_ONLY,
                      "finetune_args": f"{FAST} --train_group_size 1 --num_train_epochs 3"},
     "lr5e5_t002": {"steps": FT_ONLY, "finetune_args": f"{FAST} --temperature 0.02"},
