@@ -84,6 +84,8 @@ ROWS: dict[str, dict[str, str]] = {
                    "finetune_args": f"{FAST} --train_group_size 2 --num_train_epochs 2"},
     "g2_ep2_r100": {"steps": FT_ONLY, "mine_args": "--range_for_sampling 100-300",
                     "finetune_args": f"{FAST} --train_group_size 2 --num_train_epochs 2"},
+    "g2_ep3_r30": {"steps": FT_ONLY, "mine_args": "--range_for_sampling 30-230",
+                   "finetune_args": f"{FAST} --train_group_size 2 --num_train_epochs 3"},
     # twice the in-batch negatives on the same memory (the gradient cache, chunks of 32),
     # the learning rate scaled with the batch (half the steps)
     "g2_ep2_b64": {"steps": FT_ONLY,
