@@ -102,12 +102,13 @@ def time_widths(path: str, widths: list[int], rows: list[list[int]]) -> None:
                 request.infer(batch)
         return (time.perf_counter() - start) / 8 * 1e3
 
+    multiple = int8.AMX_WIDTH_MULTIPLE
     for width in widths:
-        up = -(-width // 16) * 16
+        up = int8.aligned_width(width, multiple, slack=float("inf"))  # the next multiple
         plain, aligned = ms(feeds(width, width)), ms(feeds(width, up))
         print(f"width {width:3d} rows {max(1, 2048 // width):3d}  {plain:6.2f} ms  padded to "
               f"{up:3d}: {aligned:6.2f} ms  speedup {plain / aligned:.2f}  (aligned_width "
-              f"picks {int8.aligned_width(width, 16)})", flush=True)
+              f"picks {int8.aligned_width(width, multiple)})", flush=True)
 
 
 if __name__ == "__main__":

@@ -67,8 +67,10 @@ def main() -> None:
         cfg = make_config(ServeConfig, model=MODEL, port=port, cpus_per_replica=1.0)
         start(cfg, api_key="")
         # through Serve's proxy (the server's port), then at the replica's own port
-        routes = {"proxy": base, **{"direct": url for url in
-                                    direct_urls(cfg.app_name, port, "127.0.0.1")[:1]}}
+        routes = {"proxy": base}
+        direct = direct_urls(cfg.app_name, port, "127.0.0.1")
+        if direct:
+            routes["direct"] = direct[0]
         for route, root in routes.items():
             for path in ("/health", "/v1/models"):
                 print(json.dumps({"served": f"GET {path}", "via": route, "p50_ms": asyncio.run(
