@@ -46,6 +46,16 @@ def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(dist_fn.all_gather(tensor), dim=0)  # (W*N, ...)
 
 
+def all_gather_without_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate `tensor` (no gradient, any dtype) from every rank along dim 0, in rank
+    order; `tensor` itself when W == 1. Every rank must pass the same shape."""
+    if get_world_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts, dim=0)
+
+
 def all_reduce_mean(value: float | torch.Tensor) -> float:
     """Mean of a scalar over all ranks (for logging; no gradient)."""
     tensor = torch.as_tensor(value, dtype=torch.float64).detach().clone()

@@ -9,10 +9,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from bge_core.data import (
+    Group,
     TrainingDataError,
     list_data_files,
+    listed_keys,
     load_examples,
     sample_group,
+    text_key,
 )
 
 GOOD = {"query": "what is a cat", "pos": ["a cat is an animal"], "neg": ["n1", "n2", "n3"]}
@@ -100,6 +103,22 @@ def test_group_sampling_is_seeded_by_seed_epoch_and_key():
     assert len(draws) > 1  # a new draw each epoch
     others = {tuple(sample_group(row, 4, seed=s, epoch=0).passages) for s in range(5)}
     assert len(others) > 1  # and per seed
+
+
+def test_groups_carry_their_listed_positives_as_keys():
+    group = sample_group({"key": 1, "query": "q", "pos": ["p1", "p2", "p1"], "neg": ["n"]},
+                         2, seed=0, epoch=0)
+    assert group.positive_keys == (text_key("p1"), text_key("p2"))  # once each, in order
+    assert text_key("p1") == text_key("p1") != text_key("p2")
+    single = sample_group({"key": 2, "query": "r", "pos": ["s"], "neg": ["n"]}, 2, 0, 0)
+    keys = listed_keys([group, single])
+    # a short row is padded with its group's own positive's key; passages in batch order
+    assert keys["positive_keys"].tolist() == [[text_key("p1"), text_key("p2")],
+                                              [text_key("s"), text_key("s")]]
+    assert keys["passage_keys"].tolist() == [text_key(p) for g in (group, single)
+                                             for p in g.passages]
+    no_list = Group(query="q", passages=["a", "b"])  # built by hand: its own positive only
+    assert listed_keys([no_list])["positive_keys"].tolist() == [[text_key("a")]]
 
 
 def test_short_negatives_are_repeated_never_positives():

@@ -19,14 +19,16 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from bge_core.batching import pad_batch
+from bge_core.data import text_key
 from bge_core.grad_cache import TokenBatch, contrastive_step
 from bge_core.losses import info_nce
 from bge_core.model import Encoder
 from tests.tiny_models import WORDS
 
 WORLD, LOCAL_B, GROUP = 2, 3, 3
-CASES = (  # (use_inbatch_neg, gradient_cache_chunk_size)
-    (True, None), (False, None), (True, 2),
+CASES = (  # (use_inbatch_neg, gradient_cache_chunk_size, mask listed positives)
+    (True, None, False), (False, None, False), (True, 2, False), (True, None, True),
+    (True, 2, True),
 )
 
 
@@ -40,11 +42,23 @@ def _batch(encoder: Encoder, texts: list[str]) -> TokenBatch:
     return TokenBatch(*pad_batch(ids, encoder.tokenizer.pad_token_id))
 
 
-def _loss_and_grads(model, encoder: Encoder, rows: slice, inbatch: bool, chunk: int | None):
+def _listed(passages: list[str], rows: slice, p_rows: slice) -> dict[str, torch.Tensor]:
+    """Query i lists its own positive, the next query's positive and a negative of the
+    query after that (so a rank's queries list passages of the other rank)."""
+    n, keys = WORLD * LOCAL_B, [text_key(t) for t in passages]
+    listed = [[keys[i * GROUP], keys[(i + 1) % n * GROUP], keys[(i + 2) % n * GROUP + 1]]
+              for i in range(n)]
+    return {"positive_keys": torch.tensor(listed[rows]),
+            "passage_keys": torch.tensor(keys[p_rows])}
+
+
+def _loss_and_grads(model, encoder: Encoder, rows: slice, inbatch: bool, chunk: int | None,
+                    masked: bool):
     queries, passages = _texts(WORLD * LOCAL_B, 1), _texts(WORLD * LOCAL_B * GROUP, 2)
     p_rows = slice(rows.start * GROUP, rows.stop * GROUP)
     loss_fn = functools.partial(info_nce, group_size=GROUP, temperature=0.01,
-                                use_inbatch_neg=inbatch, negatives_cross_device=True)
+                                use_inbatch_neg=inbatch, negatives_cross_device=True,
+                                **(_listed(passages, rows, p_rows) if masked else {}))
     encoder.zero_grad(set_to_none=True)
     loss = contrastive_step(model, _batch(encoder, queries[rows]),
                             _batch(encoder, passages[p_rows]), loss_fn, chunk)
@@ -61,7 +75,7 @@ def _worker(rank: int, model_dir: str, store: str, out_dir: str) -> None:
     encoder = Encoder.from_pretrained(model_dir, device="cpu", pooling="mean")  # eval()
     model = torch.nn.parallel.DistributedDataParallel(encoder)
     rows = slice(rank * LOCAL_B, (rank + 1) * LOCAL_B)
-    results = [_loss_and_grads(model, encoder, rows, inbatch, chunk) for inbatch, chunk in CASES]
+    results = [_loss_and_grads(model, encoder, rows, *case) for case in CASES]
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -81,10 +95,11 @@ def test_two_gloo_ranks_equal_one_process_on_global_batch(tiny_bert_dir, tmp_pat
             if attempt:
                 raise
     per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    assert per_rank[0][3][0] != pytest.approx(per_rank[0][0][0], rel=1e-6)  # the mask acts
     encoder = Encoder.from_pretrained(str(tiny_bert_dir), device="cpu", pooling="mean")
-    for case_index, (inbatch, chunk) in enumerate(CASES):
+    for case_index, (inbatch, chunk, masked) in enumerate(CASES):
         ref_loss, ref_grads = _loss_and_grads(encoder, encoder, slice(0, WORLD * LOCAL_B),
-                                              inbatch, None)
+                                              inbatch, None, masked)
         rank_losses = [results[case_index][0] for results in per_rank]
         assert sum(rank_losses) / WORLD == pytest.approx(ref_loss, rel=1e-5), (inbatch, chunk)
         assert rank_losses[0] != pytest.approx(rank_losses[1], rel=1e-6)  # ranks differ

@@ -129,9 +129,11 @@ def test_plan_steps_gives_every_worker_whole_equal_batches(tiny_bert_dir, tmp_pa
 # ------------------------------------------------------- resume (Ray Train, slow)
 def _resume_config(tiny_bert_dir, data, out):
     """2 workers, files of unequal size, 4 steps an epoch and 5 in all (the resumed run
-    crosses into epoch 1), a checkpoint every 2 steps, dropout on (the tiny BERT's 0.1)."""
+    crosses into epoch 1), a checkpoint every 2 steps, dropout on (the tiny BERT's 0.1),
+    listed positives masked (their keys travel with each step)."""
     return make_config(tiny_bert_dir, data.parent, train_data=str(data), output_dir=str(out),
-                       max_steps=5, shuffle_buffer_size=4, negatives_cross_device=False)
+                       max_steps=5, shuffle_buffer_size=4, negatives_cross_device=False,
+                       mask_listed_positives=True)
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,7 @@ from bge_core.data import (
     cap_examples,
     collate,
     list_data_files,
+    listed_keys,
     parse_range,
     sample_group,
     split_bad,
@@ -74,7 +75,9 @@ class FinetuneConfig(TrainArgs):
     as in FlagEmbedding. `fix_position_embedding` freezes position
     embeddings; `max_example_num_per_dataset` samples at most that many examples per
     file (seeded). `passage_instruction_for_retrieval` is refused (a saved model has no
-    passage instruction: put it into the data).
+    passage instruction: put it into the data). `mask_listed_positives` (not a
+    FlagEmbedding flag) keeps every passage listed in a query's ``pos`` out of its
+    negatives, in-batch and gathered ones included (`bge_core.losses`).
     """
 
     train_group_size: int = 8
@@ -92,6 +95,7 @@ class FinetuneConfig(TrainArgs):
     fix_position_embedding: bool = False
     max_example_num_per_dataset: int | None = None
     passage_instruction_for_retrieval: str | None = None
+    mask_listed_positives: bool = False
     run_name: str = "finetune"
 
     def __post_init__(self) -> None:
@@ -261,10 +265,9 @@ def train_loop(config: dict[str, Any]) -> None:
     enable_gradient_checkpointing(encoder, cfg.gradient_checkpointing)
     session = open_session(encoder, cfg, total, device, ENCODER_IO, config.get("on_step"))
     model = worker.prepare_model(encoder)
-    loss_fn = session.amp.scale_loss_fn(functools.partial(
+    loss = functools.partial(
         info_nce, group_size=cfg.train_group_size, temperature=encoder.config.temperature,
-        use_inbatch_neg=cfg.use_inbatch_neg,
-        negatives_cross_device=cfg.negatives_cross_device))
+        use_inbatch_neg=cfg.use_inbatch_neg, negatives_cross_device=cfg.negatives_cross_device)
     shard = ray.train.get_dataset_shard("train")
     session.constants["num_nodes"] = worker.count_nodes()
     global_batch = cfg.per_device_train_batch_size * cfg.num_workers
@@ -277,12 +280,15 @@ def train_loop(config: dict[str, Any]) -> None:
     def train_step(groups: list) -> None:
         queries, passages = collate(encoder.tokenize, groups, cfg.query_max_len,
                                     cfg.passage_max_len, pad_id)
-        loss = contrastive_step(model, queries.to(device), passages.to(device), loss_fn,
-                                cfg.gradient_cache_chunk_size, session.amp.autocast)
-        loss = float(session.amp.unscaled(loss))
+        keys = ({k: t.to(device) for k, t in listed_keys(groups).items()}
+                if cfg.mask_listed_positives else {})
+        loss_fn = session.amp.scale_loss_fn(functools.partial(loss, **keys))
+        value = contrastive_step(model, queries.to(device), passages.to(device), loss_fn,
+                                 cfg.gradient_cache_chunk_size, session.amp.autocast)
+        value = float(session.amp.unscaled(value))
         session.step()
         # mean over ranks = the global-batch loss
-        session.finish_step(global_batch, lambda: {"loss": all_reduce_mean(loss)})
+        session.finish_step(global_batch, lambda: {"loss": all_reduce_mean(value)})
 
     run_epochs(session.state, total, steps_per_epoch, batches, train_step)
 
