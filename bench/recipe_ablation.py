@@ -35,12 +35,14 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.data import SHARED  # noqa: E402
+from pipelines.chain.recipe import SOUP_DEFAULT  # noqa: E402
 
 DATA, STS = SHARED / "nfcorpus", SHARED / "stsb" / "sts-test.csv"
 # The chain finetunes at its FINETUNE_DEFAULTS (pipelines/chain/recipe.py), which come before
@@ -55,9 +57,9 @@ BF16 = f"{USER} --bf16 --save_steps 20"
 FAST = f"{BF16} --learning_rate 5e-5"
 SHORT_RETROMAE = "--max_seq_length 128 --max_steps 150 --bf16"
 # name → the recipe settings the row gives (model, data and paths come from the script)
-ROWS: dict[str, dict[str, str]] = {
+ROWS: dict[str, dict[str, Any]] = {
     "base": {},  # the starting model, scored as is
-    "chain": {"steps": FT_ONLY},  # the chain at its defaults, without RetroMAE
+    "chain": {"steps": FT_ONLY, "soup": SOUP_DEFAULT},  # its defaults, without RetroMAE
     "finetune": {"steps": FT_ONLY, "finetune_args": USER},
     "retromae": {"finetune_args": USER},
     "retromae_mean": {"finetune_args": f"{USER} --sentence_pooling_method mean"},
@@ -95,6 +97,13 @@ ROWS: dict[str, dict[str, str]] = {
     "g2_ep3_r30_mask": {"steps": FT_ONLY, "mine_args": "--range_for_sampling 30-230",
                         "finetune_args": f"{FAST} --train_group_size 2 --num_train_epochs 3"
                                          " --mask_listed_positives"},
+    # the chain's settings with BGE's query instruction (the model learns which side is the
+    # short query; saved with the model, so evaluation instructs its queries the same way)
+    "g2_ep2_instr": {"steps": FT_ONLY,
+                     "finetune_args": f"{FAST} --train_group_size 2 --num_train_epochs 2"
+                                      " --query_instruction_for_retrieval"
+                                      " 'Represent this sentence for searching relevant"
+                                      " passages: '"},
     # twice the in-batch negatives on the same memory (the gradient cache, chunks of 32),
     # the learning rate scaled with the batch (half the steps)
     "g2_ep2_b64": {"steps": FT_ONLY,
@@ -192,9 +201,11 @@ def run_row(name: str, seed: int, workdir: Path) -> dict:
     else:
         row = dict(ROWS[name])
         positives = row.pop("positives", "top")
+        # one finetuning run unless the row names a soup: every row before the chain's
+        # soup ran once, and so keeps meaning what it did
         settings = {"corpus": data["corpus"], "train_data": data["train"],
                     "output_dir": str(workdir / f"{name}_seed{seed}"), "beir_dir": str(DATA),
-                    "sts": str(STS), **row}
+                    "sts": str(STS), "soup": 1, **row}
         settings["finetune_args"] = f"{settings.get('finetune_args', '')} --seed {seed}"
         # rows name their steps; one without names the whole chain (the recipe's `auto`
         # would leave RetroMAE out for this model, an embedder already)

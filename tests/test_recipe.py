@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.chain.recipe import FINETUNE_DEFAULTS, RecipeConfig, main, plan
+from pipelines.chain.recipe import FINETUNE_DEFAULTS, SOUP_DEFAULT, RecipeConfig, main, plan
 from pipelines.common.cli import ConfigError, make_config, parse_config
 from tests.tiny_models import WORDS
 
@@ -24,7 +24,8 @@ def _config(**extra: str | None) -> RecipeConfig:
 
 def test_plan_chains_the_outputs_and_appends_the_users_flags() -> None:
     steps = {s.name: s.argv for s in plan(_config(finetune_args="--learning_rate 2e-5",
-                                                  steps="retromae,mine,finetune,evaluate"))}
+                                                  steps="retromae,mine,finetune,evaluate",
+                                                  soup=1))}
     assert list(steps) == ["retromae", "mine", "finetune", "evaluate"]
     assert steps["retromae"][-2:] == ["--output_dir", "s3://b/out/retromae"]
     assert steps["mine"][:2] == ["--model_name_or_path", "all-MiniLM-L6-v2"]  # the base mines
@@ -37,16 +38,35 @@ def test_plan_chains_the_outputs_and_appends_the_users_flags() -> None:
     assert steps["finetune"][-2:] == ["--learning_rate", "2e-5"]
     assert steps["evaluate"] == ["--model", "s3://b/out/finetuned"]
     no_mae = {s.name: s.argv for s in plan(_config(steps="mine,finetune,evaluate",
-                                                   mine_with="retromae"))}
+                                                   mine_with="retromae", soup=1))}
     assert no_mae["finetune"][1] == no_mae["mine"][1] == "all-MiniLM-L6-v2"
     assert plan(_config(mine_with="retromae", steps="retromae,mine"))[1].argv[1] == \
         "s3://b/out/retromae"
 
 
+def test_soup_finetunes_once_per_seed_then_averages_into_finetuned() -> None:
+    steps = plan(_config(steps="mine,finetune,evaluate", finetune_args="--seed 7 --bf16 false"))
+    assert [s.name for s in steps] == ["mine", "finetune_1", "finetune_2", "soup", "evaluate"]
+    first, second = steps[1].argv, steps[2].argv
+    assert first[:6] == ["--model_name_or_path", "all-MiniLM-L6-v2", "--train_data",
+                         "s3://b/out/mined.jsonl", "--output_dir", "s3://b/out/soup/seed7"]
+    assert second[4:6] == ["--output_dir", "s3://b/out/soup/seed8"]
+    # the same flags (the chain's, then the user's), the second run one seed on
+    assert first[6:] == [*FINETUNE_DEFAULTS.split(), "--seed", "7", "--bf16", "false"]
+    assert second[6:] == first[6:] + ["--seed", "8"]
+    assert steps[3].argv == ["--output_dir", "s3://b/out/finetuned", "s3://b/out/soup/seed7",
+                             "s3://b/out/soup/seed8"]
+    assert steps[4].argv == ["--model", "s3://b/out/finetuned"]
+    # the job's seed (42) when the user gives none; three seeds with --soup 3
+    names = [s.argv[5] for s in plan(_config(steps="finetune", soup=3))[:3]]
+    assert names == [f"s3://b/out/soup/seed{n}" for n in (42, 43, 44)]
+    assert SOUP_DEFAULT == 2 and _config().soup == SOUP_DEFAULT
+
+
 def test_auto_steps_skip_retromae_for_an_embedder_and_evaluate_without_a_set(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def names(**extra: str | None) -> list[str]:
-        return [s.name for s in plan(_config(**extra))]
+        return _config(**extra).step_names()
 
     # a preset is an embedder already: RetroMAE measured a loss on it (BENCHMARKS.md)
     assert names() == ["mine", "finetune", "evaluate"]
@@ -104,6 +124,9 @@ def _write_domain(root: Path) -> dict[str, str]:
 @pytest.mark.timeout(1800)  # ~2-3 min on an idle 2-core box; >15 min at load 60
 def test_whole_chain_on_tiny_models_then_skips_what_is_complete(
         ray_session, mean_bert_dir: Path, tmp_path: Path, capsys) -> None:
+    import torch
+    from safetensors.torch import load_file
+
     from bge_core.model import Encoder
 
     data, out = _write_domain(tmp_path), tmp_path / "recipe"
@@ -119,13 +142,22 @@ def test_whole_chain_on_tiny_models_then_skips_what_is_complete(
             "--evaluate_args", "--k_values 1,10"]
     assert main(argv) == 0
     records = {s: json.loads((out / "_recipe" / f"{s}.json").read_text())
-               for s in ("retromae", "mine", "finetune", "evaluate")}
+               for s in ("retromae", "mine", "finetune_1", "finetune_2", "soup", "evaluate")}
     assert records["retromae"]["summary"]["texts"] == 40
     assert records["retromae"]["summary"]["steps"] == 40 // 8
     assert records["mine"]["summary"]["examples"] == 16
     mined = [json.loads(line) for line in (out / "mined.jsonl").read_text().splitlines()]
     assert all(len(r["neg"]) == 3 and not set(r["neg"]) & set(r["pos"]) for r in mined)
-    assert records["finetune"]["summary"]["steps"] == 2 * (16 // 4)  # the chain's 2 epochs
+    for member in ("finetune_1", "finetune_2"):  # the chain's 2 epochs, once per seed
+        assert records[member]["summary"]["steps"] == 2 * (16 // 4)
+    # the final model is the mean of the two seeds' weights (which differ)
+    members = [load_file(str(out / "soup" / f"seed{n}" / "model.safetensors")) for n in (42, 43)]
+    soup = load_file(str(out / "finetuned" / "model.safetensors"))
+    name = "encoder.layer.0.attention.self.query.weight"
+    assert not torch.equal(members[0][name], members[1][name])
+    for key, value in soup.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, (members[0][key] + members[1][key]) / 2)
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]
     assert 0.0 <= metrics["ndcg@10"] <= 1.0
     assert records["evaluate"]["summary"]["retrieval"]["ndcg@10"] == metrics["ndcg@10"]
@@ -137,7 +169,7 @@ def test_whole_chain_on_tiny_models_then_skips_what_is_complete(
     weights = out / "finetuned" / "model.safetensors"
     stamp = weights.stat().st_mtime_ns
     assert main(argv) == 0
-    assert capsys.readouterr().out.count("skipped (complete)") == 4
+    assert capsys.readouterr().out.count("skipped (complete)") == 6
     assert weights.stat().st_mtime_ns == stamp
 
     # an incomplete step (no record) runs again; the complete ones before it are skipped
@@ -145,13 +177,13 @@ def test_whole_chain_on_tiny_models_then_skips_what_is_complete(
     (out / "metrics.json").unlink()
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert printed.count("skipped (complete)") == 3 and "evaluate: " in printed
+    assert printed.count("skipped (complete)") == 5 and "evaluate: " in printed
     assert json.loads((out / "metrics.json").read_text())["metrics"] == metrics
 
     # changed flags for a complete step: one clear line, exit 2, nothing run
     changed = argv[:-3] + ["--per_device_train_batch_size 2", "--evaluate_args", "--k_values 1,10"]
     assert main(changed) == 2
-    assert "step finetune completed with other flags" in capsys.readouterr().err
+    assert "step finetune_1 completed with other flags" in capsys.readouterr().err
 
 
 def test_cli_parses_the_recipe_flags() -> None:
@@ -175,7 +207,7 @@ def test_a_changed_later_step_stops_the_run_before_any_step_runs(tmp_path: Path,
     (tmp_path / "_recipe" / "retromae.json").unlink()
     ran: list[list[str]] = []
     monkeypatch.setattr(recipe, "_retromae", lambda argv: ran.append(argv) or {})
-    assert set(recipe.run(cfg)) == set(recipe.STEPS) and len(ran) == 1  # only the missing one
+    assert set(recipe.run(cfg)) == {s.name for s in plan(cfg)} and len(ran) == 1  # the missing
     assert json.loads((tmp_path / "_recipe" / "retromae.json").read_text())["key"] == ran[0]
     changed = make_config(RecipeConfig, corpus="c", train_data="t", output_dir=str(tmp_path),
                           beir_dir="eval", split="dev", steps=",".join(STEPS_ALL))

@@ -15,7 +15,9 @@ retromae   pretrain_retromae on `corpus`               ``retromae/`` (an encoder
 mine       mine_hard_negatives: `train_data` against   ``mined.jsonl``
            `corpus`, with the starting model
 finetune   finetune on ``mined.jsonl``, from           ``finetuned/`` (the final model)
-           ``retromae/`` (or the model without it)
+           ``retromae/`` (or the model without it);    (``soup/seed<N>/``: one model
+           `soup` times with seeds seed, seed+1, ...   per seed, then their average)
+           and their weights averaged
 evaluate   evaluate ``finetuned/`` on `beir_dir`       ``metrics.json``, ``sts.json``
            and/or `sts`
 =========  ==========================================  ===============================
@@ -26,6 +28,12 @@ with sentence-transformers' ``modules.json`` or this project's ``bge_config.json
 RetroMAE's reconstruction objective moved all-MiniLM-L6-v2 away from retrieval (NFCorpus:
 +0.57 nDCG@10 and STS-B -3.1 with it, +3.48 without; BENCHMARKS.md); and ``evaluate`` only
 when there is something to score on (`beir_dir` and/or `sts`).
+
+With ``--soup K`` (the default, `SOUP_DEFAULT`) finetuning runs K times from the same start
+on the same mined data, seeds ``seed`` (``--finetune_args``' or the job's 42) to
+``seed + K - 1``, and ``finetuned/`` is the uniform average of their weights (a model soup,
+`bge_core.soup`); each run is its own step (``finetune_1`` ... ``finetune_K``, then
+``soup``). ``--soup 1`` finetunes once, straight into ``finetuned/``.
 
 A step that returns writes ``_recipe/<step>.json`` (its flags, summary and seconds). A
 rerun of the same command skips every step with such a record and reruns the first one
@@ -63,6 +71,10 @@ STEPS = ("retromae", "mine", "finetune", "evaluate")
 # the same compute. They come before `--finetune_args`, whose flags win.
 FINETUNE_DEFAULTS = ("--num_train_epochs 2 --per_device_train_batch_size 32 "
                      "--train_group_size 2 --learning_rate 5e-5 --bf16")
+# Finetuning runs this many times (seeds seed ... seed + K - 1) and the chain keeps the
+# average of their weights: on NFCorpus two seeds' soup gained more than any single
+# setting (BENCHMARKS.md, "The recipe: a soup of two seeds"), for one more finetuning.
+SOUP_DEFAULT = 2
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,6 +92,8 @@ class RecipeConfig:
         steps: which steps, in the order above (a rerun should name the same ones), or
             ``auto``: RetroMAE only for a raw backbone, evaluate only with a set to score.
         mine_with: mine with the starting model (``base``) or the RetroMAE encoder.
+        soup: finetuning runs with this many seeds, averaged into the final model (1:
+            one run, no averaging).
         retromae_args ... evaluate_args: extra flags for that step's job, as on its
             command line (they win over the paths this job gives).
     """
@@ -93,12 +107,15 @@ class RecipeConfig:
     sts: str | None = None
     steps: str = "auto"
     mine_with: Literal["base", "retromae"] = "base"
+    soup: int = SOUP_DEFAULT
     retromae_args: str = ""
     mine_args: str = ""
     finetune_args: str = ""
     evaluate_args: str = ""
 
     def __post_init__(self) -> None:
+        if self.soup < 1:
+            raise ConfigError(f"--soup must be >= 1 (1: no averaging), got {self.soup}")
         if self.steps != "auto":  # `auto` picks valid steps itself
             self._check_named_steps(self.step_names())
         for step in STEPS:
@@ -177,8 +194,25 @@ def plan(cfg: RecipeConfig) -> list[Step]:
                "evaluate": _evaluator(cfg)}
     inputs = {"evaluate": (f"beir_dir={cfg.beir_dir}", f"split={cfg.split}", f"sts={cfg.sts}")}
     defaults = {"finetune": shlex.split(FINETUNE_DEFAULTS)}
-    return [Step(n, flags[n] + defaults.get(n, []) + shlex.split(getattr(cfg, f"{n}_args")),
-                 runners[n], inputs.get(n, ())) for n in names]
+    steps = []
+    for name in names:
+        step = Step(name, flags[name] + defaults.get(name, []) +
+                    shlex.split(getattr(cfg, f"{name}_args")), runners[name], inputs.get(name, ()))
+        steps += soup_steps(cfg, step) if name == "finetune" and cfg.soup > 1 else [step]
+    return steps
+
+
+def soup_steps(cfg: RecipeConfig, finetune: Step) -> list[Step]:
+    """`finetune` once per seed into ``soup/seed<N>/``, then the step averaging them."""
+    from pipelines.train.finetune import FinetuneConfig
+
+    seed = parse_config(FinetuneConfig, finetune.argv).seed
+    members = [cfg.path(f"soup/seed{seed + i}") for i in range(cfg.soup)]
+    at = finetune.argv.index("--output_dir") + 1  # the chain's own, before the user's flags
+    steps = [Step(f"finetune_{i + 1}", [*finetune.argv[:at], member, *finetune.argv[at + 1:],
+                                        *(["--seed", str(seed + i)] if i else [])], _finetune)
+             for i, member in enumerate(members)]  # the last --seed wins
+    return [*steps, Step("soup", ["--output_dir", cfg.path("finetuned"), *members], _soup)]
 
 
 def run(cfg: RecipeConfig) -> dict[str, dict[str, Any]]:
@@ -254,6 +288,20 @@ def _finetune(argv: list[str]) -> dict[str, Any]:
     result = finetune(parse_config(FinetuneConfig, argv))
     return {"output_dir": result.output_dir, "examples": result.examples,
             "steps": result.metrics.get("step"), "loss": result.metrics.get("loss")}
+
+
+def _soup(argv: list[str]) -> dict[str, Any]:
+    """``--output_dir OUT MODEL...``: the average of the models' weights, saved to OUT."""
+    import tempfile
+
+    from bge_core.soup import average_encoders
+    from pipelines.train.driver import export_model
+
+    output_dir, members = argv[1], argv[2:]
+    with tempfile.TemporaryDirectory() as folder:
+        saved = average_encoders(members).save(Path(folder) / "soup")
+        export_model(saved, output_dir)
+    return {"output_dir": output_dir, "members": members}
 
 
 def _evaluator(cfg: RecipeConfig) -> Callable[[list[str]], dict[str, Any]]:

@@ -1,0 +1,51 @@
+"""A model soup (`bge_core.soup`): the mean of the members' weights, their settings kept."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bge_core.errors import InputError
+from bge_core.model import Encoder
+from bge_core.soup import average_encoders
+
+
+def _member(tiny_bert_dir: Path, folder: Path, seed: int, **overrides) -> Encoder:
+    """The tiny BERT with every floating-point weight moved by seeded noise, saved."""
+    encoder = Encoder.from_pretrained(str(tiny_bert_dir), device="cpu", **overrides)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in encoder.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.add_(0.05 * torch.randn(tensor.shape, generator=generator))
+    encoder.save(folder)
+    return encoder
+
+
+def test_soup_is_the_mean_of_the_members_weights(tiny_bert_dir: Path, tmp_path: Path):
+    members = [_member(tiny_bert_dir, tmp_path / f"m{i}", seed=i) for i in range(3)]
+    soup = average_encoders([str(tmp_path / f"m{i}") for i in range(3)])
+    states = [m.state_dict() for m in members]
+    for name, value in soup.state_dict().items():
+        expected = sum(s[name].double() for s in states) / 3 if value.is_floating_point() \
+            else states[0][name]
+        torch.testing.assert_close(value, expected.to(value.dtype), rtol=0, atol=1e-7)
+    assert not torch.equal(states[0]["backbone.embeddings.word_embeddings.weight"],
+                           states[1]["backbone.embeddings.word_embeddings.weight"])
+    # a soup of one is that model; the soup encodes like a model saved with its weights
+    alone = average_encoders([str(tmp_path / "m0")])
+    np.testing.assert_array_equal(alone.encode(["blue sky"]), members[0].encode(["blue sky"]))
+    saved = Encoder.from_pretrained(str(soup.save(tmp_path / "soup")), device="cpu")
+    np.testing.assert_allclose(saved.encode(["the cat"]), soup.encode(["the cat"]), atol=1e-6)
+
+
+def test_members_with_other_settings_or_none_are_refused(tiny_bert_dir: Path, tmp_path: Path):
+    _member(tiny_bert_dir, tmp_path / "cls", seed=0)
+    _member(tiny_bert_dir, tmp_path / "mean", seed=1, pooling="mean")
+    with pytest.raises(InputError, match="other settings"):
+        average_encoders([str(tmp_path / "cls"), str(tmp_path / "mean")])
+    with pytest.raises(InputError, match="at least one"):
+        average_encoders([])
