@@ -166,6 +166,7 @@ def ray_chain(start: Path, work: Path, docs: list[str], examples: list[dict],
         RecipeConfig, model_name_or_path=str(start), corpus=str(work / "corpus.jsonl"),
         train_data=str(work / "train.jsonl"), output_dir=str(work / "recipe"),
         steps="retromae,mine,finetune",
+        soup=1,  # one finetuning, as the plain chain's (the default soup runs it twice)
         retromae_args=f"{gpu} --max_steps {args.steps} "
                       f"--per_device_train_batch_size {args.retromae_batch}",
         mine_args=actor,
