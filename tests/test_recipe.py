@@ -45,7 +45,8 @@ def test_plan_chains_the_outputs_and_appends_the_users_flags() -> None:
 
 
 def test_soup_finetunes_once_per_seed_then_averages_into_finetuned() -> None:
-    steps = plan(_config(steps="mine,finetune,evaluate", finetune_args="--seed 7 --bf16 false"))
+    steps = plan(_config(steps="mine,finetune,evaluate", finetune_args="--seed 7 --bf16 false",
+                         soup=2))
     assert [s.name for s in steps] == ["mine", "finetune_1", "finetune_2", "soup", "evaluate"]
     first, second = steps[1].argv, steps[2].argv
     assert first[:6] == ["--model_name_or_path", "all-MiniLM-L6-v2", "--train_data",
@@ -57,10 +58,9 @@ def test_soup_finetunes_once_per_seed_then_averages_into_finetuned() -> None:
     assert steps[3].argv == ["--output_dir", "s3://b/out/finetuned", "s3://b/out/soup/seed7",
                              "s3://b/out/soup/seed8"]
     assert steps[4].argv == ["--model", "s3://b/out/finetuned"]
-    # the job's seed (42) when the user gives none; three seeds with --soup 3
-    names = [s.argv[5] for s in plan(_config(steps="finetune", soup=3))[:3]]
-    assert names == [f"s3://b/out/soup/seed{n}" for n in (42, 43, 44)]
-    assert SOUP_DEFAULT == 2 and _config().soup == SOUP_DEFAULT
+    # the job's seed (42) when the user gives none; the default soup: three seeds
+    names = [s.argv[5] for s in plan(_config(steps="finetune"))[:SOUP_DEFAULT]]
+    assert SOUP_DEFAULT == 3 and names == [f"s3://b/out/soup/seed{n}" for n in (42, 43, 44)]
 
 
 def test_auto_steps_skip_retromae_for_an_embedder_and_evaluate_without_a_set(
@@ -142,22 +142,24 @@ def test_whole_chain_on_tiny_models_then_skips_what_is_complete(
             "--evaluate_args", "--k_values 1,10"]
     assert main(argv) == 0
     records = {s: json.loads((out / "_recipe" / f"{s}.json").read_text())
-               for s in ("retromae", "mine", "finetune_1", "finetune_2", "soup", "evaluate")}
+               for s in ("retromae", "mine", "finetune_1", "finetune_2", "finetune_3", "soup",
+                         "evaluate")}
     assert records["retromae"]["summary"]["texts"] == 40
     assert records["retromae"]["summary"]["steps"] == 40 // 8
     assert records["mine"]["summary"]["examples"] == 16
     mined = [json.loads(line) for line in (out / "mined.jsonl").read_text().splitlines()]
     assert all(len(r["neg"]) == 3 and not set(r["neg"]) & set(r["pos"]) for r in mined)
-    for member in ("finetune_1", "finetune_2"):  # the chain's 2 epochs, once per seed
+    for member in ("finetune_1", "finetune_2", "finetune_3"):  # 2 epochs, once per seed
         assert records[member]["summary"]["steps"] == 2 * (16 // 4)
-    # the final model is the mean of the two seeds' weights (which differ)
-    members = [load_file(str(out / "soup" / f"seed{n}" / "model.safetensors")) for n in (42, 43)]
+    # the final model is the mean of the three seeds' weights (which differ)
+    members = [load_file(str(out / "soup" / f"seed{n}" / "model.safetensors"))
+               for n in (42, 43, 44)]
     soup = load_file(str(out / "finetuned" / "model.safetensors"))
     name = "encoder.layer.0.attention.self.query.weight"
     assert not torch.equal(members[0][name], members[1][name])
     for key, value in soup.items():
         if value.is_floating_point():
-            torch.testing.assert_close(value, (members[0][key] + members[1][key]) / 2)
+            torch.testing.assert_close(value, sum(m[key] for m in members) / 3)
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]
     assert 0.0 <= metrics["ndcg@10"] <= 1.0
     assert records["evaluate"]["summary"]["retrieval"]["ndcg@10"] == metrics["ndcg@10"]
@@ -169,7 +171,7 @@ def test_whole_chain_on_tiny_models_then_skips_what_is_complete(
     weights = out / "finetuned" / "model.safetensors"
     stamp = weights.stat().st_mtime_ns
     assert main(argv) == 0
-    assert capsys.readouterr().out.count("skipped (complete)") == 6
+    assert capsys.readouterr().out.count("skipped (complete)") == 7
     assert weights.stat().st_mtime_ns == stamp
 
     # an incomplete step (no record) runs again; the complete ones before it are skipped
@@ -177,7 +179,7 @@ def test_whole_chain_on_tiny_models_then_skips_what_is_complete(
     (out / "metrics.json").unlink()
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert printed.count("skipped (complete)") == 5 and "evaluate: " in printed
+    assert printed.count("skipped (complete)") == 6 and "evaluate: " in printed
     assert json.loads((out / "metrics.json").read_text())["metrics"] == metrics
 
     # changed flags for a complete step: one clear line, exit 2, nothing run
