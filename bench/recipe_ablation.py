@@ -60,6 +60,7 @@ SHORT_RETROMAE = "--max_seq_length 128 --max_steps 150 --bf16"
 ROWS: dict[str, dict[str, Any]] = {
     "base": {},  # the starting model, scored as is
     "chain": {"steps": FT_ONLY, "soup": SOUP_DEFAULT},  # its defaults, without RetroMAE
+    "chain_soup2": {"steps": FT_ONLY, "soup": 2},  # a soup of two seeds (s, s + 1)
     "finetune": {"steps": FT_ONLY, "finetune_args": USER},
     "retromae": {"finetune_args": USER},
     "retromae_mean": {"finetune_args": f"{USER} --sentence_pooling_method mean"},
