@@ -73,7 +73,7 @@ FINETUNE_DEFAULTS = ("--num_train_epochs 2 --per_device_train_batch_size 32 "
                      "--train_group_size 2 --learning_rate 5e-5 --bf16")
 # Finetuning runs this many times (seeds seed ... seed + K - 1) and the chain keeps the
 # average of their weights: on NFCorpus a soup scored above the mean of its members every
-# time, by more with three than with two (BENCHMARKS.md, "The recipe: a model soup"),
+# time, by more with three than with two (BENCHMARKS.md, "The recipe: model soups"),
 # where no single setting moved past the seed spread; three runs fit the 60 CPU minutes.
 SOUP_DEFAULT = 3
 
