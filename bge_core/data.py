@@ -7,9 +7,9 @@ and ``train_group_size - 1`` negatives drawn with an RNG keyed by ``(seed, epoch
 key)``, so every worker, restart and re-run draws the same group for the same example,
 whatever the order or sharding. Short negative lists are refilled by repetition;
 negatives never come from the positives. Invalid examples raise `TrainingDataError`
-naming the file and line (or row). A group also carries the keys (`text_key`) of all its
-example's listed positives, so the loss can keep them out of the query's negatives
-(`listed_keys`, `bge_core.losses`).
+naming the file and line (or row). A group also carries all its example's listed
+positives, so the loss can keep them out of the query's negatives (`listed_keys` hashes
+them, only when finetuning asks for it; `bge_core.losses`).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class Group:
 
     query: str
     passages: list[str]
-    positive_keys: tuple[int, ...] = ()  # `text_key` of every listed positive
+    listed: tuple[str, ...] = ()  # every positive the example lists, once each
 
 
 def text_key(text: str) -> int:
@@ -53,7 +53,7 @@ def listed_keys(groups: Sequence[Group]) -> dict[str, torch.Tensor]:
     """`info_nce`'s ``positive_keys`` (B, P) and ``passage_keys`` (B*G,) for a batch: a row
     is padded with the key of the group's own positive (masking never drops the target)."""
     passage_keys = [[text_key(p) for p in g.passages] for g in groups]
-    rows = [list(g.positive_keys) or keys[:1] for g, keys in zip(groups, passage_keys)]
+    rows = [[text_key(t) for t in g.listed] or keys[:1] for g, keys in zip(groups, passage_keys)]
     width = max(map(len, rows))
     padded = [row + [keys[0]] * (width - len(row)) for row, keys in zip(rows, passage_keys)]
     return {"positive_keys": torch.tensor(padded, dtype=torch.int64),
@@ -172,8 +172,7 @@ def sample_group(example: dict[str, Any], group_size: int, seed: int, epoch: int
         pool = (negs * repeats)[:need]
         chosen = [pool[i] for i in rng.permutation(need)]
     query = (query_instruction or "") + example["query"]
-    return Group(query=query, passages=[positive, *chosen],
-                 positive_keys=tuple(dict.fromkeys(map(text_key, pos))))
+    return Group(query=query, passages=[positive, *chosen], listed=tuple(dict.fromkeys(pos)))
 
 
 def collate(tokenize: Any, groups: Sequence[Group], query_max_len: int,
