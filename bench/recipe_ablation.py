@@ -42,7 +42,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.data import SHARED  # noqa: E402
-from pipelines.chain.recipe import SOUP_DEFAULT  # noqa: E402
+from pipelines.chain.recipe import MINE_DEFAULTS, SOUP_DEFAULT  # noqa: E402
 
 DATA, STS = SHARED / "nfcorpus", SHARED / "stsb" / "sts-test.csv"
 # The chain finetunes at its FINETUNE_DEFAULTS (pipelines/chain/recipe.py), which come before
@@ -51,6 +51,9 @@ DATA, STS = SHARED / "nfcorpus", SHARED / "stsb" / "sts-test.csv"
 USER = ("--num_train_epochs 1 --per_device_train_batch_size 32 --train_group_size 4 "
         "--learning_rate 1e-5 --bf16 false")
 FT_ONLY = "mine,finetune,evaluate"
+# rows without mine_args were measured at the mining job's own window, from before the chain
+# had its own (MINE_DEFAULTS): they state it, so each row reads as it did
+JOB_WINDOW = "--range_for_sampling 10-210"
 # bf16 (the cost lever) and the first lr row; a checkpoint every 20 steps so a row stopped
 # at a session's end resumes (the recipe's resume) instead of starting again
 BF16 = f"{USER} --bf16 --save_steps 20"
@@ -59,8 +62,10 @@ SHORT_RETROMAE = "--max_seq_length 128 --max_steps 150 --bf16"
 # name → the recipe settings the row gives (model, data and paths come from the script)
 ROWS: dict[str, dict[str, Any]] = {
     "base": {},  # the starting model, scored as is
-    "chain": {"steps": FT_ONLY, "soup": SOUP_DEFAULT},  # its defaults, without RetroMAE
-    "chain_soup2": {"steps": FT_ONLY, "soup": 2},  # a soup of two seeds (s, s + 1)
+    # its defaults, without RetroMAE (its mining window named so the shared mining is found)
+    "chain": {"steps": FT_ONLY, "soup": SOUP_DEFAULT, "mine_args": MINE_DEFAULTS},
+    # the chain as it was before three epochs and ranks 30-230: a soup of two seeds (s, s + 1)
+    "chain_soup2": {"steps": FT_ONLY, "soup": 2, "finetune_args": "--num_train_epochs 2"},
     "finetune": {"steps": FT_ONLY, "finetune_args": USER},
     "retromae": {"finetune_args": USER},
     "retromae_mean": {"finetune_args": f"{USER} --sentence_pooling_method mean"},
@@ -148,8 +153,8 @@ def mining_slug(settings: dict[str, str]) -> str | None:
     steps = settings.get("steps", "retromae,mine,finetune,evaluate").split(",")
     if "mine" not in steps or settings.get("mine_with") == "retromae":
         return None  # nothing to mine, or mined with this row's own RetroMAE encoder
-    args = settings.get("mine_args", "")
-    return "default" if not args else hashlib.sha1(args.encode()).hexdigest()[:10]
+    args = settings.get("mine_args", JOB_WINDOW)
+    return "default" if args == JOB_WINDOW else hashlib.sha1(args.encode()).hexdigest()[:10]
 
 
 def keep_top_positives(mined: Path) -> None:
@@ -200,7 +205,7 @@ def run_row(name: str, seed: int, workdir: Path) -> dict:
         sts = evaluate(make_config(EvaluateConfig, model=model, sts=str(STS)))["metrics"]
         scores = {**retrieval["metrics"], "sts": sts["spearman"]}
     else:
-        row = dict(ROWS[name])
+        row = {"mine_args": JOB_WINDOW, **ROWS[name]}
         positives = row.pop("positives", "top")
         # one finetuning run unless the row names a soup: every row before the chain's
         # soup ran once, and so keeps meaning what it did
@@ -325,7 +330,8 @@ def main() -> None:
         for seed in [int(s) for s in args.seeds.split(",")][: 1 if name == "base" else None]:
             if (name, seed) in done:
                 continue
-            if slug and not ensure_mined(slug, ROWS[name].get("mine_args", ""), workdir, extra):
+            if slug and not ensure_mined(slug, ROWS[name].get("mine_args", JOB_WINDOW), workdir,
+                                          extra):
                 break
             cmd = [sys.executable, __file__, "--workdir", str(workdir), "--child", name,
                    str(seed), *extra]

@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.chain.recipe import FINETUNE_DEFAULTS, SOUP_DEFAULT, RecipeConfig, main, plan
+from pipelines.chain.recipe import (
+    FINETUNE_DEFAULTS,
+    MINE_DEFAULTS,
+    SOUP_DEFAULT,
+    RecipeConfig,
+    main,
+    plan,
+)
 from pipelines.common.cli import ConfigError, make_config, parse_config
 from tests.tiny_models import WORDS
 
@@ -24,12 +31,15 @@ def _config(**extra: str | None) -> RecipeConfig:
 
 def test_plan_chains_the_outputs_and_appends_the_users_flags() -> None:
     steps = {s.name: s.argv for s in plan(_config(finetune_args="--learning_rate 2e-5",
+                                                  mine_args="--negative_number 7",
                                                   steps="retromae,mine,finetune,evaluate",
                                                   soup=1))}
     assert list(steps) == ["retromae", "mine", "finetune", "evaluate"]
     assert steps["retromae"][-2:] == ["--output_dir", "s3://b/out/retromae"]
     assert steps["mine"][:2] == ["--model_name_or_path", "all-MiniLM-L6-v2"]  # the base mines
-    assert steps["mine"][-2:] == ["--output_file", "s3://b/out/mined.jsonl"]
+    assert steps["mine"][6:8] == ["--output_file", "s3://b/out/mined.jsonl"]
+    # the chain's mining window, then the user's flags
+    assert steps["mine"][8:] == [*MINE_DEFAULTS.split(), "--negative_number", "7"]
     assert steps["finetune"][:6] == ["--model_name_or_path", "s3://b/out/retromae",
                                      "--train_data", "s3://b/out/mined.jsonl",
                                      "--output_dir", "s3://b/out/finetuned"]
@@ -58,9 +68,9 @@ def test_soup_finetunes_once_per_seed_then_averages_into_finetuned() -> None:
     assert steps[3].argv == ["--output_dir", "s3://b/out/finetuned", "s3://b/out/soup/seed7",
                              "s3://b/out/soup/seed8"]
     assert steps[4].argv == ["--model", "s3://b/out/finetuned"]
-    # the job's seed (42) when the user gives none; the default soup: three seeds
+    # the job's seed (42) when the user gives none; the default soup: two seeds
     names = [s.argv[5] for s in plan(_config(steps="finetune"))[:SOUP_DEFAULT]]
-    assert SOUP_DEFAULT == 3 and names == [f"s3://b/out/soup/seed{n}" for n in (42, 43, 44)]
+    assert SOUP_DEFAULT == 2 and names == [f"s3://b/out/soup/seed{n}" for n in (42, 43)]
 
 
 def test_auto_steps_skip_retromae_for_an_embedder_and_evaluate_without_a_set(
@@ -142,24 +152,24 @@ def test_whole_chain_on_tiny_models_then_skips_what_is_complete(
             "--evaluate_args", "--k_values 1,10"]
     assert main(argv) == 0
     records = {s: json.loads((out / "_recipe" / f"{s}.json").read_text())
-               for s in ("retromae", "mine", "finetune_1", "finetune_2", "finetune_3", "soup",
+               for s in ("retromae", "mine", "finetune_1", "finetune_2", "soup",
                          "evaluate")}
     assert records["retromae"]["summary"]["texts"] == 40
     assert records["retromae"]["summary"]["steps"] == 40 // 8
     assert records["mine"]["summary"]["examples"] == 16
     mined = [json.loads(line) for line in (out / "mined.jsonl").read_text().splitlines()]
     assert all(len(r["neg"]) == 3 and not set(r["neg"]) & set(r["pos"]) for r in mined)
-    for member in ("finetune_1", "finetune_2", "finetune_3"):  # 2 epochs, once per seed
-        assert records[member]["summary"]["steps"] == 2 * (16 // 4)
-    # the final model is the mean of the three seeds' weights (which differ)
+    for member in ("finetune_1", "finetune_2"):  # the chain's 3 epochs, once per seed
+        assert records[member]["summary"]["steps"] == 3 * (16 // 4)
+    # the final model is the mean of the two seeds' weights (which differ)
     members = [load_file(str(out / "soup" / f"seed{n}" / "model.safetensors"))
-               for n in (42, 43, 44)]
+               for n in (42, 43)]
     soup = load_file(str(out / "finetuned" / "model.safetensors"))
     name = "encoder.layer.0.attention.self.query.weight"
     assert not torch.equal(members[0][name], members[1][name])
     for key, value in soup.items():
         if value.is_floating_point():
-            torch.testing.assert_close(value, sum(m[key] for m in members) / 3)
+            torch.testing.assert_close(value, sum(m[key] for m in members) / 2)
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]
     assert 0.0 <= metrics["ndcg@10"] <= 1.0
     assert records["evaluate"]["summary"]["retrieval"]["ndcg@10"] == metrics["ndcg@10"]
@@ -171,7 +181,7 @@ def test_whole_chain_on_tiny_models_then_skips_what_is_complete(
     weights = out / "finetuned" / "model.safetensors"
     stamp = weights.stat().st_mtime_ns
     assert main(argv) == 0
-    assert capsys.readouterr().out.count("skipped (complete)") == 7
+    assert capsys.readouterr().out.count("skipped (complete)") == 6
     assert weights.stat().st_mtime_ns == stamp
 
     # an incomplete step (no record) runs again; the complete ones before it are skipped
@@ -179,7 +189,7 @@ def test_whole_chain_on_tiny_models_then_skips_what_is_complete(
     (out / "metrics.json").unlink()
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert printed.count("skipped (complete)") == 6 and "evaluate: " in printed
+    assert printed.count("skipped (complete)") == 5 and "evaluate: " in printed
     assert json.loads((out / "metrics.json").read_text())["metrics"] == metrics
 
     # changed flags for a complete step: one clear line, exit 2, nothing run

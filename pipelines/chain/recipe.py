@@ -5,8 +5,9 @@
         --beir_dir s3://bucket/eval/ --output_dir s3://bucket/recipe/
 
 Each step is one of the project's jobs, run in this process on the same Ray, at its own
-defaults (finetuning at `FINETUNE_DEFAULTS`, measured on NFCorpus), with the paths below
-under `output_dir` (a local path or any fsspec URI):
+defaults (mining's window at `MINE_DEFAULTS`, finetuning at `FINETUNE_DEFAULTS`, both
+measured on NFCorpus), with the paths below under `output_dir` (a local path or any fsspec
+URI):
 
 =========  ==========================================  ===============================
 step       job (its flags: ``--<step>_args "..."``)    writes
@@ -66,16 +67,20 @@ from pipelines.common.lease import LeaseHeld
 log = logging.getLogger("bge.recipe")
 STEPS = ("retromae", "mine", "finetune", "evaluate")
 # Finetuning's settings in the chain, chosen by the NFCorpus ablation (BENCHMARKS.md, "The
-# whole recipe on NFCorpus"; docs/recipe.md): a domain's training set is small (NFCorpus:
-# 2,563 queries), and more passes over it with one mined negative per query gained most for
-# the same compute. They come before `--finetune_args`, whose flags win.
-FINETUNE_DEFAULTS = ("--num_train_epochs 2 --per_device_train_batch_size 32 "
+# whole recipe on NFCorpus" and after; docs/recipe.md): a domain's training set is small
+# (NFCorpus: 2,563 queries), and more passes over it with one mined negative per query
+# gained most for the same compute. They come before `--finetune_args`, whose flags win.
+FINETUNE_DEFAULTS = ("--num_train_epochs 3 --per_device_train_batch_size 32 "
                      "--train_group_size 2 --learning_rate 5e-5 --bf16")
+# Mining's window in the chain (the mining job's own is FlagEmbedding's 10-210): with three
+# epochs over one mined negative per query, negatives from ranks 30-230 (fewer unjudged
+# positives among them) scored best; before `--mine_args`, whose flags win.
+MINE_DEFAULTS = "--range_for_sampling 30-230"
 # Finetuning runs this many times (seeds seed ... seed + K - 1) and the chain keeps the
 # average of their weights: on NFCorpus a soup scored above the mean of its members every
-# time, by more with three than with two (BENCHMARKS.md, "The recipe: model soups"),
-# where no single setting moved past the seed spread; three runs fit the 60 CPU minutes.
-SOUP_DEFAULT = 3
+# time (BENCHMARKS.md, "The recipe: model soups"), where no single setting moved past the
+# seed spread; two three-epoch runs fit the 60 CPU minutes with mining and evaluation.
+SOUP_DEFAULT = 2
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -194,7 +199,7 @@ def plan(cfg: RecipeConfig) -> list[Step]:
     runners = {"retromae": _retromae, "mine": _mine, "finetune": _finetune,
                "evaluate": _evaluator(cfg)}
     inputs = {"evaluate": (f"beir_dir={cfg.beir_dir}", f"split={cfg.split}", f"sts={cfg.sts}")}
-    defaults = {"finetune": shlex.split(FINETUNE_DEFAULTS)}
+    defaults = {"mine": shlex.split(MINE_DEFAULTS), "finetune": shlex.split(FINETUNE_DEFAULTS)}
     steps = []
     for name in names:
         step = Step(name, flags[name] + defaults.get(name, []) +
