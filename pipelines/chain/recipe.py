@@ -27,8 +27,8 @@ evaluate   evaluate ``finetuned/`` on `beir_dir`       ``metrics.json``, ``sts.j
 when the starting model is a raw backbone, not an embedder already (a preset, or a folder
 with sentence-transformers' ``modules.json`` or this project's ``bge_config.json``):
 RetroMAE's reconstruction objective moved all-MiniLM-L6-v2 away from retrieval (NFCorpus:
-+0.57 nDCG@10 and STS-B -3.1 with it, +3.48 without; BENCHMARKS.md); and ``evaluate`` only
-when there is something to score on (`beir_dir` and/or `sts`).
++0.57 / +1.07 nDCG@10 and STS-B -3.1 with it, +3.48 / +3.71 without; BENCHMARKS.md); and
+``evaluate`` only when there is something to score on (`beir_dir` and/or `sts`).
 
 With ``--soup K`` (the default, `SOUP_DEFAULT`) finetuning runs K times from the same start
 on the same mined data, seeds ``seed`` (``--finetune_args``' or the job's 42) to
