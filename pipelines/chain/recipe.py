@@ -73,8 +73,8 @@ STEPS = ("retromae", "mine", "finetune", "evaluate")
 FINETUNE_DEFAULTS = ("--num_train_epochs 3 --per_device_train_batch_size 32 "
                      "--train_group_size 2 --learning_rate 5e-5 --bf16")
 # Mining's window in the chain (the mining job's own is FlagEmbedding's 10-210): with three
-# epochs over one mined negative per query, negatives from ranks 30-230 (fewer unjudged
-# positives among them) scored best; before `--mine_args`, whose flags win.
+# epochs over one mined negative per query, negatives from ranks 30-230 scored best on
+# NFCorpus (five seeds); before `--mine_args`, whose flags win.
 MINE_DEFAULTS = "--range_for_sampling 30-230"
 # Finetuning runs this many times (seeds seed ... seed + K - 1) and the chain keeps the
 # average of their weights: on NFCorpus a soup scored above the mean of its members every
