@@ -148,12 +148,17 @@ def prepare(workdir: Path) -> dict[str, str]:
     return {"corpus": str(corpus), "train": str(train)}
 
 
+def mine_args_of(settings: dict[str, Any]) -> str:
+    """The mining flags a row gives: its own, or the mining job's window (`JOB_WINDOW`)."""
+    return settings.get("mine_args", JOB_WINDOW)
+
+
 def mining_slug(settings: dict[str, str]) -> str | None:
     """The shared mining folder's name for a row (None: the row mines itself)."""
     steps = settings.get("steps", "retromae,mine,finetune,evaluate").split(",")
     if "mine" not in steps or settings.get("mine_with") == "retromae":
         return None  # nothing to mine, or mined with this row's own RetroMAE encoder
-    args = settings.get("mine_args", JOB_WINDOW)
+    args = mine_args_of(settings)
     return "default" if args == JOB_WINDOW else hashlib.sha1(args.encode()).hexdigest()[:10]
 
 
@@ -205,7 +210,7 @@ def run_row(name: str, seed: int, workdir: Path) -> dict:
         sts = evaluate(make_config(EvaluateConfig, model=model, sts=str(STS)))["metrics"]
         scores = {**retrieval["metrics"], "sts": sts["spearman"]}
     else:
-        row = {"mine_args": JOB_WINDOW, **ROWS[name]}
+        row = {**ROWS[name], "mine_args": mine_args_of(ROWS[name])}
         positives = row.pop("positives", "top")
         # one finetuning run unless the row names a soup: every row before the chain's
         # soup ran once, and so keeps meaning what it did
@@ -330,8 +335,7 @@ def main() -> None:
         for seed in [int(s) for s in args.seeds.split(",")][: 1 if name == "base" else None]:
             if (name, seed) in done:
                 continue
-            if slug and not ensure_mined(slug, ROWS[name].get("mine_args", JOB_WINDOW), workdir,
-                                          extra):
+            if slug and not ensure_mined(slug, mine_args_of(ROWS[name]), workdir, extra):
                 break
             cmd = [sys.executable, __file__, "--workdir", str(workdir), "--child", name,
                    str(seed), *extra]
