@@ -22,7 +22,10 @@ setting (its own child, its CPU time in `<workdir>/mining.jsonl`) into
 a row's CPU time is then RetroMAE (if any) + finetuning + evaluation, and the table's
 "chain CPU" adds the mining it used. A row's `positives` setting (not a recipe flag) picks
 what finetuning sees as positives: ``top`` (default: each query's highest-graded documents)
-or ``all`` (every judged document; one is sampled per query and epoch).
+or ``all`` (every judged document; one is sampled per query and epoch). A row's
+`train_queries` (not a recipe flag either) trains on that many of the mined queries, the
+same subset for every seed and row (drawn with `SUBSET_SEED`): how long to train as a
+function of the training set's size.
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ JOB_WINDOW = "--range_for_sampling 10-210"
 BF16 = f"{USER} --bf16 --save_steps 20"
 FAST = f"{BF16} --learning_rate 5e-5"
 SHORT_RETROMAE = "--max_seq_length 128 --max_steps 150 --bf16"
+SUBSET_SEED = 0  # which queries a `train_queries` row keeps: the same whatever the row's seed
+CHAIN_FT = f"{FAST} --train_group_size 2"  # the chain's finetuning, epochs apart
 # name → the recipe settings the row gives (model, data and paths come from the script)
 ROWS: dict[str, dict[str, Any]] = {
     "base": {},  # the starting model, scored as is
@@ -122,6 +127,12 @@ ROWS: dict[str, dict[str, Any]] = {
     "lr5e5_allpos": {"steps": FT_ONLY, "finetune_args": FAST, "positives": "all"},
     "lr5e5_retromae150": {"retromae_args": SHORT_RETROMAE,
                           "finetune_args": f"{FAST} --sentence_pooling_method mean"},
+    # half the training queries (1,281 of 2,563), a soup of two: as many epochs as the chain
+    # (3) against as many steps as the chain takes on all of them (6 epochs, 240 steps)
+    "half_ep3": {"steps": FT_ONLY, "mine_args": MINE_DEFAULTS, "soup": 2, "train_queries": 1281,
+                 "finetune_args": f"{CHAIN_FT} --num_train_epochs 3"},
+    "half_ep6": {"steps": FT_ONLY, "mine_args": MINE_DEFAULTS, "soup": 2, "train_queries": 1281,
+                 "finetune_args": f"{CHAIN_FT} --num_train_epochs 6"},
     # the chain's finetuning settings (pipelines/chain/recipe.py) after a short RetroMAE
     "g2_ep2_retromae150": {"retromae_args": SHORT_RETROMAE,
                            "finetune_args": f"{FAST} --train_group_size 2 --num_train_epochs 2"
@@ -178,6 +189,16 @@ def keep_top_positives(mined: Path) -> None:
     mined.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def keep_queries(mined: Path, count: int) -> None:
+    """Rewrite `mined` with `count` of its queries, drawn with `SUBSET_SEED` (in place; the
+    draw is from the full mining's order, so running it again keeps the same queries)."""
+    import random
+
+    rows = mined.read_text().splitlines()
+    keep = sorted(random.Random(SUBSET_SEED).sample(range(len(rows)), count))
+    mined.write_text("".join(rows[i] + "\n" for i in keep))
+
+
 def mine_once(mine_args: str, workdir: Path) -> None:
     """In the child: the recipe's mine step alone, into `<workdir>/mined/<slug>/`."""
     import ray
@@ -212,6 +233,7 @@ def run_row(name: str, seed: int, workdir: Path) -> dict:
     else:
         row = {**ROWS[name], "mine_args": mine_args_of(ROWS[name])}
         positives = row.pop("positives", "top")
+        train_queries = row.pop("train_queries", None)
         # one finetuning run unless the row names a soup: every row before the chain's
         # soup ran once, and so keeps meaning what it did
         settings = {"corpus": data["corpus"], "train_data": data["train"],
@@ -233,6 +255,8 @@ def run_row(name: str, seed: int, workdir: Path) -> dict:
             run(make_config(RecipeConfig, **{**settings, "steps": mining}))
         if positives == "top":  # idempotent: pos is rebuilt from the qrels
             keep_top_positives(mined)
+        if train_queries is not None:
+            keep_queries(mined, train_queries)
         settings["steps"] = ",".join(steps)
         summary = run(make_config(RecipeConfig, **settings))["evaluate"]["summary"]
         scores = {**summary["retrieval"], "sts": summary["sts"]["spearman"]}
