@@ -34,6 +34,7 @@ import argparse
 import hashlib
 import json
 import os
+import random
 import shutil
 import sys
 import time
@@ -192,8 +193,6 @@ def keep_top_positives(mined: Path) -> None:
 def keep_queries(mined: Path, count: int) -> None:
     """Rewrite `mined` with `count` of its queries, drawn with `SUBSET_SEED` (in place; the
     draw is from the full mining's order, so running it again keeps the same queries)."""
-    import random
-
     rows = mined.read_text().splitlines()
     keep = sorted(random.Random(SUBSET_SEED).sample(range(len(rows)), count))
     mined.write_text("".join(rows[i] + "\n" for i in keep))
