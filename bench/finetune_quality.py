@@ -30,6 +30,7 @@ from bge_core.metrics import evaluate_run
 from bge_core.model import Encoder
 from bge_core.optim import build_adamw, build_scheduler, warmup_steps
 from bge_core.search import exact_topk
+from pipelines.common.cli import NO_DASHBOARD_ENV
 from pipelines.train.finetune import FinetuneConfig, run
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "nfcorpus"
@@ -120,7 +121,8 @@ def main() -> None:
 
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": NO_DASHBOARD_ENV})
     t0 = time.perf_counter()
     result = run(cfg)
     ray_s = time.perf_counter() - t0

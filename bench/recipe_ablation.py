@@ -203,11 +203,12 @@ def mine_once(mine_args: str, workdir: Path) -> None:
     import ray
 
     from pipelines.chain.recipe import RecipeConfig, run
-    from pipelines.common.cli import make_config
+    from pipelines.common.cli import NO_DASHBOARD_ENV, make_config
 
     data = prepare(workdir)
     out = workdir / "mined" / mining_slug({"mine_args": mine_args})
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": NO_DASHBOARD_ENV})
     run(make_config(RecipeConfig, corpus=data["corpus"], train_data=data["train"],
                     output_dir=str(out), steps="mine", mine_args=mine_args))
     ray.shutdown()
@@ -218,12 +219,13 @@ def run_row(name: str, seed: int, workdir: Path) -> dict:
     import ray
 
     from pipelines.chain.recipe import STEPS, RecipeConfig, run
-    from pipelines.common.cli import make_config
+    from pipelines.common.cli import NO_DASHBOARD_ENV, make_config
     from pipelines.search.evaluate import EvaluateConfig
     from pipelines.search.evaluate import run as evaluate
 
     data = prepare(workdir)
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": NO_DASHBOARD_ENV})
     if name == "base":
         model = "all-MiniLM-L6-v2"
         retrieval = evaluate(make_config(EvaluateConfig, model=model, beir_dir=str(DATA)))

@@ -144,7 +144,10 @@ def main() -> None:
     args = parser.parse_args()
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    from pipelines.common.cli import NO_DASHBOARD_ENV
+
+    ray.init(address="local", include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": NO_DASHBOARD_ENV})
     results: dict = {"args": vars(args)}
     for stage in args.stages.split(","):
         start = time.perf_counter()

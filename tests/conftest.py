@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.common.cli import NO_DASHBOARD_ENV
 from tests.tiny_models import make_tiny_bert
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -72,7 +73,9 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        # NO_DASHBOARD_ENV: without it, another Ray's dashboard on this machine (a job
+        # run by a test beside this one) can make Ray Train remove a live run's workers
+        env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **NO_DASHBOARD_ENV}
         with monkeypatch_env(NODE_CREDENTIALS):  # the raylet (and its workers) inherit them
             # address="local": never join a cluster another test (or process) left behind
             ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,

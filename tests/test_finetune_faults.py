@@ -27,7 +27,7 @@ TWO_NODES = textwrap.dedent("""
     import sys
     import ray
     from ray.cluster_utils import Cluster
-    from pipelines.common.cli import parse_config
+    from pipelines.common.cli import NO_DASHBOARD_ENV, parse_config
     from pipelines.train.finetune import FinetuneConfig, run
     from tests.fault_hooks import ExitAfterStep
     from tests.test_flagembedding_commands import finetune_readme
@@ -37,7 +37,7 @@ TWO_NODES = textwrap.dedent("""
     cluster = Cluster(initialize_head=True,
                       head_node_args={"num_cpus": 1, "include_dashboard": False})
     cluster.add_node(num_cpus=1)
-    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **NO_DASHBOARD_ENV}
     ray.init(address=cluster.address, runtime_env={"env_vars": env}, log_to_driver=False)
     try:
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2

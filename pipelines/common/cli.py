@@ -239,6 +239,19 @@ def flat_values(config: Any) -> dict[str, Any]:
     return _flatten(type(config), config_to_dict(config))
 
 
+# For the `runtime_env` env_vars of a Ray started without a dashboard (tests, benchmarks).
+# Ray Train runs a PlacementGroupCleaner beside each run: every second it asks the state API
+# whether the run's controller is alive, and removes the run's placement group when the
+# answer is "no such actor". A Ray without a dashboard still advertises 127.0.0.1:8265 as
+# its API server, so the cleaner asks whichever other Ray on the machine holds that port;
+# that one knows nothing of the run, and the live run's workers are destroyed ("Destroying
+# worker since its placement group was removed"; CI lost the recipe test this way while
+# another test's Ray had its dashboard up). A closed loopback port instead makes the query
+# fail, which the cleaner treats as "unavailable, keep watching". A Ray with its own
+# dashboard (`ray start`, the jobs' `start_ray`) advertises its real port and needs none.
+NO_DASHBOARD_ENV: dict[str, str] = {"RAY_API_SERVER_ADDRESS": "http://127.0.0.1:9"}
+
+
 def start_ray() -> None:
     """Connect to the cluster `RAY_ADDRESS` names, or start a local Ray; the one place jobs
     start Ray (their `run(cfg)` functions expect it started, as tests do with a fixture)."""

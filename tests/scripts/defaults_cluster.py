@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
+from pipelines.common.cli import NO_DASHBOARD_ENV  # noqa: E402
 from tests.test_defaults import JOBS, job_settings, run_job  # noqa: E402
 
 NODE_CPUS = 2
@@ -34,7 +35,7 @@ def main() -> None:
                       head_node_args={"num_cpus": NODE_CPUS, "include_dashboard": False})
     cluster.add_node(num_cpus=NODE_CPUS)
     cluster.wait_for_nodes()
-    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **NO_DASHBOARD_ENV}
     ray.init(address=cluster.address, runtime_env={"env_vars": env}, log_to_driver=False)
     try:
         for job in JOBS:
