@@ -3,7 +3,7 @@
     HF_HUB_OFFLINE=1 .venv/bin/python bench/serve_load.py [--requests 256] [--levels 1,8,32] \
         [--corpora sentences,passages] [--passage-requests 64] [--openai-threads 32] \
         [--threads 1] [--dtype fp32] [--throughput-optimized 1] [--paths direct,proxy] \
-        [--time-cap-s 120] [--json out.json] \
+        [--time-cap-s 120] [--rounds 1] [--json out.json] \
         [--peer-url http://127.0.0.1:7997/embeddings --peer-model NAME]
 
 Corpora: STS-B test sentences and the first 200 NFCorpus documents (``passages``), 8 per
@@ -11,18 +11,21 @@ request, sent by 1, 8 and 32 concurrent clients (asyncio + aiohttp, one process)
 `pipelines/serve_embeddings.py` running in this process's local Ray (one replica with
 `--threads` CPUs and torch threads, as many as the in-process encoder, the same `--dtype`).
 Each level sends a fixed number of requests (`--requests`, `--passage-requests` for
-passages, at least 4 per client) or stops at `--time-cap-s`. `--openai-threads N` adds a
-level of the real `openai` client in N threads (sentences). Every level is bracketed by
-in-process `Encoder.encode` on the same texts (one call right before and one right after
-it, in this process): a shared host's speed drifts, and the level's ratio uses the mean of
-its two. Each level reports p50 / p99 latency and the replica's mean share of a request by
-stage (its ``Server-Timing`` header: parse, tokenize, queue, encode, serialize; the rest of
-the latency is client, HTTP, proxy and routing). `--peer-url` runs the same load, bracketed
-the same way, against another OpenAI-compatible server (e.g. infinity) already running.
-`--paths` picks how our clients reach the replica, each a full set of levels: ``direct``, its
-own port (Serve's direct ingress in throughput-optimised mode, `direct_urls`: what a load
-balancer in front of the replicas reaches), and ``proxy``, Serve's proxy on the server's
-port (one more Python process and hop per request).
+passages, at least 4 per client) or stops at `--time-cap-s`. `--paths` picks how our clients
+reach the replica: ``direct``, its own port (Serve's direct ingress in throughput-optimised
+mode, `direct_urls`: what a load balancer in front of the replicas reaches), and ``proxy``,
+Serve's proxy on the server's port (one more Python process and hop per request).
+`--peer-url` adds another OpenAI-compatible server already running (e.g. infinity).
+
+Within each level the targets (our paths, the peer) run back to back, `--rounds` times,
+their order rotated from one run to the next, with in-process `Encoder.encode` on the same
+texts (in this process) before the first, between each two and after the last: a shared
+host's speed drifts, so a target's ratio to in-process uses the two runs around it, and
+``vs_peer`` divides ours by the peer's run of the same level and round (then the median over
+rounds). `--openai-threads N` adds a level of the real `openai` client in N threads
+(sentences) on each of our paths. Each level reports p50 / p99 latency and the replica's
+mean share of a request by stage (its ``Server-Timing`` header: parse, tokenize, queue,
+encode, serialize; the rest of the latency is client, HTTP, proxy and routing).
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -144,32 +149,65 @@ def openai_level(base_url: str, model: str, batches: list[list[str]], threads: i
                    wall, {})
 
 
-def run_levels(url: str, model: str, texts: list[str], requests: int,
-               args: argparse.Namespace, encoder=None, key: str | None = None,
-               label: str = "") -> list[dict]:
-    """Each level's load; with `encoder`, bracketed by in-process runs on the same texts."""
-    results = []
+def interleaved_levels(targets: dict[str, tuple[str, str]], corpora: dict[str, list[str]],
+                       args: argparse.Namespace, encoder) -> list[dict]:
+    """Every level of every corpus against every target, the targets back to back within a
+    level (`--rounds` times, the order rotated each time) and in-process `Encoder.encode`
+    on the same texts before, between and after them: a shared host's speed drifts between
+    levels by about the margins measured here, so each target is compared with runs made
+    seconds apart, not one target's whole sweep with another's made minutes later."""
     per = args.texts_per_request
-    asyncio.run(_load(url, model, requests_for(texts, 8, per), 4, 60, key))  # warm-up
-    for clients in args.levels:
-        batches = requests_for(texts, max(requests, 4 * clients), per)
-        results.append(bracketed(encoder, batches, label, lambda b, c=clients: asyncio.run(
-            _load(url, model, b, c, args.time_cap_s, key))))
+    for url, model in targets.values():  # warm-up
+        asyncio.run(_load(url, model, requests_for(sentences(), 8, per), 4, 60, None))
+    results, names, turn = [], list(targets), 0
+    for corpus, texts in corpora.items():
+        for clients in args.levels:
+            batches = requests_for(texts, max(_requests(args, corpus), 4 * clients), per)
+            for round_ in range(args.rounds):
+                order = names[turn % len(names):] + names[:turn % len(names)]
+                turn += 1
+                runs = [(name, lambda b, u=targets[name][0], m=targets[name][1], c=clients:
+                         asyncio.run(_load(u, m, b, c, args.time_cap_s, None)))
+                        for name in order]
+                results += bracketed(encoder, batches, corpus, runs, round_)
     return results
 
 
-def bracketed(encoder, batches: list[list[str]], label: str, level) -> dict:
-    """`level(batches)` between two in-process runs on the same texts; their ratio."""
+def bracketed(encoder, batches: list[list[str]], corpus: str,
+              runs: list[tuple[str, Callable[[list[list[str]]], dict]]],
+              round_: int = 0) -> list[dict]:
+    """`run(batches)` for each named run in turn, with one in-process `encode` of the same
+    texts before the first, between each two and after the last; each run's ratio uses the
+    mean of the two in-process rates around it."""
     flat = [t for batch in batches for t in batch]
-    before = in_process_rate(encoder, flat) if encoder is not None else None
-    result = {"corpus": label, **level(batches)}
-    if encoder is not None:
-        after = in_process_rate(encoder, flat)
+    rates = [in_process_rate(encoder, flat)]
+    results = []
+    for name, run in runs:
+        result = {"path": name, "corpus": corpus, "round": round_, **run(batches)}
+        rates.append(in_process_rate(encoder, flat))
+        before, after = rates[-2:]
         result["in_process"] = [before, after]
         result["vs_in_process"] = round(2 * result["texts_per_s"] / (before + after), 2)
-    result["load"] = round(os.getloadavg()[0], 1)
-    print(json.dumps(result), flush=True)
-    return result
+        result["load"] = round(os.getloadavg()[0], 1)
+        print(json.dumps(result), flush=True)
+        results.append(result)
+    return results
+
+
+def vs_peer(results: list[dict]) -> list[dict]:
+    """Each of our paths ÷ the peer at the same corpus, level and round (runs made back to
+    back), and the median over rounds."""
+    peer = {(r["corpus"], r["clients"], r["round"]): r["texts_per_s"]
+            for r in results if r["path"] == "peer"}
+    pairs: dict[tuple, list[float]] = {}
+    for r in results:
+        key = (r["corpus"], r["clients"], r["round"])
+        if r["path"] != "peer" and key in peer:
+            pairs.setdefault((r["path"], r["corpus"], r["clients"]), []).append(
+                round(r["texts_per_s"] / peer[key], 3))
+    return [{"path": path, "corpus": corpus, "clients": clients, "ratios": ratios,
+             "median": round(float(np.median(ratios)), 2)}
+            for (path, corpus, clients), ratios in pairs.items()]
 
 
 def in_process_rate(encoder, texts: list[str]) -> float:
@@ -216,6 +254,8 @@ def main() -> None:
                         help="how clients reach our replica: `direct` (its own port, Serve's "
                              "direct ingress: what a load balancer in front of the replicas "
                              "gets) and/or `proxy` (Serve's proxy on --port)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="runs of each level per target, back to back, order rotated")
     parser.add_argument("--json", help="write all results here")
     args = parser.parse_args()
     args.levels = [int(x) for x in args.levels.split(",")]
@@ -231,15 +271,21 @@ def main() -> None:
     report: dict = {"model": args.model, "texts_per_request": args.texts_per_request,
                     "cpus": os.cpu_count(), "threads": args.threads, "dtype": args.dtype,
                     "max_batch_tokens": args.max_batch_tokens,
-                    "throughput_optimized": args.throughput_optimized,
+                    "throughput_optimized": args.throughput_optimized, "rounds": args.rounds,
                     "load_before": os.getloadavg()}
-    if args.peer_url:
-        report["peer"] = [r for name, texts in corpora.items()
-                          for r in run_levels(args.peer_url, args.peer_model, texts,
-                                              _requests(args, name), args, encoder,
-                                              label=name)]
-    if not args.skip_ours:
-        report["served"] = ours(args, corpora, encoder)
+    with our_server(args) as ours:
+        targets = {name: (f"{base}/v1/embeddings", args.model) for name, base in ours.items()}
+        if args.peer_url:
+            targets["peer"] = (args.peer_url, args.peer_model)
+        report["levels"] = interleaved_levels(targets, corpora, args, encoder)
+        if args.openai_threads:
+            batches = requests_for(sentences(), max(args.requests, 4 * args.openai_threads),
+                                   args.texts_per_request)
+            report["levels"] += bracketed(encoder, batches, "sentences", [
+                (f"{name} openai x{args.openai_threads}", lambda b, u=f"{base}/v1": (
+                    openai_level(u, args.model, b, args.openai_threads, None)))
+                for name, base in ours.items()])
+    report["vs_peer"] = vs_peer(report["levels"])
     report["load_after"] = os.getloadavg()
     print(json.dumps(report, indent=1))
     if args.json:
@@ -250,8 +296,13 @@ def _requests(args: argparse.Namespace, corpus: str) -> int:
     return args.passage_requests if corpus == "passages" else args.requests
 
 
-def ours(args: argparse.Namespace, corpora: dict[str, list[str]], encoder) -> list[dict]:
-    """The served levels: one replica with `--threads` CPUs (Ray sets its torch threads)."""
+@contextmanager
+def our_server(args: argparse.Namespace) -> Iterator[dict[str, str]]:
+    """Our server in a local Ray (one replica with `--threads` CPUs; Ray sets its torch
+    threads): the base URL of each path in `--paths` ({} with `--skip-ours`)."""
+    if args.skip_ours:
+        yield {}
+        return
     import ray
     from ray import serve
 
@@ -272,23 +323,14 @@ def ours(args: argparse.Namespace, corpora: dict[str, list[str]], encoder) -> li
         direct = direct_urls(cfg.app_name, port, "127.0.0.1")
         if direct:  # one replica: its own port
             bases["direct"] = direct[0]
-        results = []
+        paths = {}
         for path in args.paths.split(","):
-            if path not in bases:
+            if path in bases:
+                paths[path] = bases[path]
+            else:
                 print(f"no {path} path to the replica (direct ingress needs "
                       f"--throughput-optimized 1): skipped", flush=True)
-                continue
-            url = f"{bases[path]}/v1"
-            levels = [r for name, texts in corpora.items()
-                      for r in run_levels(f"{url}/embeddings", args.model, texts,
-                                          _requests(args, name), args, encoder, label=name)]
-            if args.openai_threads:
-                batches = requests_for(sentences(), max(args.requests, 4 * args.openai_threads),
-                                       args.texts_per_request)
-                levels.append(bracketed(encoder, batches, "sentences", lambda b, u=url: (
-                    openai_level(u, args.model, b, args.openai_threads, None))))
-            results += [{"path": path, **level} for level in levels]
-        return results
+        yield paths
     finally:
         serve.shutdown()
         ray.shutdown()
