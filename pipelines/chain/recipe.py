@@ -79,7 +79,8 @@ MINE_DEFAULTS = "--range_for_sampling 30-230"
 # Finetuning runs this many times (seeds seed ... seed + K - 1) and the chain keeps the
 # average of their weights: on NFCorpus a soup scored above the mean of its members every
 # time (BENCHMARKS.md, "The recipe: model soups"), where no single setting moved past the
-# seed spread; two three-epoch runs fit the 60 CPU minutes with mining and evaluation.
+# seed spread; two three-epoch runs with mining and evaluation took 46-58 CPU minutes on
+# an Intel AMX VM and 64.7 on a Zen 4 one without AMX (BENCHMARKS.md).
 SOUP_DEFAULT = 2
 
 
