@@ -157,8 +157,9 @@ def interleaved_levels(targets: dict[str, tuple[str, str]], corpora: dict[str, l
     levels by about the margins measured here, so each target is compared with runs made
     seconds apart, not one target's whole sweep with another's made minutes later."""
     per = args.texts_per_request
+    warm = requests_for(next(iter(corpora.values())), 8, per)
     for url, model in targets.values():  # warm-up
-        asyncio.run(_load(url, model, requests_for(sentences(), 8, per), 4, 60, None))
+        asyncio.run(_load(url, model, warm, 4, 60, None))
     results, names, turn = [], list(targets), 0
     for corpus, texts in corpora.items():
         for clients in args.levels:
@@ -259,15 +260,18 @@ def main() -> None:
     parser.add_argument("--json", help="write all results here")
     args = parser.parse_args()
     args.levels = [int(x) for x in args.levels.split(",")]
+    if args.skip_ours and not args.peer_url:
+        parser.error("--skip-ours leaves nothing to load without --peer-url")
     import torch
 
     from bge_core.model import Encoder
 
     torch.set_num_threads(args.threads)
     corpora = {name: CORPORA[name]() for name in args.corpora.split(",")}
+    stsb = corpora.get("sentences") or sentences()
     encoder = Encoder.from_pretrained(args.model, device="cpu", dtype=args.dtype,
                                       calibration=args.calibration)
-    encoder.encode(sentences()[:64])  # warm-up
+    encoder.encode(stsb[:64])  # warm-up
     report: dict = {"model": args.model, "texts_per_request": args.texts_per_request,
                     "cpus": os.cpu_count(), "threads": args.threads, "dtype": args.dtype,
                     "max_batch_tokens": args.max_batch_tokens,
@@ -279,7 +283,7 @@ def main() -> None:
             targets["peer"] = (args.peer_url, args.peer_model)
         report["levels"] = interleaved_levels(targets, corpora, args, encoder)
         if args.openai_threads:
-            batches = requests_for(sentences(), max(args.requests, 4 * args.openai_threads),
+            batches = requests_for(stsb, max(args.requests, 4 * args.openai_threads),
                                    args.texts_per_request)
             report["levels"] += bracketed(encoder, batches, "sentences", [
                 (f"{name} openai x{args.openai_threads}", lambda b, u=f"{base}/v1": (
