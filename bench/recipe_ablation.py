@@ -46,7 +46,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.data import SHARED  # noqa: E402
-from pipelines.chain.recipe import MINE_DEFAULTS, SOUP_DEFAULT  # noqa: E402
+from pipelines.chain.recipe import MINE_DEFAULTS, SOUP_DEFAULT, START_WEIGHT_DEFAULT  # noqa: E402
 
 DATA, STS = SHARED / "nfcorpus", SHARED / "stsb" / "sts-test.csv"
 # The chain finetunes at its FINETUNE_DEFAULTS (pipelines/chain/recipe.py), which come before
@@ -69,7 +69,16 @@ CHAIN_FT = f"{FAST} --train_group_size 2"  # the chain's finetuning, epochs apar
 ROWS: dict[str, dict[str, Any]] = {
     "base": {},  # the starting model, scored as is
     # its defaults, without RetroMAE (its mining window named so the shared mining is found)
-    "chain": {"steps": FT_ONLY, "soup": SOUP_DEFAULT, "mine_args": MINE_DEFAULTS},
+    "chain": {"steps": FT_ONLY, "soup": SOUP_DEFAULT, "mine_args": MINE_DEFAULTS,
+              "start_weight": START_WEIGHT_DEFAULT},
+    # the chain's default before 2026-12-06: 3 epochs at 128 passage tokens, no start mixed in
+    "chain_p128": {"steps": FT_ONLY, "soup": 2, "mine_args": MINE_DEFAULTS,
+                   "finetune_args": "--num_train_epochs 3 --passage_max_len 128"},
+    # passages trained at 96 tokens (-28% CPU a step), 3 and 4 epochs, soups of two
+    "p96": {"steps": FT_ONLY, "soup": 2, "mine_args": MINE_DEFAULTS,
+            "finetune_args": "--num_train_epochs 3 --passage_max_len 96"},
+    "p96_ep4": {"steps": FT_ONLY, "soup": 2, "mine_args": MINE_DEFAULTS,
+                "finetune_args": "--num_train_epochs 4 --passage_max_len 96"},
     # the chain as it was before three epochs and ranks 30-230: a soup of two seeds (s, s + 1)
     "chain_soup2": {"steps": FT_ONLY, "soup": 2, "finetune_args": "--num_train_epochs 2"},
     "finetune": {"steps": FT_ONLY, "finetune_args": USER},
@@ -235,11 +244,12 @@ def run_row(name: str, seed: int, workdir: Path) -> dict:
         row = {**ROWS[name], "mine_args": mine_args_of(ROWS[name])}
         positives = row.pop("positives", "top")
         train_queries = row.pop("train_queries", None)
-        # one finetuning run unless the row names a soup: every row before the chain's
-        # soup ran once, and so keeps meaning what it did
+        # one finetuning run unless the row names a soup, and no start mixed in unless it
+        # names a weight: every row before the chain's soup (and its start weight) ran so,
+        # and so keeps meaning what it did
         settings = {"corpus": data["corpus"], "train_data": data["train"],
                     "output_dir": str(workdir / f"{name}_seed{seed}"), "beir_dir": str(DATA),
-                    "sts": str(STS), "soup": 1, **row}
+                    "sts": str(STS), "soup": 1, "start_weight": 0.0, **row}
         settings["finetune_args"] = f"{settings.get('finetune_args', '')} --seed {seed}"
         # rows name their steps; one without names the whole chain (the recipe's `auto`
         # would leave RetroMAE out for this model, an embedder already)

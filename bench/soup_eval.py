@@ -5,7 +5,9 @@
         soup:out/recipe_ablation/lr5e5_g2_ep2_seed42/finetuned+out/recipe_ablation/lr5e5_g2_ep2_seed7/finetuned
 
 Each argument is a model folder, or ``soup:`` and folders joined by ``+``: their weights'
-average (`bge_core.soup.average_encoders`, what the recipe's soup step runs). Scores:
+average (`bge_core.soup.average_encoders`, what the recipe's soup step runs), with
+``--start_weight W`` of ``--start`` (default all-MiniLM-L6-v2) mixed in as the recipe's
+``--start_weight`` does. Scores:
 NFCorpus test nDCG@10, recall@100, MRR@10 and STS-B test Spearman × 100
 (`bench/int8_quality.py`'s `nfcorpus_metrics` / `stsb_spearman`: fp32, the model's own max
 length, exact top 100), in this process (no Ray): the figures match the evaluate job's to
@@ -33,16 +35,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("models", nargs="+")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--start", default="all-MiniLM-L6-v2",
+                        help="the model the soups' members were finetuned from")
+    parser.add_argument("--start_weight", type=float, default=0.0,
+                        help="its share in each soup (the recipe's --start_weight)")
+    parser.add_argument("--split", default="test", help="NFCorpus split (dev: no STS-B)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for spec in args.models:
         start = time.perf_counter()
         if spec.startswith("soup:"):
-            encoder = average_encoders(spec[len("soup:"):].split("+"))
+            encoder = average_encoders(spec[len("soup:"):].split("+"), args.start,
+                                       args.start_weight)
         else:
             encoder = Encoder.from_pretrained(spec, device="cpu")
-        scores = {**nfcorpus_metrics(encoder), "sts": stsb_spearman(encoder)}
-        result = {"model": spec, **{k: round(v, 2) for k, v in scores.items()},
+        scores = nfcorpus_metrics(encoder, split=args.split)
+        if args.split == "test":
+            scores["sts"] = stsb_spearman(encoder)
+        mix = {"start_weight": args.start_weight} if spec.startswith("soup:") else {}
+        result = {"model": spec, "split": args.split, **mix,
+                  **{k: round(v, 2) for k, v in scores.items()},
                   "seconds": round(time.perf_counter() - start, 1)}
         print(json.dumps(result), flush=True)
 

@@ -13,6 +13,7 @@ from pipelines.chain.recipe import (
     FINETUNE_DEFAULTS,
     MINE_DEFAULTS,
     SOUP_DEFAULT,
+    START_WEIGHT_DEFAULT,
     RecipeConfig,
     main,
     plan,
@@ -33,7 +34,7 @@ def test_plan_chains_the_outputs_and_appends_the_users_flags() -> None:
     steps = {s.name: s.argv for s in plan(_config(finetune_args="--learning_rate 2e-5",
                                                   mine_args="--negative_number 7",
                                                   steps="retromae,mine,finetune,evaluate",
-                                                  soup=1))}
+                                                  soup=1, start_weight=0.0))}
     assert list(steps) == ["retromae", "mine", "finetune", "evaluate"]
     assert steps["retromae"][-2:] == ["--output_dir", "s3://b/out/retromae"]
     assert steps["mine"][:2] == ["--model_name_or_path", "all-MiniLM-L6-v2"]  # the base mines
@@ -48,7 +49,8 @@ def test_plan_chains_the_outputs_and_appends_the_users_flags() -> None:
     assert steps["finetune"][-2:] == ["--learning_rate", "2e-5"]
     assert steps["evaluate"] == ["--model", "s3://b/out/finetuned"]
     no_mae = {s.name: s.argv for s in plan(_config(steps="mine,finetune,evaluate",
-                                                   mine_with="retromae", soup=1))}
+                                                   mine_with="retromae", soup=1,
+                                                   start_weight=0.0))}
     assert no_mae["finetune"][1] == no_mae["mine"][1] == "all-MiniLM-L6-v2"
     assert plan(_config(mine_with="retromae", steps="retromae,mine"))[1].argv[1] == \
         "s3://b/out/retromae"
@@ -65,12 +67,33 @@ def test_soup_finetunes_once_per_seed_then_averages_into_finetuned() -> None:
     # the same flags (the chain's, then the user's), the second run one seed on
     assert first[6:] == [*FINETUNE_DEFAULTS.split(), "--seed", "7", "--bf16", "false"]
     assert second[6:] == first[6:] + ["--seed", "8"]
-    assert steps[3].argv == ["--output_dir", "s3://b/out/finetuned", "s3://b/out/soup/seed7",
-                             "s3://b/out/soup/seed8"]
+    # the soup mixes the finetuning's start back in at the default weight
+    assert steps[3].argv == ["--output_dir", "s3://b/out/finetuned",
+                             "--start", "all-MiniLM-L6-v2",
+                             "--start_weight", str(START_WEIGHT_DEFAULT),
+                             "s3://b/out/soup/seed7", "s3://b/out/soup/seed8"]
     assert steps[4].argv == ["--model", "s3://b/out/finetuned"]
     # the job's seed (42) when the user gives none; the default soup: two seeds
     names = [s.argv[5] for s in plan(_config(steps="finetune"))[:SOUP_DEFAULT]]
     assert SOUP_DEFAULT == 2 and names == [f"s3://b/out/soup/seed{n}" for n in (42, 43)]
+
+
+def test_start_weight_mixes_the_finetunings_start_or_leaves_the_soup_alone() -> None:
+    # from the RetroMAE encoder when it runs (the start the user's flags name, if any)
+    mae = plan(_config(steps="retromae,mine,finetune", start_weight=0.25))
+    assert mae[-1].name == "soup" and mae[-1].argv[2:6] == [
+        "--start", "s3://b/out/retromae", "--start_weight", "0.25"]
+    own = plan(_config(steps="finetune", finetune_args="--model_name_or_path m2"))
+    assert own[-1].argv[2:4] == ["--start", "m2"]
+    # one run with a start weight: finetuned once, then mixed; 0: the plain average
+    single = plan(_config(steps="finetune", soup=1, start_weight=0.1))
+    assert [s.name for s in single] == ["finetune_1", "soup"]
+    assert single[1].argv[-1] == "s3://b/out/soup/seed42"
+    plain = plan(_config(steps="finetune", start_weight=0.0))
+    assert plain[-1].argv == ["--output_dir", "s3://b/out/finetuned",
+                              "s3://b/out/soup/seed42", "s3://b/out/soup/seed43"]
+    assert [s.name for s in plan(_config(steps="finetune", soup=1, start_weight=0.0))] == \
+        ["finetune"]
 
 
 def test_auto_steps_skip_retromae_for_an_embedder_and_evaluate_without_a_set(
@@ -104,6 +127,8 @@ def test_auto_steps_skip_retromae_for_an_embedder_and_evaluate_without_a_set(
     ({"steps": "finetune,mine"}, "steps run in the order"),
     ({"beir_dir": None, "steps": "mine,evaluate"}, "give --beir_dir and/or --sts"),
     ({"mine_args": "--seed '7"}, "--mine_args: No closing quotation"),
+    ({"start_weight": 1.0}, r"--start_weight must be in \[0, 1\)"),
+    ({"start_weight": -0.1}, r"--start_weight must be in \[0, 1\)"),
 ])
 def test_bad_settings_are_named(extra: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -159,17 +184,24 @@ def test_whole_chain_on_tiny_models_then_skips_what_is_complete(
     assert records["mine"]["summary"]["examples"] == 16
     mined = [json.loads(line) for line in (out / "mined.jsonl").read_text().splitlines()]
     assert all(len(r["neg"]) == 3 and not set(r["neg"]) & set(r["pos"]) for r in mined)
-    for member in ("finetune_1", "finetune_2"):  # the chain's 3 epochs, once per seed
-        assert records[member]["summary"]["steps"] == 3 * (16 // 4)
-    # the final model is the mean of the two seeds' weights (which differ)
+    flags = FINETUNE_DEFAULTS.split()
+    epochs = int(flags[flags.index("--num_train_epochs") + 1])
+    for member in ("finetune_1", "finetune_2"):  # the chain's epochs, once per seed
+        assert records[member]["summary"]["steps"] == epochs * (16 // 4)
+    # the final model is the mean of the two seeds' weights (which differ), with the
+    # RetroMAE encoder (finetuning's start) mixed back in at the default weight
     members = [load_file(str(out / "soup" / f"seed{n}" / "model.safetensors"))
                for n in (42, 43)]
+    start = load_file(str(out / "retromae" / "model.safetensors"))
     soup = load_file(str(out / "finetuned" / "model.safetensors"))
     name = "encoder.layer.0.attention.self.query.weight"
     assert not torch.equal(members[0][name], members[1][name])
+    assert records["soup"]["summary"]["start_weight"] == START_WEIGHT_DEFAULT > 0
     for key, value in soup.items():
         if value.is_floating_point():
-            torch.testing.assert_close(value, sum(m[key] for m in members) / 2)
+            mean = sum(m[key].double() for m in members) / 2
+            expected = (1 - START_WEIGHT_DEFAULT) * mean + START_WEIGHT_DEFAULT * start[key]
+            torch.testing.assert_close(value, expected.to(value.dtype))
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]
     assert 0.0 <= metrics["ndcg@10"] <= 1.0
     assert records["evaluate"]["summary"]["retrieval"]["ndcg@10"] == metrics["ndcg@10"]

@@ -54,3 +54,30 @@ def test_members_with_other_settings_or_none_are_refused(tiny_bert_dir: Path, tm
         average_encoders([str(tmp_path / "cls"), str(tmp_path / "mean")])
     with pytest.raises(InputError, match="at least one"):
         average_encoders([])
+
+
+def test_the_start_is_mixed_in_at_its_weight(tiny_bert_dir: Path, tmp_path: Path):
+    members = [_member(tiny_bert_dir, tmp_path / f"m{i}", seed=i) for i in range(2)]
+    # the start may be saved with other settings (a RetroMAE encoder is CLS-pooled)
+    start = _member(tiny_bert_dir, tmp_path / "start", seed=9, pooling="mean")
+    mixed = average_encoders([str(tmp_path / "m0"), str(tmp_path / "m1")],
+                             start=str(tmp_path / "start"), start_weight=0.25)
+    states, origin = [m.state_dict() for m in members], start.state_dict()
+    for name, value in mixed.state_dict().items():
+        if value.is_floating_point():
+            expected = 0.75 * (states[0][name].double() + states[1][name].double()) / 2 \
+                + 0.25 * origin[name].double()
+            torch.testing.assert_close(value, expected.to(value.dtype), rtol=0, atol=1e-7)
+    assert mixed.config.pooling == members[0].config.pooling != "mean"  # the members'
+    # weight 0 is the plain soup, whatever the start
+    plain = average_encoders([str(tmp_path / "m0"), str(tmp_path / "m1")])
+    zero = average_encoders([str(tmp_path / "m0"), str(tmp_path / "m1")],
+                            start=str(tmp_path / "start"), start_weight=0.0)
+    for name, value in plain.state_dict().items():
+        assert torch.equal(value, zero.state_dict()[name]), name
+    for bad in (1.0, -0.5):
+        with pytest.raises(InputError, match=r"start weight must be in \[0, 1\)"):
+            average_encoders([str(tmp_path / "m0")], start=str(tmp_path / "start"),
+                             start_weight=bad)
+    with pytest.raises(InputError, match="with a start model"):
+        average_encoders([str(tmp_path / "m0")], start_weight=0.1)

@@ -17,8 +17,9 @@ mine       mine_hard_negatives: `train_data` against   ``mined.jsonl``
            `corpus`, with the starting model
 finetune   finetune on ``mined.jsonl``, from           ``finetuned/`` (the final model)
            ``retromae/`` (or the model without it);    (``soup/seed<N>/``: one model
-           `soup` times with seeds seed, seed+1, ...   per seed, then their average)
-           and their weights averaged
+           `soup` times with seeds seed, seed+1, ...   per seed, then their average
+           and their weights averaged, the start       with the start mixed in)
+           mixed back in at `start_weight`
 evaluate   evaluate ``finetuned/`` on `beir_dir`       ``metrics.json``, ``sts.json``
            and/or `sts`
 =========  ==========================================  ===============================
@@ -34,7 +35,10 @@ With ``--soup K`` (the default, `SOUP_DEFAULT`) finetuning runs K times from the
 on the same mined data, seeds ``seed`` (``--finetune_args``' or the job's 42) to
 ``seed + K - 1``, and ``finetuned/`` is the uniform average of their weights (a model soup,
 `bge_core.soup`); each run is its own step (``finetune_1`` ... ``finetune_K``, then
-``soup``). ``--soup 1`` finetunes once, straight into ``finetuned/``.
+``soup``). The soup step also mixes the weights finetuning started from back in:
+``finetuned/`` = (1 - w) × the average + w × the start, w = ``--start_weight``
+(`START_WEIGHT_DEFAULT`; LM-Cocktail's merge of a finetuned embedder with its base).
+``--soup 1 --start_weight 0`` finetunes once, straight into ``finetuned/``.
 
 A step that returns writes ``_recipe/<step>.json`` (its flags, summary and seconds). A
 rerun of the same command skips every step with such a record and reruns the first one
@@ -69,9 +73,11 @@ STEPS = ("retromae", "mine", "finetune", "evaluate")
 # Finetuning's settings in the chain, chosen by the NFCorpus ablation (BENCHMARKS.md, "The
 # whole recipe on NFCorpus" and after; docs/recipe.md): a domain's training set is small
 # (NFCorpus: 2,563 queries), and more passes over it with one mined negative per query
-# gained most for the same compute. They come before `--finetune_args`, whose flags win.
-FINETUNE_DEFAULTS = ("--num_train_epochs 3 --per_device_train_batch_size 32 "
-                     "--train_group_size 2 --learning_rate 5e-5 --bf16")
+# gained most for the same compute; passages trained at 96 tokens cost 28% less a step
+# than at 128, which pays for a fourth pass. They come before `--finetune_args`, whose
+# flags win.
+FINETUNE_DEFAULTS = ("--num_train_epochs 4 --per_device_train_batch_size 32 "
+                     "--train_group_size 2 --learning_rate 5e-5 --passage_max_len 96 --bf16")
 # Mining's window in the chain (the mining job's own is FlagEmbedding's 10-210): with three
 # epochs over one mined negative per query, negatives from ranks 30-230 scored best on
 # NFCorpus (five seeds); before `--mine_args`, whose flags win.
@@ -79,9 +85,15 @@ MINE_DEFAULTS = "--range_for_sampling 30-230"
 # Finetuning runs this many times (seeds seed ... seed + K - 1) and the chain keeps the
 # average of their weights: on NFCorpus a soup scored above the mean of its members every
 # time (BENCHMARKS.md, "The recipe: model soups"), where no single setting moved past the
-# seed spread; two three-epoch runs with mining and evaluation took 46-58 CPU minutes on
-# an Intel AMX VM and 64.7 on a Zen 4 one without AMX (BENCHMARKS.md).
+# seed spread; two four-epoch runs at 96 passage tokens with mining and evaluation took
+# 60.4 CPU minutes on a Zen 4 VM without AMX (BENCHMARKS.md).
 SOUP_DEFAULT = 2
+# The final model keeps this share of the weights finetuning started from: (1 - w) × the
+# soup + w × the start (LM-Cocktail's merge of a finetuned embedder with its base; WiSE-FT).
+# On NFCorpus, 0.1 of all-MiniLM-L6-v2 back in raised both nDCG@10 and STS-B over the soup
+# alone (BENCHMARKS.md, "The recipe: four epochs at 96 passage tokens, and the start mixed
+# back in"); 0 keeps the soup as it is.
+START_WEIGHT_DEFAULT = 0.1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -101,6 +113,8 @@ class RecipeConfig:
         mine_with: mine with the starting model (``base``) or the RetroMAE encoder.
         soup: finetuning runs with this many seeds, averaged into the final model (1:
             one run, no averaging).
+        start_weight: share of the finetuning's starting weights mixed back into the
+            final model ((1 - w) × soup + w × start; 0: the soup alone).
         retromae_args ... evaluate_args: extra flags for that step's job, as on its
             command line (they win over the paths this job gives).
     """
@@ -115,6 +129,7 @@ class RecipeConfig:
     steps: str = "auto"
     mine_with: Literal["base", "retromae"] = "base"
     soup: int = SOUP_DEFAULT
+    start_weight: float = START_WEIGHT_DEFAULT
     retromae_args: str = ""
     mine_args: str = ""
     finetune_args: str = ""
@@ -123,6 +138,9 @@ class RecipeConfig:
     def __post_init__(self) -> None:
         if self.soup < 1:
             raise ConfigError(f"--soup must be >= 1 (1: no averaging), got {self.soup}")
+        if not 0.0 <= self.start_weight < 1.0:
+            raise ConfigError(f"--start_weight must be in [0, 1) (0: the soup alone), got "
+                              f"{self.start_weight}")
         if self.steps != "auto":  # `auto` picks valid steps itself
             self._check_named_steps(self.step_names())
         for step in STEPS:
@@ -205,21 +223,27 @@ def plan(cfg: RecipeConfig) -> list[Step]:
     for name in names:
         step = Step(name, flags[name] + defaults.get(name, []) +
                     shlex.split(getattr(cfg, f"{name}_args")), runners[name], inputs.get(name, ()))
-        steps += soup_steps(cfg, step) if name == "finetune" and cfg.soup > 1 else [step]
+        merged = cfg.soup > 1 or cfg.start_weight > 0
+        steps += soup_steps(cfg, step) if name == "finetune" and merged else [step]
     return steps
 
 
 def soup_steps(cfg: RecipeConfig, finetune: Step) -> list[Step]:
-    """`finetune` once per seed into ``soup/seed<N>/``, then the step averaging them."""
+    """`finetune` once per seed into ``soup/seed<N>/``, then the step averaging them (and
+    mixing the start back in at `start_weight`) into ``finetuned/``."""
     from pipelines.train.finetune import FinetuneConfig
 
-    seed = parse_config(FinetuneConfig, finetune.argv).seed
+    job = parse_config(FinetuneConfig, finetune.argv)
+    seed = job.seed
     members = [cfg.path(f"soup/seed{seed + i}") for i in range(cfg.soup)]
     at = finetune.argv.index("--output_dir") + 1  # the chain's own, before the user's flags
     steps = [Step(f"finetune_{i + 1}", [*finetune.argv[:at], member, *finetune.argv[at + 1:],
                                         *(["--seed", str(seed + i)] if i else [])], _finetune)
              for i, member in enumerate(members)]  # the last --seed wins
-    return [*steps, Step("soup", ["--output_dir", cfg.path("finetuned"), *members], _soup)]
+    mix = (["--start", job.model_name_or_path, "--start_weight", str(cfg.start_weight)]
+           if cfg.start_weight > 0 else [])
+    return [*steps, Step("soup", ["--output_dir", cfg.path("finetuned"), *mix, *members],
+                         _soup)]
 
 
 def run(cfg: RecipeConfig) -> dict[str, dict[str, Any]]:
@@ -298,17 +322,22 @@ def _finetune(argv: list[str]) -> dict[str, Any]:
 
 
 def _soup(argv: list[str]) -> dict[str, Any]:
-    """``--output_dir OUT MODEL...``: the average of the models' weights, saved to OUT."""
+    """``--output_dir OUT [--start START --start_weight W] MODEL...``: the average of the
+    models' weights (with W of START's mixed in), saved to OUT."""
     import tempfile
 
     from bge_core.soup import average_encoders
     from pipelines.train.driver import export_model
 
     output_dir, members = argv[1], argv[2:]
+    start, weight = None, 0.0
+    if members[:1] == ["--start"]:
+        start, weight, members = members[1], float(members[3]), members[4:]
     with tempfile.TemporaryDirectory() as folder:
-        saved = average_encoders(members).save(Path(folder) / "soup")
+        saved = average_encoders(members, start, weight).save(Path(folder) / "soup")
         export_model(saved, output_dir)
-    return {"output_dir": output_dir, "members": members}
+    return {"output_dir": output_dir, "members": members,
+            **({"start": start, "start_weight": weight} if start else {})}
 
 
 def _evaluator(cfg: RecipeConfig) -> Callable[[list[str]], dict[str, Any]]:
