@@ -41,7 +41,7 @@ MAX_TOKENS = 256  # all-MiniLM-L6-v2's max_seq_length in sentence-transformers
 
 def our_model(passages: list[str]) -> tuple[str, object]:
     """Path of our cached int8 model (built if missing, calibrated as int8_speed does) and
-    the encoder's tokenizer."""
+    the int8 encoder (its tokenizer and model config)."""
     from bge_core import Encoder
     from bge_core.int8 import OpenVINOBackbone
 

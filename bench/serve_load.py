@@ -65,11 +65,10 @@ def requests_for(texts: list[str], count: int, per: int) -> list[list[str]]:
 
 
 async def _load(url: str, model: str, batches: list[list[str]], clients: int,
-                time_cap_s: float, key: str | None) -> dict:
+                time_cap_s: float) -> dict:
     """Send `batches` with `clients` concurrent callers; per-request latency and rates."""
     import aiohttp
 
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
     latencies: list[float] = []
     statuses: dict[int, int] = {}
     stages: dict[str, float] = {}
@@ -81,7 +80,7 @@ async def _load(url: str, model: str, batches: list[list[str]], clients: int,
             texts = queue.pop()
             body = {"model": model, "input": texts, "encoding_format": "base64"}
             t0 = time.perf_counter()
-            async with session.post(url, json=body, headers=headers) as response:
+            async with session.post(url, json=body) as response:
                 payload = await response.read()
             latencies.append(time.perf_counter() - t0)
             statuses[response.status] = statuses.get(response.status, 0) + 1
@@ -118,14 +117,13 @@ def add_timing(stages: dict[str, float], header: str | None) -> None:
             stages[name] = stages.get(name, 0.0) + float(dur)
 
 
-def openai_level(base_url: str, model: str, batches: list[list[str]], threads: int,
-                 key: str | None) -> dict:
+def openai_level(base_url: str, model: str, batches: list[list[str]], threads: int) -> dict:
     """The real `openai` client (its default base64) in `threads` threads."""
     from concurrent.futures import ThreadPoolExecutor
 
     import openai
 
-    client = openai.OpenAI(base_url=base_url, api_key=key or "unused", max_retries=0)
+    client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0)
     latencies: list[float] = []
     queue = list(reversed(batches))
 
@@ -159,7 +157,7 @@ def interleaved_levels(targets: dict[str, tuple[str, str]], corpora: dict[str, l
     per = args.texts_per_request
     warm = requests_for(next(iter(corpora.values())), 8, per)
     for url, model in targets.values():  # warm-up
-        asyncio.run(_load(url, model, warm, 4, 60, None))
+        asyncio.run(_load(url, model, warm, 4, 60))
     results, names, turn = [], list(targets), 0
     for corpus, texts in corpora.items():
         for clients in args.levels:
@@ -168,7 +166,7 @@ def interleaved_levels(targets: dict[str, tuple[str, str]], corpora: dict[str, l
                 order = names[turn % len(names):] + names[:turn % len(names)]
                 turn += 1
                 runs = [(name, lambda b, u=targets[name][0], m=targets[name][1], c=clients:
-                         asyncio.run(_load(u, m, b, c, args.time_cap_s, None)))
+                         asyncio.run(_load(u, m, b, c, args.time_cap_s)))
                         for name in order]
                 results += bracketed(encoder, batches, corpus, runs, round_)
     return results
@@ -287,7 +285,7 @@ def main() -> None:
                                    args.texts_per_request)
             report["levels"] += bracketed(encoder, batches, "sentences", [
                 (f"{name} openai x{args.openai_threads}", lambda b, u=f"{base}/v1": (
-                    openai_level(u, args.model, b, args.openai_threads, None)))
+                    openai_level(u, args.model, b, args.openai_threads)))
                 for name, base in ours.items()])
     report["vs_peer"] = vs_peer(report["levels"])
     report["load_after"] = os.getloadavg()

@@ -49,7 +49,7 @@ def average_encoders(sources: Sequence[str], start: str | None = None,
                              f"{sources[0]} ({other.config.saved_dict()} vs "
                              f"{first.config.saved_dict()})")
         weights = other.state_dict()
-        if {k: v.shape for k, v in weights.items()} != {k: v.shape for k, v in state.items()}:
+        if _shapes(weights) != _shapes(state):
             raise InputError(f"soup: {source} has other weights than {sources[0]}")
         for name in total:
             total[name] += weights[name].double()
@@ -57,7 +57,7 @@ def average_encoders(sources: Sequence[str], start: str | None = None,
     mean = {k: v / len(sources) for k, v in total.items()}
     if start_weight:
         origin = Encoder.from_pretrained(start, device="cpu").state_dict()
-        if {k: v.shape for k, v in origin.items()} != {k: v.shape for k, v in state.items()}:
+        if _shapes(origin) != _shapes(state):
             raise InputError(f"soup: the start {start} has other weights than {sources[0]}")
         mean = {k: (1 - start_weight) * v + start_weight * origin[k].double()
                 for k, v in mean.items()}
@@ -66,3 +66,8 @@ def average_encoders(sources: Sequence[str], start: str | None = None,
     with torch.no_grad():
         first.load_state_dict(averaged)
     return first
+
+
+def _shapes(state: dict[str, torch.Tensor]) -> dict[str, torch.Size]:
+    """Each weight's name and shape: what two models must share to be averaged."""
+    return {k: v.shape for k, v in state.items()}

@@ -219,11 +219,11 @@ def plan(cfg: RecipeConfig) -> list[Step]:
                "evaluate": _evaluator(cfg)}
     inputs = {"evaluate": (f"beir_dir={cfg.beir_dir}", f"split={cfg.split}", f"sts={cfg.sts}")}
     defaults = {"mine": shlex.split(MINE_DEFAULTS), "finetune": shlex.split(FINETUNE_DEFAULTS)}
+    merged = cfg.soup > 1 or cfg.start_weight > 0  # finetuning ends in the soup step
     steps = []
     for name in names:
         step = Step(name, flags[name] + defaults.get(name, []) +
                     shlex.split(getattr(cfg, f"{name}_args")), runners[name], inputs.get(name, ()))
-        merged = cfg.soup > 1 or cfg.start_weight > 0
         steps += soup_steps(cfg, step) if name == "finetune" and merged else [step]
     return steps
 
