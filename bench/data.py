@@ -20,8 +20,9 @@ def nfcorpus_passages(limit: int | None = None, data: Path = SHARED) -> list[str
     return out
 
 
-def stsb_test(data: Path = SHARED) -> tuple[list[str], list[str], list[float]]:
+def stsb_test(data: Path = SHARED, split: str = "test") -> tuple[list[str], list[str], list[float]]:
+    """STS-B `split` (``test`` or ``dev``): first sentences, second sentences, gold scores."""
     from pipelines.search.evaluate import read_sts
 
-    left, right, gold = read_sts(str(data / "stsb" / "sts-test.csv"))
+    left, right, gold = read_sts(str(data / "stsb" / f"sts-{split}.csv"))
     return left, right, list(gold)

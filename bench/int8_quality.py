@@ -27,8 +27,8 @@ from bge_core.metrics import evaluate_run, spearman  # noqa: E402
 from bge_core.search import exact_topk  # noqa: E402
 
 
-def stsb_spearman(encoder: Encoder) -> float:
-    left, right, gold = stsb_test()
+def stsb_spearman(encoder: Encoder, split: str = "test") -> float:
+    left, right, gold = stsb_test(split=split)
     vectors = encoder.encode(left + right)  # (2n, D), normalised
     return 100 * spearman((vectors[: len(left)] * vectors[len(left):]).sum(1), gold)
 

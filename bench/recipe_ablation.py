@@ -63,6 +63,9 @@ JOB_WINDOW = "--range_for_sampling 10-210"
 BF16 = f"{USER} --bf16 --save_steps 20"
 FAST = f"{BF16} --learning_rate 5e-5"
 SHORT_RETROMAE = "--max_seq_length 128 --max_steps 150 --bf16"
+# the chain's window before its mining encoded in bf16 (MINE_DEFAULTS since 2026-12-06): the
+# rows measured then name it, so each row reads as it did
+WINDOW_30 = "--range_for_sampling 30-230"
 SUBSET_SEED = 0  # which queries a `train_queries` row keeps: the same whatever the row's seed
 CHAIN_FT = f"{FAST} --train_group_size 2"  # the chain's finetuning, epochs apart
 # name → the recipe settings the row gives (model, data and paths come from the script)
@@ -72,12 +75,12 @@ ROWS: dict[str, dict[str, Any]] = {
     "chain": {"steps": FT_ONLY, "soup": SOUP_DEFAULT, "mine_args": MINE_DEFAULTS,
               "start_weight": START_WEIGHT_DEFAULT},
     # the chain's default before 2026-12-06: 3 epochs at 128 passage tokens, no start mixed in
-    "chain_p128": {"steps": FT_ONLY, "soup": 2, "mine_args": MINE_DEFAULTS,
+    "chain_p128": {"steps": FT_ONLY, "soup": 2, "mine_args": WINDOW_30,
                    "finetune_args": "--num_train_epochs 3 --passage_max_len 128"},
     # passages trained at 96 tokens (-28% CPU a step), 3 and 4 epochs, soups of two
-    "p96": {"steps": FT_ONLY, "soup": 2, "mine_args": MINE_DEFAULTS,
+    "p96": {"steps": FT_ONLY, "soup": 2, "mine_args": WINDOW_30,
             "finetune_args": "--num_train_epochs 3 --passage_max_len 96"},
-    "p96_ep4": {"steps": FT_ONLY, "soup": 2, "mine_args": MINE_DEFAULTS,
+    "p96_ep4": {"steps": FT_ONLY, "soup": 2, "mine_args": WINDOW_30,
                 "finetune_args": "--num_train_epochs 4 --passage_max_len 96"},
     # the chain as it was before three epochs and ranks 30-230: a soup of two seeds (s, s + 1)
     "chain_soup2": {"steps": FT_ONLY, "soup": 2, "finetune_args": "--num_train_epochs 2"},
@@ -103,11 +106,11 @@ ROWS: dict[str, dict[str, Any]] = {
                                     " --temperature 0.1"},
     # the chain's settings with negatives drawn further down the ranking: g4 < g2 < g1 (by
     # STS-B) hints that the mined window 10-210 holds unjudged relevant passages
-    "g2_ep2_r30": {"steps": FT_ONLY, "mine_args": "--range_for_sampling 30-230",
+    "g2_ep2_r30": {"steps": FT_ONLY, "mine_args": WINDOW_30,
                    "finetune_args": f"{FAST} --train_group_size 2 --num_train_epochs 2"},
     "g2_ep2_r100": {"steps": FT_ONLY, "mine_args": "--range_for_sampling 100-300",
                     "finetune_args": f"{FAST} --train_group_size 2 --num_train_epochs 2"},
-    "g2_ep3_r30": {"steps": FT_ONLY, "mine_args": "--range_for_sampling 30-230",
+    "g2_ep3_r30": {"steps": FT_ONLY, "mine_args": WINDOW_30,
                    "finetune_args": f"{FAST} --train_group_size 2 --num_train_epochs 3"},
     # the chain's settings, and the best measured row, with every passage listed in a
     # query's `pos` kept out of its negatives (in a batch of 32 × group 2 on NFCorpus train,
@@ -115,7 +118,7 @@ ROWS: dict[str, dict[str, Any]] = {
     "g2_ep2_mask": {"steps": FT_ONLY,
                     "finetune_args": f"{FAST} --train_group_size 2 --num_train_epochs 2"
                                      " --mask_listed_positives"},
-    "g2_ep3_r30_mask": {"steps": FT_ONLY, "mine_args": "--range_for_sampling 30-230",
+    "g2_ep3_r30_mask": {"steps": FT_ONLY, "mine_args": WINDOW_30,
                         "finetune_args": f"{FAST} --train_group_size 2 --num_train_epochs 3"
                                          " --mask_listed_positives"},
     # the chain's settings with BGE's query instruction (the model learns which side is the
@@ -139,9 +142,9 @@ ROWS: dict[str, dict[str, Any]] = {
                           "finetune_args": f"{FAST} --sentence_pooling_method mean"},
     # half the training queries (1,281 of 2,563), a soup of two: as many epochs as the chain
     # (3) against as many steps as the chain takes on all of them (6 epochs, 240 steps)
-    "half_ep3": {"steps": FT_ONLY, "mine_args": MINE_DEFAULTS, "soup": 2, "train_queries": 1281,
+    "half_ep3": {"steps": FT_ONLY, "mine_args": WINDOW_30, "soup": 2, "train_queries": 1281,
                  "finetune_args": f"{CHAIN_FT} --num_train_epochs 3"},
-    "half_ep6": {"steps": FT_ONLY, "mine_args": MINE_DEFAULTS, "soup": 2, "train_queries": 1281,
+    "half_ep6": {"steps": FT_ONLY, "mine_args": WINDOW_30, "soup": 2, "train_queries": 1281,
                  "finetune_args": f"{CHAIN_FT} --num_train_epochs 6"},
     # the chain's finetuning settings (pipelines/chain/recipe.py) after a short RetroMAE
     "g2_ep2_retromae150": {"retromae_args": SHORT_RETROMAE,

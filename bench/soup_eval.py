@@ -8,7 +8,7 @@ Each argument is a model folder, or ``soup:`` and folders joined by ``+``: their
 average (`bge_core.soup.average_encoders`, what the recipe's soup step runs), with
 ``--start_weight W`` of ``--start`` (default all-MiniLM-L6-v2) mixed in as the recipe's
 ``--start_weight`` does. Scores:
-NFCorpus test nDCG@10, recall@100, MRR@10 and STS-B test Spearman × 100
+NFCorpus nDCG@10, recall@100, MRR@10 and STS-B Spearman × 100, on test (or ``--split dev``)
 (`bench/int8_quality.py`'s `nfcorpus_metrics` / `stsb_spearman`: fp32, the model's own max
 length, exact top 100), in this process (no Ray): the figures match the evaluate job's to
 about ±0.02 (ties, summation order). One JSON line per argument.
@@ -39,7 +39,8 @@ def main() -> None:
                         help="the model the soups' members were finetuned from")
     parser.add_argument("--start_weight", type=float, default=0.0,
                         help="its share in each soup (the recipe's --start_weight)")
-    parser.add_argument("--split", default="test", help="NFCorpus split (dev: no STS-B)")
+    parser.add_argument("--split", default="test", choices=("test", "dev"),
+                        help="NFCorpus's and STS-B's split")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for spec in args.models:
@@ -50,8 +51,7 @@ def main() -> None:
         else:
             encoder = Encoder.from_pretrained(spec, device="cpu")
         scores = nfcorpus_metrics(encoder, split=args.split)
-        if args.split == "test":
-            scores["sts"] = stsb_spearman(encoder)
+        scores["sts"] = stsb_spearman(encoder, split=args.split)
         mix = {"start_weight": args.start_weight} if spec.startswith("soup:") else {}
         result = {"model": spec, "split": args.split, **mix,
                   **{k: round(v, 2) for k, v in scores.items()},
