@@ -88,8 +88,8 @@ MINE_DEFAULTS = "--range_for_sampling 30-230 --dtype bf16"
 # Finetuning runs this many times (seeds seed ... seed + K - 1) and the chain keeps the
 # average of their weights: on NFCorpus a soup scored above the mean of its members every
 # time (BENCHMARKS.md, "The recipe: model soups"), where no single setting moved past the
-# seed spread; two four-epoch runs at 96 passage tokens with mining and evaluation took
-# 60.4 CPU minutes on a Zen 4 VM without AMX (BENCHMARKS.md).
+# seed spread; the chain with two four-epoch runs at 96 passage tokens, mining and evaluation
+# took 59.5-59.7 CPU minutes on a Zen 4 VM without AMX (BENCHMARKS.md).
 SOUP_DEFAULT = 2
 # The final model keeps this share of the weights finetuning started from: (1 - w) × the
 # soup + w × the start (LM-Cocktail's merge of a finetuned embedder with its base; WiSE-FT).
