@@ -5,9 +5,9 @@
         --beir_dir s3://bucket/eval/ --output_dir s3://bucket/recipe/
 
 Each step is one of the project's jobs, run in this process on the same Ray, at its own
-defaults (mining's window at `MINE_DEFAULTS`, finetuning at `FINETUNE_DEFAULTS`, both
-measured on NFCorpus), with the paths below under `output_dir` (a local path or any fsspec
-URI):
+defaults (mining's window and precision at `MINE_DEFAULTS`, finetuning at
+`FINETUNE_DEFAULTS`, both measured on NFCorpus), with the paths below under `output_dir` (a
+local path or any fsspec URI):
 
 =========  ==========================================  ===============================
 step       job (its flags: ``--<step>_args "..."``)    writes
@@ -95,8 +95,8 @@ SOUP_DEFAULT = 2
 # soup + w × the start (LM-Cocktail's merge of a finetuned embedder with its base; WiSE-FT).
 # Picked on the dev sets (NFCorpus dev, STS-B dev; two seeds' soups): the weight with the
 # best NFCorpus dev nDCG@10 among those keeping STS-B dev within 0.5 of all-MiniLM-L6-v2's
-# at both seeds (0.1 and 0.15 did not; 0.3 scored lower; BENCHMARKS.md, "The recipe's start
-# weight, picked on dev"); 0 keeps the soup as it is.
+# at both seeds (0.1 and 0.15 did not; 0.3 scored lower; BENCHMARKS.md, "The recipe at its
+# new default, end to end at two seeds"); 0 keeps the soup as it is.
 START_WEIGHT_DEFAULT = 0.2
 
 
@@ -328,20 +328,23 @@ def _finetune(argv: list[str]) -> dict[str, Any]:
 def _soup(argv: list[str]) -> dict[str, Any]:
     """``--output_dir OUT [--start START --start_weight W] MODEL...``: the average of the
     models' weights (with W of START's mixed in), saved to OUT."""
+    import argparse
     import tempfile
 
     from bge_core.soup import average_encoders
     from pipelines.train.driver import export_model
 
-    output_dir, members = argv[1], argv[2:]
-    start, weight = None, 0.0
-    if members[:1] == ["--start"]:
-        start, weight, members = members[1], float(members[3]), members[4:]
+    parser = argparse.ArgumentParser(prog="soup")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--start")
+    parser.add_argument("--start_weight", type=float, default=0.0)
+    parser.add_argument("members", nargs="+")
+    args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as folder:
-        saved = average_encoders(members, start, weight).save(Path(folder) / "soup")
-        export_model(saved, output_dir)
-    return {"output_dir": output_dir, "members": members,
-            **({"start": start, "start_weight": weight} if start else {})}
+        saved = average_encoders(args.members, args.start, args.start_weight)
+        export_model(saved.save(Path(folder) / "soup"), args.output_dir)
+    mix = {"start": args.start, "start_weight": args.start_weight} if args.start else {}
+    return {"output_dir": args.output_dir, "members": args.members, **mix}
 
 
 def _evaluator(cfg: RecipeConfig) -> Callable[[list[str]], dict[str, Any]]:
